@@ -1,0 +1,99 @@
+"""Atomic file writes and hashing: a killed process never leaves a half file that looks whole."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from iap_rt.errors import OutputError
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only on success."""
+    path = Path(path)
+    ensure_dir(path.parent)
+    tmp = _tmp_name(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    path = Path(path)
+    try:
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+    except OSError as e:
+        raise OutputError(
+            f"cannot write {path}: {e.strerror or e}",
+            fix="choose a writable output location with enough free space.",
+        ) from e
+    return path
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    return write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_json_atomic(path: str | os.PathLike, obj) -> Path:
+    return write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=True))
+
+
+def ensure_dir(path: str | os.PathLike) -> Path:
+    """Create ``path`` (and parents) or raise :class:`OutputError` saying why not."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputError(
+            f"output directory {path} exists and is a file",
+            fix="remove the file or choose another output directory.",
+        )
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(
+            f"cannot create directory {path}: {e.strerror or e}",
+            fix="choose an output directory you can write to.",
+        ) from e
+    if not os.access(path, os.W_OK):
+        raise OutputError(
+            f"directory {path} is not writable", fix="choose an output directory you can write to."
+        )
+    return path
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def staging_dir(final: str | os.PathLike) -> Iterator[Path]:
+    """A fresh temp directory beside ``final`` that is removed on failure."""
+    final = Path(final)
+    ensure_dir(final.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,172 @@
+"""The model directory: the one unit a user moves between machines.
+
+::
+
+    manifest.json        what is here (written last: no manifest, no model)
+    tokenizer/           tokenizer.json (HF tokenizers) + iap_tokenizer.json (max length, ids)
+    scheduler.json       scheduler config (diffusers field names) + default scheduler
+    text_encoder.onnx  unet.onnx  vae_decoder.onnx   (+ .onnx.data past 2 GB)
+    engines/<gpu-tag>/   TensorRT engines + sidecars (iap_rt.engines)
+
+:class:`ModelDir` opens and checks one; problems raise :class:`ArtifactError` subclasses
+that name the file and the command that fixes it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from iap_rt.errors import ArtifactError, ArtifactMismatchError, ArtifactNotFoundError
+from iap_rt.fileio import write_json_atomic
+from iap_rt.specs import NETWORKS, PRECISIONS, SPEC_VERSION, ModelDims, spec_hash
+
+MANIFEST = "manifest.json"
+FORMAT = "iap-rt-model"
+FORMAT_VERSION = 1
+REEXPORT = "re-export it: iap-rt export --base SD_DIR --encoder ENCODER_DIR --out {path} --force"
+
+
+def network_file(network: str) -> str:
+    return f"{network}.onnx"
+
+
+@dataclass
+class ModelDir:
+    """An opened, checked model directory."""
+
+    path: Path
+    manifest: dict
+
+    # ---- opening ------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | os.PathLike, networks=tuple(NETWORKS)) -> ModelDir:
+        """Open ``path`` and check the manifest, spec hash and every network file."""
+        path = Path(path)
+        fix = REEXPORT.format(path=path)
+        if not path.exists():
+            raise ArtifactNotFoundError(
+                f"model directory {path} does not exist",
+                fix="pass --model DIR of a directory written by `iap-rt export`, "
+                "or omit --model to use the embedded default.",
+            )
+        if not path.is_dir():
+            raise ArtifactNotFoundError(
+                f"model path {path} is a file, not a model directory",
+                fix="pass the directory that holds manifest.json.",
+            )
+        mpath = path / MANIFEST
+        if not mpath.is_file():
+            raise ArtifactNotFoundError(
+                f"{mpath} is missing: {path} is not a complete iap-rt model directory", fix=fix
+            )
+        try:
+            manifest = json.loads(mpath.read_text("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ArtifactError(f"{mpath} is corrupt (not valid JSON: {e})", fix=fix) from e
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            raise ArtifactError(f"{mpath} is not an iap-rt manifest", fix=fix)
+        md = cls(path, manifest)
+        md._check(networks)
+        return md
+
+    def _check(self, networks) -> None:
+        m, fix = self.manifest, REEXPORT.format(path=self.path)
+        if m.get("format_version") != FORMAT_VERSION:
+            raise ArtifactMismatchError(
+                f"{self.path / MANIFEST}: format_version {m.get('format_version')}, "
+                f"this iap-rt reads {FORMAT_VERSION}",
+                fix=fix,
+            )
+        if m.get("spec_hash") != spec_hash():
+            raise ArtifactMismatchError(
+                f"{self.path / MANIFEST} was made for another shape contract "
+                f"(spec_hash {str(m.get('spec_hash'))[:12]}…, spec v{m.get('spec_version')}; "
+                f"this iap-rt has {spec_hash()[:12]}…, spec v{SPEC_VERSION})",
+                fix=fix,
+            )
+        for key in ("dims", "networks", "model_id"):
+            if key not in m:
+                raise ArtifactError(f"{self.path / MANIFEST} lacks '{key}'", fix=fix)
+        for net in networks:
+            info = m["networks"].get(net)
+            if info is None:
+                raise ArtifactNotFoundError(
+                    f"{self.path / MANIFEST} lists no '{net}' network", fix=fix
+                )
+            if info.get("precision") not in PRECISIONS:
+                raise ArtifactMismatchError(
+                    f"{self.path / MANIFEST}: {net} precision {info.get('precision')!r}, "
+                    f"expected one of {PRECISIONS}",
+                    fix=fix,
+                )
+            f = self.path / info["file"]
+            if not f.is_file():
+                raise ArtifactNotFoundError(f"{f} is missing ({net} network)", fix=fix)
+            size = f.stat().st_size
+            if "bytes" in info and size != info["bytes"]:
+                raise ArtifactMismatchError(
+                    f"{f} has {size} bytes, the manifest recorded {info['bytes']}: "
+                    "the file is truncated or was replaced",
+                    fix=fix,
+                )
+        tok = self.tokenizer_dir / "tokenizer.json"
+        if not tok.is_file():
+            raise ArtifactNotFoundError(f"{tok} is missing", fix=fix)
+
+    # ---- accessors ----------------------------------------------------------------
+    @property
+    def dims(self) -> ModelDims:
+        return ModelDims.from_dict(self.manifest["dims"])
+
+    @property
+    def model_id(self) -> str:
+        return str(self.manifest["model_id"])
+
+    def precision(self, network: str) -> str:
+        return self.manifest["networks"][network]["precision"]
+
+    def network_path(self, network: str) -> Path:
+        return self.path / self.manifest["networks"][network]["file"]
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.path / "tokenizer"
+
+    @property
+    def engines_dir(self) -> Path:
+        return self.path / "engines"
+
+    def scheduler_config(self) -> dict:
+        p = self.path / "scheduler.json"
+        if not p.is_file():
+            raise ArtifactNotFoundError(f"{p} is missing", fix=REEXPORT.format(path=self.path))
+        return json.loads(p.read_text("utf-8"))
+
+    @property
+    def vae_scaling_factor(self) -> float:
+        return float(self.manifest.get("vae", {}).get("scaling_factor", 0.18215))
+
+    @property
+    def default_scheduler(self) -> str:
+        return str(self.manifest.get("default_scheduler", "dpm++"))
+
+
+def new_manifest(model_id: str, dims: ModelDims, **extra) -> dict:
+    """A manifest skeleton with the current spec hash (networks are added by export)."""
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model_id": model_id,
+        "spec_version": SPEC_VERSION,
+        "spec_hash": spec_hash(),
+        "dims": dims.to_dict(),
+        "networks": {},
+        **extra,
+    }
+
+
+def write_manifest(path: str | os.PathLike, manifest: dict) -> Path:
+    return write_json_atomic(Path(path) / MANIFEST, manifest)
