@@ -27,6 +27,11 @@ def _has_cuda() -> bool:
 
 
 def pytest_collection_modifyitems(config, items):
+    if os.environ.get("IAP_RT_SLOW") != "1":
+        skip_slow = pytest.mark.skip(reason="real-size test: set IAP_RT_SLOW=1 to run")
+        for item in items:
+            if item.get_closest_marker("slow"):
+                item.add_marker(skip_slow)
     if any(item.get_closest_marker("gpu") for item in items) and not _has_cuda():
         skip = pytest.mark.skip(reason="needs an NVIDIA GPU with CUDA")
         for item in items:

@@ -1,0 +1,57 @@
+"""Workspace configuration: precedence, unknown keys, types, init template."""
+
+import pytest
+
+from iap_rt.config import GenerateConfig, render_toml, resolve
+from iap_rt.errors import ConfigError
+
+
+def test_precedence_defaults_file_options(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert resolve(GenerateConfig, "generate").steps == 25
+    (tmp_path / "iap-rt.toml").write_text('[generate]\nsteps = 40\nmodel = "m"\nguidance = 3\n')
+    cfg = resolve(GenerateConfig, "generate")
+    assert cfg.steps == 40 and cfg.guidance == 3.0
+    assert cfg.model == str((tmp_path / "m").resolve())  # relative to the file
+    cfg = resolve(GenerateConfig, "generate", overrides={"steps": 7, "seed": None})
+    assert cfg.steps == 7 and cfg.seed == 0
+
+
+def test_unknown_key_lists_valid_ones(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text("[generate]\nstepz = 3\n")
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['stepz'\]") as e:
+        resolve(GenerateConfig, "generate", p)
+    assert "steps" in e.value.fix and "guidance" in e.value.fix
+
+
+def test_unknown_table_and_bad_type_and_bad_toml(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text("[genrate]\n")
+    with pytest.raises(ConfigError, match="unknown table"):
+        resolve(GenerateConfig, "generate", p)
+    p.write_text('[generate]\nsteps = "many"\n')
+    with pytest.raises(ConfigError, match="'steps' = 'many' has the wrong type"):
+        resolve(GenerateConfig, "generate", p)
+    p.write_text("[generate\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        resolve(GenerateConfig, "generate", p)
+    with pytest.raises(ConfigError, match="does not exist"):
+        resolve(GenerateConfig, "generate", tmp_path / "missing.toml")
+
+
+def test_rendered_template_loads_back(tmp_path):
+    p = tmp_path / "iap-rt.toml"
+    p.write_text(render_toml({"generate": GenerateConfig}))
+    import dataclasses
+
+    want = dataclasses.replace(GenerateConfig(), out=str(tmp_path / "outputs"))
+    assert resolve(GenerateConfig, "generate", p) == want  # paths resolve beside the file
+
+
+def test_init_command_writes_all_tables(tmp_path, run_cli):
+    r = run_cli("init", str(tmp_path))
+    assert r.code == 0, r.err
+    text = (tmp_path / "iap-rt.toml").read_text()
+    assert "[generate]" in text and "# denoising steps" in text
+    assert run_cli("init", str(tmp_path)).code != 0  # no silent overwrite
