@@ -159,9 +159,15 @@ def leading_timesteps(
 
 
 def trailing_timesteps(num_inference_steps: int, num_train_timesteps: int) -> np.ndarray:
-    """``timestep_spacing="trailing"``: rounded T, T - T/n, ... minus one, descending."""
+    """``timestep_spacing="trailing"``: rounded T, T - T/n, ... minus one, descending.
+
+    Deviation from diffusers: its float ``np.arange`` yields n + 1 values for some n (61, 103,
+    121, ... of 1000), the last one rounding to timestep -1 (which DDIM then reads as
+    alphas_cumprod[-1]); only the first n are kept here, identical to diffusers' otherwise.
+    """
     step_ratio = num_train_timesteps / num_inference_steps
-    return np.round(np.arange(num_train_timesteps, 0, -step_ratio)).astype(np.int64) - 1
+    ts = np.arange(num_train_timesteps, 0, -step_ratio)[:num_inference_steps]
+    return np.round(ts).astype(np.int64) - 1
 
 
 class NumpyScheduler:
@@ -201,6 +207,26 @@ class NumpyScheduler:
 
     def _set_timesteps(self, num_inference_steps: int) -> None:
         raise NotImplementedError
+
+    def _checked_timesteps(self, timesteps: np.ndarray) -> np.ndarray:
+        """``timesteps`` if strictly descending within [0, num_train_timesteps); else ConfigError.
+
+        diffusers silently produces such schedules at the edges (e.g. "leading" with
+        steps_offset=1 and 1000 steps gives timestep 1000, DPM-Solver "leading" with 1000 steps
+        repeats timestep 1); iap-rt refuses them.
+        """
+        cfg = self.config
+        t_max = cfg.num_train_timesteps - 1
+        if timesteps.min() < 0 or timesteps.max() > t_max or np.any(np.diff(timesteps) >= 0):
+            self.num_inference_steps = None
+            raise ConfigError(
+                f"scheduler {self.name} with timestep_spacing={cfg.timestep_spacing!r}, "
+                f"steps_offset={cfg.steps_offset} and num_inference_steps={len(timesteps)} gives "
+                f"timesteps outside [0, {t_max}] or repeated ones "
+                f"(from {timesteps[0]} down to {timesteps[-1]}).",
+                fix="use fewer inference steps, or timestep_spacing='trailing'.",
+            )
+        return timesteps
 
     def scale_model_input(self, sample: np.ndarray, timestep) -> np.ndarray:
         """The UNet input for ``sample`` at ``timestep`` (identity unless overridden)."""

@@ -35,7 +35,7 @@ class DDIMScheduler(NumpyScheduler):
             ts = leading_timesteps(n, t_train, cfg.steps_offset)
         else:  # "trailing"
             ts = trailing_timesteps(n, t_train)
-        self.timesteps = ts.copy()
+        self.timesteps = self._checked_timesteps(ts.copy())
 
     def step(self, model_output: np.ndarray, timestep, sample: np.ndarray) -> np.ndarray:
         # See formula (12) of the DDIM paper. Notation (<variable name> -> <name in paper>):

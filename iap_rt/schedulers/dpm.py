@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-from iap_rt.schedulers.base import NumpyScheduler, SchedulerConfig
+from iap_rt.schedulers.base import NumpyScheduler, SchedulerConfig, trailing_timesteps
 
 SOLVER_ORDER = 2
 
@@ -59,14 +59,12 @@ class DPMSolverMultistepScheduler(NumpyScheduler):
             step_ratio = last_timestep // (n + 1)
             ts = (np.arange(0, n + 1) * step_ratio).round()[::-1][:-1].astype(np.int64)
             ts = ts + cfg.steps_offset
-        else:  # "trailing"
-            step_ratio = t_train / n
-            ts = np.arange(last_timestep, 0, -step_ratio).round().astype(np.int64) - 1
+        else:  # "trailing" (last_timestep = T: the shared helper is the same formula)
+            ts = trailing_timesteps(n, t_train)
+        ts = self._checked_timesteps(ts)
         sigmas = np.interp(ts, np.arange(t_train), self._train_sigmas)
         self.sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)  # final sigma: zero
         self.timesteps = ts.copy()
-        # diffusers counts the timesteps it actually made (trailing may differ from n).
-        self.num_inference_steps = len(ts)
         self._reset_state()
 
     def _convert_model_output(self, model_output: np.ndarray, sample: np.ndarray) -> np.ndarray:

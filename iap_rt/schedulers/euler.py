@@ -48,6 +48,7 @@ class EulerDiscreteScheduler(NumpyScheduler):
             ts = leading_timesteps(n, t_train, cfg.steps_offset).astype(np.float32)
         else:  # "trailing"
             ts = trailing_timesteps(n, t_train).astype(np.float32)
+        ts = self._checked_timesteps(ts)
         # interpolation_type="linear": sigma at (possibly fractional) t, linear in t
         sigmas = np.interp(ts, np.arange(t_train), self._train_sigmas)
         self.sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)  # final sigma: zero
