@@ -81,10 +81,13 @@ def load_toml(path: Path) -> dict:
 
 def _coerce(cls, name: str, value, source: str):
     """Type-check one value against the dataclass field annotation."""
+    import types
+
     hints = typing.get_type_hints(cls)
     hint = hints[name]
-    args = typing.get_args(hint)
-    allowed = tuple(a for a in args if a is not type(None)) if args else (hint,)
+    is_union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    args = typing.get_args(hint) if is_union else ()
+    allowed = tuple(a for a in args if a is not type(None)) if is_union else (hint,)
     if value is None:
         if type(None) in args:
             return None

@@ -7,7 +7,8 @@
 - :func:`make_tiny_encoder` writes a ``chinese_encoder/`` directory: a 2-layer BERT with the
   real bert-base-chinese WordPiece vocabulary and a projection to the UNet's width.
 
-Tests, the embedded placeholder model and ``iap-rt bench --arch tiny`` use these.
+Tests, the embedded placeholder model and ``iap-rt bench --arch tiny`` use these
+(the full-size SD 1.5 architectures are in :mod:`iap_rt.train.sd15`).
 """
 
 from __future__ import annotations
@@ -165,9 +166,8 @@ def make_tiny_encoder(
     bert: dict | None = None,
 ) -> Path:
     """Write a tiny ``chinese_encoder/`` (2-layer BERT + projection, real WordPiece vocab)."""
-    from iap_rt.train.encoder import ChineseTextEncoder, load_encoder_config
-
     from iap_rt.tokenizer import bert_chinese_vocab_path, build_wordpiece_tokenizer
+    from iap_rt.train.encoder import ChineseTextEncoder, load_encoder_config
 
     out = ensure_dir(out)
     cfg_file = out / "config.json"

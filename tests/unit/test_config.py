@@ -55,3 +55,21 @@ def test_init_command_writes_all_tables(tmp_path, run_cli):
     text = (tmp_path / "iap-rt.toml").read_text()
     assert "[generate]" in text and "# denoising steps" in text
     assert run_cli("init", str(tmp_path)).code != 0  # no silent overwrite
+
+
+def test_tuple_fields_accept_toml_arrays(tmp_path):
+    import dataclasses
+
+    from iap_rt.config import opt
+
+    @dataclasses.dataclass(frozen=True)
+    class C:
+        prompts: tuple[str, ...] = opt((), "prompts")
+        maybe: tuple[str, ...] | None = opt(None, "optional prompts")
+
+    p = tmp_path / "c.toml"
+    p.write_text('[train]\nprompts = ["a", "b"]\nmaybe = ["c"]\n')
+    assert resolve(C, "train", p) == C(("a", "b"), ("c",))
+    p.write_text("[train]\nprompts = 3\n")
+    with pytest.raises(ConfigError, match="wrong type"):
+        resolve(C, "train", p)
