@@ -1,26 +1,52 @@
-"""SD pipeline directory + Chinese encoder directory -> iap-rt model directory."""
+"""SD pipeline directory + Chinese encoder directory -> iap-rt model directory.
+
+:func:`run_export` is the stage; :func:`export_model_dir` is its Python entry point. In order:
+
+1. check every input before loading anything heavy (base is a diffusers SD directory, the
+   encoder's width fits the UNet, the output is not a file nor a foreign directory);
+2. plan: a network is exported when it is selected (``networks``) and ``force`` is set or its
+   key (sha256 of its source files + dims + precision + opset + spec + tool versions) differs
+   from the one the previous manifest recorded; every other network is kept as it is;
+3. export each planned network into a staging directory beside ``out`` (reference outputs,
+   dynamo export, cleanup, validation in ONNX Runtime); all mismatches raise together;
+4. link the kept files (networks, ``engines/``) from the previous directory into the staging
+   one, write tokenizer, scheduler and, last, the manifest;
+5. swap the staging directory in for ``out``.
+
+A failure or interruption before step 5 leaves the previous model directory untouched.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import gc
+import hashlib
 import json
 import logging
 import os
+import shutil
+import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-from iap_rt.export.configs import EXPORT_CONFIGS
-from iap_rt.export.exporter import export_onnx, raise_on_mismatch, validate_onnx
-
-from iap_rt.errors import ArtifactNotFoundError, ConfigError
-from iap_rt.fileio import ensure_dir, sha256_file, write_json_atomic
-from iap_rt.modeldir import network_file, new_manifest, write_manifest
-from iap_rt.specs import ModelDims
-from iap_rt.tokenizer import PromptTokenizer, save_tokenizer_dir
+from iap_rt.errors import (
+    ArtifactNotFoundError,
+    BackendUnavailableError,
+    ConfigError,
+    OutputError,
+)
+from iap_rt.export.config import DEFAULT_OPSET, ExportConfig
+from iap_rt.fileio import sha256_file, staging_dir, write_json_atomic
+from iap_rt.modeldir import FORMAT, MANIFEST, ModelDir, network_file, new_manifest, write_manifest
+from iap_rt.specs import NETWORKS, ModelDims, spec_hash
 
 log = logging.getLogger("iap_rt.export")
 
+# bump when a change to the export code changes the ONNX it writes (re-exports everything)
+EXPORT_VERSION = 2
 SCHEDULER_KEYS = (
     "num_train_timesteps",
     "beta_start",
@@ -32,71 +58,457 @@ SCHEDULER_KEYS = (
     "clip_sample",
     "timestep_spacing",
 )
-SD_SUBDIRS = ("unet", "vae", "scheduler")
+SD_PARTS = {"unet": "config.json", "vae": "config.json", "scheduler": "scheduler_config.json"}
+Echo = Callable[[str], None]
 
 
-@dataclass
-class LoadedModels:
-    """The PyTorch modules one export needs (fp32, eval)."""
-
-    text_encoder: torch.nn.Module
-    unet: torch.nn.Module
-    vae: torch.nn.Module
-    tokenizer_dir: Path
-    max_length: int
-    scheduler: dict
-    vocab_size: int
+# ---- 1. checks ----------------------------------------------------------------------------------
 
 
 def check_sd_dir(base: Path) -> None:
     """Raise a clear error unless ``base`` is a diffusers SD pipeline directory."""
     if not base.is_dir():
         raise ArtifactNotFoundError(
-            f"base model directory {base} does not exist",
+            f"base model directory {base} does not exist"
+            + (" (it is a file)" if base.exists() else ""),
             fix="pass --base a local diffusers-format Stable Diffusion directory.",
         )
-    missing = [d for d in SD_SUBDIRS if not (base / d).is_dir()]
+    missing = [f"{d}/{f}" for d, f in SD_PARTS.items() if not (base / d / f).is_file()]
     if missing:
         raise ArtifactNotFoundError(
             f"{base} is not a diffusers Stable Diffusion pipeline directory: "
-            f"missing {', '.join(m + '/' for m in missing)}",
+            f"missing {', '.join(missing)}",
             fix="pass the directory that holds model_index.json, unet/, vae/, scheduler/ "
             "(e.g. a `StableDiffusionPipeline.save_pretrained` output).",
         )
 
 
-def load_models(base: str | os.PathLike, encoder: str | os.PathLike) -> LoadedModels:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from iap_rt.train.encoder import ChineseTextEncoder
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArtifactNotFoundError(f"cannot read {path}: {e}") from e
 
-    base, encoder = Path(base), Path(encoder)
+
+@dataclass
+class Sources:
+    """What the export reads, from configs only (no weights loaded)."""
+
+    base: Path
+    encoder: Path
+    dims: ModelDims
+    vocab_size: int
+    scheduler: dict
+    vae_scaling_factor: float
+
+
+def read_sources(base: Path, encoder: Path) -> Sources:
+    """Check base and encoder and derive the model's dims from their configs."""
+    from iap_rt.train.encoder import META, load_encoder_config
+
     check_sd_dir(base)
-    unet = UNet2DConditionModel.from_pretrained(base / "unet", use_safetensors=True).eval()
-    vae = AutoencoderKL.from_pretrained(base / "vae", use_safetensors=True).eval()
-    text = ChineseTextEncoder.load(encoder).eval()
-    d = unet.config.cross_attention_dim
-    if text.output_dim != d:
+    for name in ("config.json", "tokenizer.json"):
+        if not (encoder / name).is_file():
+            raise ArtifactNotFoundError(
+                f"{encoder / name} is missing: {encoder} is not a Chinese encoder directory",
+                fix="pass --encoder the chinese_encoder/ directory written by `iap-rt train`.",
+            )
+    unet_cfg = _read_json(base / "unet" / "config.json")
+    vae_cfg = _read_json(base / "vae" / "config.json")
+    enc_cfg = load_encoder_config(encoder / "config.json")
+    meta = _read_json(encoder / META) if (encoder / META).is_file() else {}
+    d = int(unet_cfg["cross_attention_dim"])
+    width = meta.get("projection_dim") or enc_cfg.hidden_size
+    if width != d:
         raise ConfigError(
-            f"the Chinese encoder in {encoder} outputs width {text.output_dim} but the UNet's "
+            f"the Chinese encoder in {encoder} outputs width {width} but the UNet's "
             f"cross_attention_dim is {d}, and the encoder has no projection to {d}",
             fix=f"train the encoder against this base (iap-rt train --base {base}), which "
             "adds the projection.",
         )
-    if not (encoder / "tokenizer.json").is_file():
-        raise ArtifactNotFoundError(
-            f"{encoder / 'tokenizer.json'} is missing",
-            fix="use the chinese_encoder/ directory written by `iap-rt train`.",
+    max_length = int(meta.get("max_length") or 77)
+    if max_length > enc_cfg.max_position_embeddings:
+        raise ConfigError(
+            f"{encoder / META}: max_length {max_length} exceeds the encoder's "
+            f"max_position_embeddings {enc_cfg.max_position_embeddings}",
+            fix="re-train or edit max_length to at most max_position_embeddings.",
         )
-    sched = json.loads((base / "scheduler" / "scheduler_config.json").read_text("utf-8"))
-    return LoadedModels(
-        text,
-        unet,
-        vae,
-        encoder,
-        text.max_length,
-        {k: sched[k] for k in SCHEDULER_KEYS if k in sched},
-        text.encoder.config.vocab_size,
+    sched = _read_json(base / "scheduler" / "scheduler_config.json")
+    dims = ModelDims(
+        text_max_length=max_length,
+        cross_attention_dim=d,
+        latent_channels=int(unet_cfg.get("in_channels", 4)),
+        vae_scale_factor=2 ** (len(vae_cfg.get("block_out_channels", (0,) * 4)) - 1),
     )
+    return Sources(
+        base,
+        encoder,
+        dims,
+        int(enc_cfg.vocab_size),
+        {k: sched[k] for k in SCHEDULER_KEYS if k in sched},
+        float(vae_cfg.get("scaling_factor", 0.18215)),
+    )
+
+
+def read_previous(out: Path) -> dict | None:
+    """The manifest of the model directory at ``out``, or None when there is none to build on.
+
+    Refuses to touch a path that is a file or a non-empty directory that is not an iap-rt model
+    directory (the swap in step 5 would replace it).
+    """
+    if out.exists() and not out.is_dir():
+        raise OutputError(
+            f"output directory {out} exists and is a file",
+            fix="remove the file or pass another --out.",
+        )
+    if not out.is_dir():
+        return None
+    mpath = out / MANIFEST
+    if not mpath.is_file():
+        if any(out.iterdir()):
+            raise OutputError(
+                f"output directory {out} is not empty and is not an iap-rt model directory "
+                f"(no {MANIFEST}); export replaces the whole directory",
+                fix="pass --out a new or empty directory, or a model directory written by "
+                "`iap-rt export`.",
+            )
+        return None
+    try:
+        manifest = json.loads(mpath.read_text("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}  # ours but damaged: everything is re-exported
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise OutputError(
+            f"{mpath} is not an iap-rt manifest; refusing to replace {out}",
+            fix="pass --out a new or empty directory.",
+        )
+    return manifest
+
+
+# ---- 2. plan ------------------------------------------------------------------------------------
+
+
+def _tool_versions() -> dict:
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in (
+        "iap-rt", "torch", "diffusers", "transformers", "onnx", "onnxscript", "onnxruntime",
+        "onnx-graphsurgeon",
+    ):  # fmt: skip
+        with contextlib.suppress(md.PackageNotFoundError):
+            out[pkg] = md.version(pkg)
+    return out
+
+
+def network_key(name: str, cfg: ExportConfig, src: Sources, versions: dict) -> tuple[str, dict]:
+    """The incremental-export key of one network and the source hashes that went into it."""
+    from iap_rt.export.configs import EXPORT_CONFIGS
+
+    files = EXPORT_CONFIGS[name].sources(src.base, src.encoder)
+    # labels relative to base / encoder, so moving either directory does not re-export
+    label = {src.encoder: "encoder"}
+    hashes = {f"{label.get(f.parent, f.parent.name)}/{f.name}": sha256_file(f) for f in files}
+    payload = {
+        "export_version": EXPORT_VERSION,
+        "network": name,
+        "precision": cfg.precision(name),
+        "opset": cfg.opset,
+        "spec_hash": spec_hash(),
+        "dims": src.dims.to_dict(),
+        "sources": hashes,
+        "tools": {k: versions.get(k) for k in ("torch", "diffusers", "transformers", "onnx")},
+    }
+    blob = json.dumps(payload, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest(), hashes
+
+
+def _intact(out: Path, info: dict) -> bool:
+    """The previous export's files of one network are there with their recorded sizes."""
+    files = [
+        (info.get("file"), info.get("bytes")),
+        (info.get("external_data"), info.get("data_bytes")),
+    ]
+    for name, size in files:
+        if name is None:
+            continue
+        p = out / name
+        if not p.is_file() or (size is not None and p.stat().st_size != size):
+            return False
+    return bool(info.get("file"))
+
+
+@dataclass
+class Plan:
+    export: dict[str, tuple[str, dict]] = field(default_factory=dict)  # name -> (key, hashes)
+    keep: dict[str, dict] = field(default_factory=dict)  # name -> previous manifest entry
+
+
+def plan_export(cfg: ExportConfig, src: Sources, out: Path, previous: dict | None, echo: Echo):
+    versions = _tool_versions()
+    prev_nets = (previous or {}).get("networks", {}) if previous else {}
+    same_contract = bool(previous) and previous.get("spec_hash") == spec_hash()
+    plan = Plan()
+    for name in NETWORKS:
+        info = prev_nets.get(name) if same_contract else None
+        usable = info is not None and _intact(out, info)
+        if name not in cfg.networks:
+            if usable:
+                plan.keep[name] = info
+            continue
+        key, hashes = network_key(name, cfg, src, versions)
+        if usable and not cfg.force and info.get("export_key") == key:
+            plan.keep[name] = info
+            echo(f"{name}: unchanged since the last export, kept (--force re-exports it)")
+        else:
+            plan.export[name] = (key, hashes)
+    stale = [n for n in plan.keep if n not in cfg.networks]
+    if stale and previous.get("dims") != src.dims.to_dict():
+        raise ConfigError(
+            f"the model's dims change ({previous.get('dims')} -> {src.dims.to_dict()}), so the "
+            f"kept {', '.join(stale)} would no longer fit the re-exported networks",
+            fix="re-export every network: drop --networks.",
+        )
+    return plan, versions
+
+
+# ---- 3. export ----------------------------------------------------------------------------------
+
+
+def export_network(
+    name: str, cfg: ExportConfig, src: Sources, stage: Path, key: str, hashes: dict, echo: Echo
+) -> tuple[dict, list[dict]]:
+    """Export, clean and validate one network into ``stage``; return (manifest entry,
+    mismatches)."""
+    from iap_rt.export.attention import make_attention_fusable
+    from iap_rt.export.configs import EXPORT_CONFIGS
+    from iap_rt.export.exporter import (
+        dynamo_export,
+        finish_onnx,
+        reference_outputs,
+        validate_onnx,
+    )
+
+    ncfg = EXPORT_CONFIGS[name]
+    precision = cfg.precision(name)
+    echo(f"{name}: exporting {precision}, opset {cfg.opset} ...")
+    t0 = time.perf_counter()
+    module = ncfg.load(src.base, src.encoder)
+    # references from the untouched module: validation also covers the attention rewrite
+    refs = reference_outputs(module, ncfg, src.dims, precision, src.vocab_size)
+    make_attention_fusable(module)
+    path = stage / network_file(name)
+    raw = dynamo_export(module, ncfg, src.dims, precision, path, cfg.opset, src.vocab_size)
+    del module  # before the ONNX copy of the weights is loaded
+    gc.collect()
+    files, facts = finish_onnx(raw, path, ncfg)
+    t_export = time.perf_counter() - t0
+    report, mismatches = validate_onnx(path, ncfg, precision, refs)
+    entry = {
+        "file": path.name,
+        "precision": precision,
+        "opset": cfg.opset,
+        "bytes": path.stat().st_size,
+        "sha256": sha256_file(path),
+        "export_key": key,
+        "sources": hashes,
+        "export_s": round(t_export, 2),
+        "validate_s": round(time.perf_counter() - t0 - t_export, 2),
+        "validation": report,
+        **facts,
+    }
+    if len(files) > 1:
+        entry.update(
+            external_data=files[1].name,
+            data_bytes=files[1].stat().st_size,
+            data_sha256=sha256_file(files[1]),
+        )
+    worst = max(report, key=lambda r: r["max_abs_diff"] / max(r["tolerance"], 1e-30))
+    size = sum(f.stat().st_size for f in files)
+    att = facts["attention"]
+    echo(
+        f"{name}: {entry['export_s']:.1f} s export + {entry['validate_s']:.1f} s validation, "
+        f"{size / 1e6:.1f} MB, attention {att['fusable']}/{att['total']} fusable, "
+        f"max diff {worst['max_abs_diff']:.2g} (tolerance {worst['tolerance']:.2g})"
+        + ("" if not mismatches else "  MISMATCH")
+    )
+    return entry, mismatches
+
+
+# ---- 4./5. assemble and swap --------------------------------------------------------------------
+
+
+def _link_or_copy(src: str, dst: str) -> str:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+    return dst
+
+
+def carry_over(previous_dir: Path, stage: Path, kept: list[str]) -> None:
+    """Hard-link (or copy) everything of the previous directory that this export neither
+    rewrites nor drops: kept networks, ``engines/``, files the user put there."""
+    rewritten = {MANIFEST, "scheduler.json", "tokenizer"}
+    for name in NETWORKS:
+        if name not in kept:
+            rewritten |= {network_file(name), network_file(name) + ".data"}
+    for entry in previous_dir.iterdir():
+        if entry.name in rewritten or entry.name.startswith("."):
+            continue
+        target = stage / entry.name
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, target, copy_function=_link_or_copy, symlinks=True)
+        else:
+            _link_or_copy(str(entry), str(target))
+
+
+def swap_in(stage: Path, out: Path) -> None:
+    """Replace ``out`` by ``stage`` (two renames; the old directory is removed after)."""
+    if not out.exists():
+        os.rename(stage, out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.rename(out, old)  # onto the empty directory mkdtemp made
+    try:
+        os.rename(stage, out)
+    except BaseException:
+        os.rename(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _dir_mode(out: Path) -> int:
+    """The previous directory's permissions, else what the umask gives a new one."""
+    if out.is_dir():
+        return out.stat().st_mode & 0o7777
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o777 & ~umask
+
+
+def _write_tokenizer(encoder: Path, out: Path, max_length: int) -> None:
+    from tokenizers import Tokenizer
+
+    from iap_rt.tokenizer import PromptTokenizer, save_tokenizer_dir
+
+    if (encoder / "iap_tokenizer.json").is_file():
+        tok = PromptTokenizer.from_dir(encoder).tokenizer
+    else:
+        tok = Tokenizer.from_file(str(encoder / "tokenizer.json"))
+    save_tokenizer_dir(out / "tokenizer", tok, max_length)
+
+
+# ---- the stage ----------------------------------------------------------------------------------
+
+
+def run_export(cfg: ExportConfig, echo: Echo | None = None) -> Path:
+    """Run ``iap-rt export`` with the resolved ``cfg``; return the model directory."""
+    echo = echo or log.info
+    cfg.require_paths()
+    cfg = dataclasses.replace(  # the manifest records absolute paths
+        cfg,
+        **{
+            k: str(Path(getattr(cfg, k)).absolute())
+            for k in ("base", "encoder", "out")
+            if getattr(cfg, k)
+        },
+    )
+    out = Path(cfg.out)
+    if cfg.engines == "only":
+        ModelDir.open(out)  # engines are built from the ONNX already there
+        build_engines(out, "only", echo)
+        return out
+
+    # 1. checks (cheap: configs only)
+    src = read_sources(Path(cfg.base), Path(cfg.encoder))
+    previous = read_previous(out)
+    # 2. plan
+    plan, versions = plan_export(cfg, src, out, previous, echo)
+    if not plan.export and previous and _same_top_level(previous, cfg, src, out):
+        echo(f"{out}: up to date")
+        build_engines(out, cfg.engines, echo)
+        return out
+    # 3.-5. export into a staging directory, then swap it in
+    try:
+        with staging_dir(out) as stage:
+            os.chmod(stage, _dir_mode(out))  # mkdtemp makes it 0700
+            entries, mismatches = {}, []
+            for name, (key, hashes) in plan.export.items():
+                entries[name], bad = export_network(name, cfg, src, stage, key, hashes, echo)
+                mismatches += bad
+            from iap_rt.export.exporter import raise_on_mismatch
+
+            raise_on_mismatch(mismatches)
+            if previous is not None and out.is_dir():
+                carry_over(out, stage, list(plan.keep))
+            manifest = new_manifest(
+                cfg.model_id or (previous or {}).get("model_id") or out.name,
+                src.dims,
+                base_model=cfg.base,
+                encoder=cfg.encoder,
+                vae={"scaling_factor": src.vae_scaling_factor},
+                default_scheduler=cfg.default_scheduler,
+                tool_versions=versions,
+                export_config=cfg.to_dict(),
+                export_version=EXPORT_VERSION,
+            )
+            manifest["networks"] = {
+                n: entries.get(n) or plan.keep[n]
+                for n in NETWORKS
+                if n in entries or n in plan.keep
+            }
+            _write_tokenizer(src.encoder, stage, src.dims.text_max_length)
+            write_json_atomic(stage / "scheduler.json", src.scheduler)
+            write_manifest(stage, manifest)  # last: no manifest, no model
+            swap_in(stage, out)
+    except OSError as e:
+        raise OutputError(
+            f"cannot write the model directory {out}: {e.strerror or e}",
+            fix="free disk space or choose another --out; the previous model directory is "
+            "untouched.",
+        ) from e
+    missing = [n for n in NETWORKS if n not in manifest["networks"]]
+    if missing:
+        echo(
+            f"note: {out} has no {', '.join(missing)} yet; `iap-rt generate` needs all three "
+            "(run iap-rt export without --networks)"
+        )
+    echo(
+        f"wrote {out} ("
+        + ", ".join(f"{n} {v['precision']}" for n, v in manifest["networks"].items())
+        + ")"
+    )
+    build_engines(out, cfg.engines, echo)
+    return out
+
+
+def _same_top_level(previous: dict, cfg: ExportConfig, src: Sources, out: Path) -> bool:
+    """Nothing outside the networks changed either (dims, scheduler default, model id)."""
+    return (
+        previous.get("dims") == src.dims.to_dict()
+        and previous.get("default_scheduler") == cfg.default_scheduler
+        and previous.get("model_id") == (cfg.model_id or previous.get("model_id"))
+        and all(n in previous.get("networks", {}) for n in cfg.networks)
+        and (out / "tokenizer" / "tokenizer.json").is_file()
+    )
+
+
+def build_engines(out: Path, mode: str, echo: Echo) -> list[Path]:
+    """``--engines``: hand the model directory to the engines stage (if it is installed)."""
+    if mode == "none":
+        return []
+    try:
+        from iap_rt.engines.api import maybe_build_engines
+    except ImportError as e:
+        if mode == "only":
+            raise BackendUnavailableError(
+                f"--engines only needs the engines stage, which cannot be imported ({e})",
+                fix="pip install 'iap-rt[trt]', or export with --engines none.",
+            ) from e
+        echo(f"engines: skipped (the engines stage cannot be imported: {e})")
+        return []
+    return maybe_build_engines(out, mode, echo=echo)
 
 
 def export_model_dir(
@@ -104,73 +516,32 @@ def export_model_dir(
     encoder: str | os.PathLike,
     out: str | os.PathLike,
     model_id: str | None = None,
-    opset: int = 18,
+    opset: int = DEFAULT_OPSET,
     default_scheduler: str = "dpm++",
+    *,
+    fp16: bool = False,
+    fp16_vae: bool = False,
+    networks: tuple[str, ...] | list[str] | None = None,
+    force: bool = False,
+    engines: str = "none",
+    echo: Echo | None = None,
 ) -> Path:
-    """Minimal fp32 export of all three networks into a model directory (validated)."""
-    out = ensure_dir(out)
-    m = load_models(base, encoder)
-    dims = ModelDims(
-        text_max_length=m.max_length,
-        cross_attention_dim=m.unet.config.cross_attention_dim,
-        latent_channels=m.unet.config.in_channels,
-        vae_scale_factor=2 ** (len(m.vae.config.block_out_channels) - 1),
-    )
-    from diffusers.models.attention_processor import AttnProcessor
+    """Export ``encoder`` + the SD at ``base`` into the model directory ``out``.
 
-    m.unet.set_attn_processor(AttnProcessor())
-    modules = {"text_encoder": m.text_encoder, "unet": m.unet, "vae_decoder": m.vae}
-    manifest = new_manifest(
-        model_id or out.name,
-        dims,
-        base_model=str(base),
-        vae={"scaling_factor": float(m.vae.config.scaling_factor)},
+    The Python entry point of ``iap-rt export``; unlike the command it builds no TensorRT
+    engines unless ``engines="auto"`` or ``"only"`` is passed.
+    """
+    cfg = ExportConfig(
+        base=str(base),
+        encoder=str(encoder),
+        out=str(out),
+        fp16=fp16,
+        fp16_vae=fp16_vae,
+        opset=opset,
+        networks=tuple(networks) if networks is not None else None,
+        force=force,
+        model_id=model_id,
+        engines=engines,
         default_scheduler=default_scheduler,
-        tool_versions=_versions(),
     )
-    all_mismatches = []
-    for name, module in modules.items():
-        cfg = EXPORT_CONFIGS[name]
-        wrapped = cfg.wrap(module)
-        path = out / network_file(name)
-        t0 = time.perf_counter()
-        export_onnx(wrapped, cfg, dims, "fp32", path, opset, vocab_size=m.vocab_size)
-        report, mism = validate_onnx(wrapped, cfg, dims, "fp32", path, vocab_size=m.vocab_size)
-        all_mismatches += mism
-        manifest["networks"][name] = {
-            "file": path.name,
-            "precision": "fp32",
-            "opset": opset,
-            "bytes": path.stat().st_size,
-            "sha256": sha256_file(path),
-            "export_s": round(time.perf_counter() - t0, 2),
-            "validation": report,
-        }
-    raise_on_mismatch(all_mismatches)
-    tok = (
-        PromptTokenizer.from_dir(m.tokenizer_dir)
-        if (m.tokenizer_dir / "iap_tokenizer.json").is_file()
-        else None
-    )
-    from tokenizers import Tokenizer
-
-    save_tokenizer_dir(
-        out / "tokenizer",
-        tok.tokenizer if tok else Tokenizer.from_file(str(m.tokenizer_dir / "tokenizer.json")),
-        m.max_length,
-    )
-    write_json_atomic(out / "scheduler.json", m.scheduler)
-    write_manifest(out, manifest)
-    return out
-
-
-def _versions() -> dict:
-    import importlib.metadata as md
-
-    out = {}
-    for pkg in ("iap-rt", "torch", "diffusers", "transformers", "onnx", "onnxruntime"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return out
+    return run_export(cfg, echo=echo)

@@ -57,7 +57,16 @@ def reference_loop(models, pipe, prompt, negative, steps, guidance, scheduler, l
 def test_runtime_matches_pytorch_loop(tiny_model_dir, torch_models, scheduler):
     pipe = Pipeline(ModelDir.open(tiny_model_dir), OrtBackend("cpu", threads=1), progress=False)
     noise = initial_noise(seed=11, batch_size=1, shape=(4, 8, 8))
-    got = pipe("左边有一个红色的圆", "模糊", steps=10, guidance=7.5, seed=11, height=64, width=64, scheduler=scheduler)
+    got = pipe(
+        "左边有一个红色的圆",
+        "模糊",
+        steps=10,
+        guidance=7.5,
+        seed=11,
+        height=64,
+        width=64,
+        scheduler=scheduler,
+    )
     assert np.array_equal(initial_noise(11, 1, (4, 8, 8)), noise)
     ref_latents, ref_image = reference_loop(
         torch_models, pipe, "左边有一个红色的圆", "模糊", 10, 7.5, scheduler, noise

@@ -1,0 +1,239 @@
+"""Export the SD 1.5 architecture (random weights from its configs) and record time and memory.
+
+    nice -n 10 python bench/export_sd15.py [--work DIR] [--out bench/results/export_sd15.json]
+
+Builds (once, cached in ``--work``) an SD 1.5-shaped pipeline directory (UNet 860M, VAE) and a
+bert-base-chinese-sized Chinese encoder (12 x 768, CLIP-L-sized) with the configs in
+``iap_rt.train.sd15``, then runs ``iap-rt export`` one network per child process, so each
+network's wall time and peak RSS are its own:
+
+- fp32: text_encoder, unet (external data: > 2 GB), vae_decoder;
+- fp16: text_encoder, unet (the VAE stays fp32 under --fp16).
+
+With TensorRT-RTX installed it also builds the fp16 UNet once (no GPU needed) and counts the
+attentions TensorRT fused into ``_gemm_mha`` kernels. Results go to one JSON file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results" / "export_sd15.json"
+JOBS = [
+    ("fp32", "text_encoder"),
+    ("fp32", "unet"),
+    ("fp32", "vae_decoder"),
+    ("fp16", "text_encoder"),
+    ("fp16", "unet"),
+]
+
+
+# ---- children (import torch) --------------------------------------------------------------------
+
+
+def child_build(work: Path) -> dict:
+    from iap_rt.train.sd15 import make_sd15, make_sd15_encoder
+
+    make_sd15(work / "sd", seed=0, text_encoder=False)
+    make_sd15_encoder(work / "encoder", seed=0)
+    (work / ".complete").write_text("sd15 seed 0\n")
+    return {}
+
+
+def child_export(work: Path, precision: str, network: str) -> dict:
+    from iap_rt.export.modeldir import export_model_dir
+
+    out = export_model_dir(
+        work / "sd",
+        work / "encoder",
+        work / f"model-{precision}",
+        model_id=f"sd15-random-{precision}",
+        fp16=precision == "fp16",
+        networks=[network],
+        force=True,
+        echo=lambda s: print(s, file=sys.stderr, flush=True),
+    )
+    info = json.loads((out / "manifest.json").read_text("utf-8"))["networks"][network]
+    return info
+
+
+def child_trt_fusion(onnx_path: Path) -> dict:
+    """Build a static TensorRT-RTX engine (N=2, 64x64 latents) and count fused attentions."""
+    import re
+
+    import onnx
+    import tensorrt_rtx as trt
+
+    class Log(trt.ILogger):
+        def __init__(self):
+            super().__init__()
+            self.text = []
+
+        def log(self, severity, msg):
+            self.text.append(msg)
+
+    log = Log()
+    t0 = time.perf_counter()
+    builder = trt.Builder(log)
+    net = builder.create_network(0)
+    parser = trt.OnnxParser(net, log)
+    if not parser.parse_from_file(str(onnx_path)):
+        return {"error": str(parser.get_error(0))}
+    cfg = builder.create_builder_config()
+    cfg.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+    prof = builder.create_optimization_profile()
+    shapes = {"sample": (2, 4, 64, 64), "timestep": (2,), "encoder_hidden_states": (2, 77, 768)}
+    for i in range(net.num_inputs):
+        name = net.get_input(i).name
+        prof.set_shape(name, shapes[name], shapes[name], shapes[name])
+    cfg.add_optimization_profile(prof)
+    engine = builder.build_serialized_network(net, cfg)
+    build_s = time.perf_counter() - t0
+    layers = [ln for ln in "\n".join(log.text).splitlines() if ln.startswith("Name:")]
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    softmax = [n.name for n in graph.node if n.op_type == "Softmax"]
+    fused = [
+        s
+        for s in softmax
+        if any(f"[ONNX Layer: {s}]" in ln and re.match(r"Name: _gemm_mha", ln) for ln in layers)
+    ]
+    return {
+        "trt_rtx_version": trt.__version__,
+        "engine_built": engine is not None,
+        "engine_bytes": engine.nbytes if engine is not None else None,
+        "build_s": round(build_s, 1),
+        "profile": "static N=2, 64x64 latents, 77x768 context",
+        "softmax": len(softmax),
+        "fused_into_gemm_mha": len(fused),
+    }
+
+
+# ---- parent (no torch) --------------------------------------------------------------------------
+
+
+def run_child(args: list[str], threads: int, timeout: float) -> dict:
+    """Run this script as a child; return its JSON result + wall time and peak RSS."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--child", *args],
+        stdout=subprocess.PIPE,
+        env=env,
+    )
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:  # the child's stderr went to ours
+        return {"error": f"exit code {proc.returncode}", "wall_s": round(wall, 1)}
+    result = json.loads(out.decode().strip().splitlines()[-1])  # peak RSS measured inside
+    result["wall_s"] = round(wall, 1)
+    return result
+
+
+def child_main(argv: list[str]) -> None:
+    import resource
+
+    kind, *rest = argv
+    if kind == "build":
+        result = child_build(Path(rest[0]))
+    elif kind == "export":
+        result = child_export(Path(rest[0]), rest[1], rest[2])
+    elif kind == "trt":
+        result = child_trt_fusion(Path(rest[0]))
+    else:
+        raise SystemExit(f"unknown child {kind}")
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    result["peak_rss_gb"] = round(peak_kb / 2**20, 2)
+    print(json.dumps(result), flush=True)
+
+
+def summarize(precision: str, network: str, r: dict) -> dict:
+    if "error" in r:
+        return {"precision": precision, "network": network, **r}
+    rows = r["validation"]
+    worst = max(rows, key=lambda x: x["max_abs_diff"])
+    return {
+        "precision": precision,
+        "network": network,
+        "wall_s": r["wall_s"],
+        "export_s": r["export_s"],
+        "validate_s": r["validate_s"],
+        "peak_rss_gb": r["peak_rss_gb"],
+        "onnx_bytes": r["bytes"],
+        "external_data_bytes": r.get("data_bytes"),
+        "total_gb": round((r["bytes"] + (r.get("data_bytes") or 0)) / 1e9, 3),
+        "nodes": r["nodes"],
+        "attention": r["attention"],
+        "validation": [
+            {k: row[k] for k in ("case", "max_abs_diff", "reference_absmax", "tolerance")}
+            for row in rows
+        ],
+        "max_abs_diff_vs_torch_fp32": worst["max_abs_diff"],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", type=Path, default=Path("/tmp/iap-rt-bench-sd15"))
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--timeout", type=float, default=1800)
+    ap.add_argument("--no-trt", action="store_true", help="skip the TensorRT-RTX fusion check")
+    args = ap.parse_args()
+    work = args.work.absolute()
+    work.mkdir(parents=True, exist_ok=True)
+    from iap_rt.fileio import write_json_atomic
+
+    results: dict = {
+        "what": "iap-rt export of the SD 1.5 architecture with random weights (configs in "
+        "iap_rt/train/sd15.py); one child process per network",
+        "machine": {
+            "cpus": os.cpu_count(),
+            "omp_threads": args.threads,
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+        },
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
+    if not (work / ".complete").is_file():
+        print("building the SD 1.5-shaped directories ...", flush=True)
+        build = run_child(["build", str(work)], args.threads, args.timeout)
+        results["build"] = build
+    jobs = []
+    for precision, network in JOBS:
+        print(f"exporting {network} {precision} ...", flush=True)
+        r = run_child(["export", str(work), precision, network], args.threads, args.timeout)
+        row = summarize(precision, network, r)
+        print(json.dumps({k: row.get(k) for k in ("wall_s", "peak_rss_gb", "total_gb")}))
+        jobs.append(row)
+    results["jobs"] = jobs
+    manifest = json.loads((work / "model-fp32" / "manifest.json").read_text("utf-8"))
+    results["versions"] = manifest.get("tool_versions")
+    if not args.no_trt:
+        import importlib.util
+
+        if importlib.util.find_spec("tensorrt_rtx") is not None:
+            print("TensorRT-RTX fusion check on the fp16 UNet ...", flush=True)
+            onnx_path = work / "model-fp16" / "unet.onnx"
+            results["trt_rtx_fp16_unet"] = run_child(
+                ["trt", str(onnx_path)], args.threads, args.timeout
+            )
+    write_json_atomic(args.out, results)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        child_main(sys.argv[2:])
+    else:
+        main()

@@ -1,0 +1,245 @@
+"""One ONNX file -> one serialized TensorRT engine, strongly typed, checked against the
+shape contract. Works with ``tensorrt`` (>= 10) and ``tensorrt_rtx``: the module is passed in.
+
+Precision comes from the ONNX graph (strongly typed network): TensorRT 11 has no fp16
+builder flag and TensorRT-RTX is strongly typed only, so an fp16 engine needs an fp16 ONNX.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from iap_rt.errors import EngineBuildError
+from iap_rt.specs import DERIVED_AXES, DYNAMIC_AXES, ModelDims, NetworkSpec
+
+# how TensorRT names a fused multi-head-attention layer (``_gemm_mha_v2``, ``fmha``, ...)
+FUSED_ATTENTION = re.compile(r"mha|flash_?attention", re.IGNORECASE)
+UNSUPPORTED_NODE_HINT = (
+    "re-export with opset 18 and plain attention (iap-rt export), or check the op against "
+    "TensorRT's ONNX operator support list."
+)
+
+
+@dataclass
+class BuildOptions:
+    """What changes an engine besides its ONNX and profile (recorded in the sidecar)."""
+
+    optimization_level: int = 3
+    workspace_mb: int = 0
+    detailed_profile: bool = False
+    compute_capabilities: tuple[str, ...] = ()  # TensorRT-RTX targets; () = portable default
+
+    def record(self) -> dict:
+        return {
+            "strongly_typed": True,
+            "optimization_level": self.optimization_level,
+            "workspace_mb": self.workspace_mb,
+            "detailed_profile": self.detailed_profile,
+            "compute_capabilities": list(self.compute_capabilities),
+        }
+
+
+@dataclass
+class BuiltEngine:
+    plan: object  # IHostMemory (buffer protocol; not copied into a bytes object)
+    io: dict
+    seconds: float
+    timing_cache: bytes | None = None
+    warnings: list[str] = field(default_factory=list)
+    layers: dict | None = None  # layer_summary() of a detailed build, where TensorRT logs it
+
+
+def _logger(trt, sink: list[str], verbose: list[str] | None = None):
+    """A TensorRT logger that keeps errors/warnings (to put in EngineBuildError), and every
+    message in ``verbose`` if given (the layer dump names fused kernels)."""
+
+    class Logger(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)
+
+        def log(self, severity, msg):
+            if int(severity) <= int(trt.ILogger.Severity.WARNING):
+                sink.append(str(msg))
+            if verbose is not None:
+                verbose.append(str(msg))
+
+    return Logger()
+
+
+def dtype_name(trt, dt) -> str:
+    try:
+        return np.dtype(trt.nptype(dt)).name
+    except Exception:  # bfloat16, fp8, ... have no numpy type
+        return str(dt).rsplit(".", 1)[-1].lower()
+
+
+def network_io(trt, network) -> dict:
+    """``{"inputs": [{name, dtype, shape}], "outputs": [...]}`` of a parsed network."""
+
+    def desc(t):
+        return {"name": t.name, "dtype": dtype_name(trt, t.dtype), "shape": list(t.shape)}
+
+    return {
+        "inputs": [desc(network.get_input(i)) for i in range(network.num_inputs)],
+        "outputs": [desc(network.get_output(i)) for i in range(network.num_outputs)],
+    }
+
+
+def contract_problems(
+    io: dict, spec: NetworkSpec, precision: str, dims: ModelDims, profile: dict
+) -> list[str]:
+    """Every way the network's I/O breaks ``spec`` (names, dtypes, ranks, static sizes)."""
+    problems = []
+    static = dims.static_values()
+    axes_range = profile["axes"]
+    for kind, decl in (("inputs", spec.inputs), ("outputs", spec.outputs)):
+        found = {t["name"]: t for t in io[kind]}
+        want = [t.name for t in decl]
+        if sorted(found) != sorted(want):
+            problems.append(f"{kind} {sorted(found)}, the contract declares {sorted(want)}")
+        for t in decl:
+            got = found.get(t.name)
+            if got is None:
+                continue
+            dt = t.numpy_dtype(precision).name
+            if got["dtype"] != dt:
+                problems.append(f"{t.name}: dtype {got['dtype']}, contract says {dt} ({precision})")
+            if len(got["shape"]) != len(t.axes):
+                problems.append(f"{t.name}: shape {got['shape']}, contract axes {t.axes}")
+                continue
+            for axis, d in zip(t.axes, got["shape"]):
+                key = DERIVED_AXES.get(axis, axis)
+                if axis in static and d not in (-1, static[axis]):
+                    problems.append(
+                        f"{t.name}: axis {axis} is {d}, the model's {axis} is {static[axis]}"
+                    )
+                elif key in DYNAMIC_AXES and d != -1 and kind == "inputs":
+                    lo, _, hi = axes_range.get(key, [d, d, d])
+                    size = d if axis not in DERIVED_AXES else d // dims.vae_scale_factor
+                    if lo != hi or size != lo:
+                        problems.append(
+                            f"{t.name}: axis {axis} is fixed at {d} in the ONNX, "
+                            f"the profile asks for {lo}-{hi}"
+                        )
+    return problems
+
+
+def build_engine(
+    trt,
+    onnx_path: Path,
+    spec: NetworkSpec,
+    precision: str,
+    dims: ModelDims,
+    profile: dict,
+    options: BuildOptions,
+    timing_cache: bytes | None = None,
+    use_timing_cache: bool = False,
+    verbose_log: list[str] | None = None,
+) -> BuiltEngine:
+    """Parse ``onnx_path`` strongly typed, check it against ``spec``, build one engine.
+
+    Raises :class:`EngineBuildError` carrying the parser's / builder's messages.
+    ``verbose_log``: a list that receives every TensorRT message (all severities).
+    """
+    messages: list[str] = []
+    if options.detailed_profile and verbose_log is None:
+        verbose_log = []  # the detailed layer dump is logged at verbose level
+    logger = _logger(trt, messages, verbose_log)
+    builder = trt.Builder(logger)
+    flags = 0
+    if hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):  # default in TRT 11
+        flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = [_parser_error(parser.get_error(i)) for i in range(parser.num_errors)]
+        logged = [m for m in messages if m not in errors][-5:]
+        raise EngineBuildError(
+            f"TensorRT's ONNX parser rejected {onnx_path} ({spec.name}):\n  "
+            + "\n  ".join(errors or ["no parser error recorded"])
+            + ("\n  TensorRT log:\n    " + "\n    ".join(logged) if logged else ""),
+            fix=UNSUPPORTED_NODE_HINT,
+        )
+    io = network_io(trt, network)
+    problems = contract_problems(io, spec, precision, dims, profile)
+    if problems:
+        raise EngineBuildError(
+            f"{onnx_path} breaks the shape contract of '{spec.name}' ({precision}): "
+            + "; ".join(problems),
+            fix="re-export the model directory with this iap-rt (iap-rt export ... --force).",
+        )
+
+    config = builder.create_builder_config()
+    prof = builder.create_optimization_profile()
+    for name, (lo, opt, hi) in profile["shapes"].items():
+        prof.set_shape(name, tuple(lo), tuple(opt), tuple(hi))
+    config.add_optimization_profile(prof)
+    if hasattr(config, "builder_optimization_level"):
+        config.builder_optimization_level = options.optimization_level
+    if options.workspace_mb:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_mb << 20)
+    if options.detailed_profile:
+        config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+    if options.compute_capabilities:
+        _set_targets(trt, config, options.compute_capabilities)
+    cache = None
+    if use_timing_cache:
+        cache = config.create_timing_cache(timing_cache or b"")
+        config.set_timing_cache(cache, ignore_mismatch=False)
+
+    t0 = time.perf_counter()
+    plan = builder.build_serialized_network(network, config)
+    seconds = time.perf_counter() - t0
+    if plan is None or plan.nbytes == 0:
+        raise EngineBuildError(
+            f"TensorRT could not build an engine for {onnx_path} ({spec.name}):\n  "
+            + "\n  ".join(messages[-20:] or ["no message"]),
+            fix="see the messages above; a smaller --resolution/--batch range or "
+            "--workspace-mb may help.",
+        )
+    new_cache = bytes(config.get_timing_cache().serialize()) if cache is not None else None
+    layers = layer_summary(verbose_log) if options.detailed_profile else None
+    return BuiltEngine(plan, io, seconds, new_cache, messages, layers)
+
+
+def layer_summary(log: list[str]) -> dict | None:
+    """Layers of the engine from TensorRT's detailed layer dump (``Name: ..., LayerType: ...``
+    lines, logged at verbose level by TensorRT-RTX even without a GPU): how many, and which
+    are fused multi-head attention. None when the log has no layer dump."""
+    names = []
+    for msg in log:
+        for line in msg.splitlines():
+            if line.startswith("Name: ") and ", LayerType: " in line:
+                names.append(line[len("Name: ") : line.index(", LayerType: ")])
+    if not names:
+        return None
+    fused = [n for n in names if FUSED_ATTENTION.search(n)]
+    return {"layers": len(names), "fused_attention": len(fused), "fused_attention_names": fused}
+
+
+def _parser_error(err) -> str:
+    where = err.node_name() or (f"node {err.node()}" if err.node() >= 0 else "")
+    op = err.node_operator()
+    loc = f" [{where}{': ' + op if op else ''}]" if where or op else ""
+    return f"{err.desc()}{loc}"
+
+
+def _set_targets(trt, config, targets: tuple[str, ...]) -> None:
+    from iap_rt.errors import ConfigError
+
+    names = ["CURRENT" if t == "current" else "SM" + t.replace(".", "") for t in targets]
+    have = [n for n in trt.ComputeCapability.__members__ if n != "NONE"]
+    missing = [t for t, n in zip(targets, names) if n not in have]
+    if missing:
+        raise ConfigError(
+            f"compute capability {missing} is not a target of this TensorRT-RTX",
+            fix=f"choose from {', '.join(have)} (as 8.6 for SM86, or 'current').",
+        )
+    config.num_compute_capabilities = len(names)
+    for i, n in enumerate(names):
+        config.set_compute_capability(getattr(trt.ComputeCapability, n), i)
