@@ -100,6 +100,7 @@ class Sources:
     vocab_size: int
     scheduler: dict
     vae_scaling_factor: float
+    image_size: int  # the UNet's native sample_size in pixels (generate's default)
 
 
 def read_sources(base: Path, encoder: Path) -> Sources:
@@ -147,6 +148,7 @@ def read_sources(base: Path, encoder: Path) -> Sources:
         int(enc_cfg.vocab_size),
         {k: sched[k] for k in SCHEDULER_KEYS if k in sched},
         float(vae_cfg.get("scaling_factor", 0.18215)),
+        int(unet_cfg.get("sample_size", 64)) * dims.vae_scale_factor,
     )
 
 
@@ -448,6 +450,7 @@ def run_export(cfg: ExportConfig, echo: Echo | None = None) -> Path:
                 base_model=cfg.base,
                 encoder=cfg.encoder,
                 vae={"scaling_factor": src.vae_scaling_factor},
+                image_size=src.image_size,
                 default_scheduler=cfg.default_scheduler,
                 tool_versions=versions,
                 export_config=cfg.to_dict(),

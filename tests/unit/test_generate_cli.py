@@ -175,3 +175,14 @@ def test_info_shows_backends_and_manifest(run_cli):
     r = run_cli("info")
     assert r.code == 0, r.err
     assert "CPUExecutionProvider" in r.out and '"spec_hash"' in r.out and "TensorRT" in r.out
+
+
+def test_default_size_comes_from_the_manifest(tmp_path, run_cli, model_copy):
+    m = json.loads((model_copy / "manifest.json").read_text())
+    m["image_size"] = 48
+    (model_copy / "manifest.json").write_text(json.dumps(m))
+    out = tmp_path / "d.png"
+    r = run_cli("generate", "山水画", "--model", str(model_copy), "--steps", "2", "--out", str(out))
+    assert r.code == 0, r.err
+    with Image.open(out) as im:
+        assert im.size == (48, 48)
