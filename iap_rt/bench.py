@@ -1,0 +1,120 @@
+"""``iap-rt bench``: the click command (the implementation is :mod:`iap_rt.benchmark`)."""
+
+from __future__ import annotations
+
+import shlex
+
+import click
+
+ARCH_CHOICES = ("tiny", "toy", "sd15")
+
+
+@click.command("bench")
+@click.option(
+    "--arch",
+    type=click.Choice(ARCH_CHOICES),
+    default="tiny",
+    show_default=True,
+    help="tiny / sd15: built from configs (random seeded weights) and exported into the "
+    "cache once; toy: a trained toy model (--model).",
+)
+@click.option("--height", type=int, help="Image height [tiny 64, sd15 512, else the model's].")
+@click.option("--width", type=int, help="Image width [as --height].")
+@click.option("--steps", type=int, default=25, show_default=True, help="Denoising steps.")
+@click.option("--batch-size", type=int, default=1, show_default=True, help="Images per prompt.")
+@click.option(
+    "--backends",
+    default="torch,ort,trt",
+    show_default=True,
+    help="Comma-separated: torch (PyTorch reference), torch-compile, ort, trt.",
+)
+@click.option("--repeat", type=int, default=3, show_default=True, help="Measured runs.")
+@click.option(
+    "--warmup",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Unmeasured runs per backend, the cold-start image included.",
+)
+@click.option(
+    "--guidance", type=float, default=7.5, show_default=True, help="<= 1 turns guidance off."
+)
+@click.option("--scheduler", help="ddim, euler or dpm++ [the model's default].")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--threads", type=int, help="Intra-op threads for torch and ORT [all cores].")
+@click.option(
+    "--device",
+    type=click.Choice(("auto", "cpu", "cuda")),
+    default="auto",
+    show_default=True,
+    help="Where torch and ORT run (auto: CUDA when available).",
+)
+@click.option("--fp16", is_flag=True, help="Benchmark an fp16 ONNX export (for GPUs).")
+@click.option("--model", type=click.Path(), help="An existing model directory (skips the cache).")
+@click.option("--base", type=click.Path(), help="With --model: its diffusers base (for torch).")
+@click.option("--encoder", type=click.Path(), help="With --model: its chinese_encoder/ (torch).")
+@click.option("--cache-dir", type=click.Path(), help="Built models [~/.cache/iap-rt/bench].")
+@click.option("--out", type=click.Path(), help="Write the result JSON here.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result JSON to stdout.")
+def bench(backends, out, as_json, **options):
+    """Benchmark backends side by side on the same model, prompt, seed and noise.
+
+    Every backend runs in its own subprocess (so peak RSS is its own): load + first image
+    (cold start), warm-up, then --repeat measured images. Prints a table with speed-ups over
+    torch and writes a JSON result (machine, config, results) with --out.
+    """
+    from iap_rt.benchmark import BenchConfig, check_document, format_table, run_bench
+    from iap_rt.errors import IapRtError
+    from iap_rt.fileio import write_json_atomic
+
+    cfg = BenchConfig(
+        backends=tuple(b.strip() for b in backends.split(",") if b.strip()), **options
+    )
+    command = _command_line(cfg, out)
+
+    def log(msg: str) -> None:
+        click.echo(msg, err=True)
+
+    doc = run_bench(cfg, command=command, log=log)
+    if out:
+        write_json_atomic(out, doc)
+    if as_json:
+        import json
+
+        click.echo(json.dumps(doc, indent=2, ensure_ascii=False))
+    else:
+        click.echo(format_table(doc))
+        if out:
+            click.echo(f"wrote {out}")
+    errors = [s for s in doc["skipped"] if s.get("error")]
+    problems = check_document(doc)
+    if errors or problems or not doc["results"]:
+        why = "; ".join(
+            [f"{s['backend']}: {s['reason']}" for s in errors] + problems
+            or ["no backend could run"]
+        )
+        raise IapRtError(f"benchmark incomplete: {why}")
+
+
+def _command_line(cfg, out) -> str:
+    """The command that reproduces ``cfg`` (options that differ from their defaults)."""
+    from dataclasses import fields
+
+    from iap_rt.benchmark import BenchConfig
+
+    default = BenchConfig()
+    words = ["iap-rt", "bench"]
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if value == getattr(default, f.name):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            words.append(flag)
+        elif isinstance(value, tuple):
+            words += [flag, ",".join(value)]
+        else:
+            words += [flag, str(value)]
+    if out:
+        words += ["--out", str(out)]
+    return " ".join(shlex.quote(w) for w in words)
