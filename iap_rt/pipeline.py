@@ -155,6 +155,10 @@ class Pipeline:
                 f"unknown scheduler {scheduler!r}", fix=f"use one of {', '.join(SCHEDULERS)}."
             )
 
+    def clear_cache(self) -> None:
+        """Forget cached prompt embeddings (the next call runs the text encoder again)."""
+        self._embed_cache.clear()
+
     # ---- 1. text --------------------------------------------------------------------
     def encode(self, prompts: list[str]) -> np.ndarray:
         """Prompts -> (N, S, D) embeddings in the text encoder's precision (cached)."""

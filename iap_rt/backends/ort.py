@@ -117,6 +117,11 @@ class OrtBackend(Backend):
         threads = self.threads or int(os.environ.get("IAP_RT_THREADS", 0)) or os.cpu_count()
         so.intra_op_num_threads = int(threads or 1)
         so.inter_op_num_threads = 1
+        if self._device == "cpu":
+            # measured (bench/README.md): spinning threads cost 4-9x on a busy 2-core CPU with
+            # tiny networks; the CPU arena added ~1.3 GB RSS to the SD 1.5 UNet at equal speed.
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            so.enable_cpu_mem_arena = False
         return so
 
     def load(self, model: ModelDir) -> dict[str, OrtRunner]:

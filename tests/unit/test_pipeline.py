@@ -30,7 +30,7 @@ def _record(pipe):
     for k in ("unet", "text_encoder"):
         r = pipe.runners[k]
         pipe.runners[k] = Recording(r.runner if isinstance(r, Recording) else r)
-    pipe._embed_cache.clear()
+    pipe.clear_cache()
     return pipe.runners["unet"], pipe.runners["text_encoder"]
 
 
