@@ -111,7 +111,7 @@ def build_engines(
     """Build (or reuse) the engines ``config`` asks for; return the engine paths."""
     config = config or EngineConfig()
     model = ModelDir.open(model_dir)
-    cfg = config.checked(model.dims)
+    cfg = config.checked(model.dims, int(model.manifest.get("image_size", 512)))
     gpu = rt.gpu_info()
     flavour = pick_flavour(cfg.flavour, gpu)
     trt = rt.import_trt(flavour)

@@ -13,6 +13,7 @@ from iap_rt.specs import DERIVED_AXES, DYNAMIC_AXES, NETWORKS, ModelDims, Networ
 
 DYNAMIC_BATCH = "1:4"  # what --dynamic means where --batch/--resolution are not given
 DYNAMIC_RESOLUTION = "256:1024"
+DEFAULT_SIZE = 512  # SD 1.5's native size, where a model directory records none
 
 
 @dataclass(frozen=True)
@@ -23,8 +24,11 @@ class EngineConfig:
         "auto", "TensorRT flavour: auto (what is installed; tensorrt where a GPU is visible, "
         "else tensorrt_rtx), tensorrt or tensorrt_rtx",
     )  # fmt: skip
-    height: int = opt(512, "image height in pixels the engines are optimised for (multiple of 8)")
-    width: int = opt(512, "image width in pixels the engines are optimised for (multiple of 8)")
+    height: int | None = opt(
+        None, "image height in pixels the engines are optimised for (multiple of 8); unset = "
+        "the model's native size (manifest image_size, 512 for SD 1.5)",
+    )  # fmt: skip
+    width: int | None = opt(None, "image width in pixels (multiple of 8); unset = native size")
     batch: str = opt(
         "1", "images per prompt: '1' (static) or 'MIN:MAX' (dynamic, e.g. '1:4'); the text "
         "encoder and UNet see twice this under guidance",
@@ -51,12 +55,17 @@ class EngineConfig:
                            "backend runs these engines (a runtime hint, not part of the engine)")  # fmt: skip
 
     # ---- validation and derived values --------------------------------------------------
-    def checked(self, dims: ModelDims) -> EngineConfig:
-        """Validate against the model (``ConfigError`` naming the rule); --dynamic applied."""
-        cfg = self
-        if self.dynamic:
+    def checked(self, dims: ModelDims, image_size: int = DEFAULT_SIZE) -> EngineConfig:
+        """Validate against the model (``ConfigError`` naming the rule); --dynamic applied,
+        unset height/width filled with the model's native ``image_size``."""
+        cfg = dataclasses.replace(
+            self,
+            height=image_size if self.height is None else self.height,
+            width=image_size if self.width is None else self.width,
+        )
+        if cfg.dynamic:
             cfg = dataclasses.replace(
-                self,
+                cfg,
                 batch=self.batch if self.batch != "1" else DYNAMIC_BATCH,
                 resolution=self.resolution or DYNAMIC_RESOLUTION,
             )
@@ -90,6 +99,12 @@ class EngineConfig:
         cfg.rtx_targets()
         return cfg
 
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width); unset sides are SD 1.5's 512 until :meth:`checked` fills them."""
+        h, w = self.height, self.width
+        return (DEFAULT_SIZE if h is None else h), (DEFAULT_SIZE if w is None else w)
+
     def network_names(self) -> list[str]:
         names = [n.strip() for n in self.networks.split(",") if n.strip()] or list(NETWORKS)
         unknown = [n for n in names if n not in NETWORKS]
@@ -108,7 +123,8 @@ class EngineConfig:
     def resolution_range(self, dims: ModelDims) -> tuple[int, int]:
         """Pixel range of both sides (static: the larger/smaller of height and width)."""
         if not self.resolution:
-            return min(self.height, self.width), max(self.height, self.width)
+            h, w = self.size
+            return min(h, w), max(h, w)
         lo, hi = _parse_range(self.resolution, "resolution", "256:768")
         f = dims.vae_scale_factor
         if lo <= 0 or lo % f or hi % f:
@@ -146,8 +162,8 @@ class EngineConfig:
         return {
             "B": [b_lo, b_lo, b_hi],
             "N": [n * b_lo, n * b_lo, n * b_hi],
-            "h": [r_lo // f, self.height // f, r_hi // f],
-            "w": [r_lo // f, self.width // f, r_hi // f],
+            "h": [r_lo // f, self.size[0] // f, r_hi // f],
+            "w": [r_lo // f, self.size[1] // f, r_hi // f],
         }
 
     def profile(self, spec: NetworkSpec, dims: ModelDims) -> dict:
@@ -177,7 +193,8 @@ class EngineConfig:
 
     def rebuild_args(self) -> str:
         """The options that reproduce these engines (used in "rebuild with" messages)."""
-        args = [f"--height {self.height} --width {self.width} --batch {self.batch}"]
+        h, w = self.size
+        args = [f"--height {h} --width {w} --batch {self.batch}"]
         if self.resolution:
             args.append(f"--resolution {self.resolution}")
         if not self.guidance:

@@ -30,8 +30,8 @@ from iap_rt.specs import NETWORKS, UNET  # noqa: E402
 TAG = "tensorrt_rtx-portable"
 STATIC = {
     "text_encoder": "text_encoder.N1-2.plan",
-    "unet": "unet.N2_h64_w64.plan",
-    "vae_decoder": "vae_decoder.B1_h64_w64.plan",
+    "unet": "unet.N2_h8_w8.plan",
+    "vae_decoder": "vae_decoder.B1_h8_w8.plan",
 }
 
 
@@ -46,7 +46,7 @@ def sidecar_of(plan):
 
 @pytest.fixture(scope="module")
 def fp32_model(tiny_model_dir, tmp_path_factory):
-    """A copy of the tiny fp32 model with default (static 512x512) engines built once."""
+    """A copy of the tiny fp32 model with default (static, the model's 64x64) engines built once."""
     model = copy_model(tiny_model_dir, tmp_path_factory.mktemp("eng") / "model")
     msgs = []
     paths = build_engines(model, EngineConfig(), echo=msgs.append)
@@ -130,7 +130,7 @@ def test_fp32_engines_and_sidecars(fp32_model):
         assert sc["build_options"]["strongly_typed"] is True
         assert rt.sidecar_problems(sc, md, flavour="tensorrt_rtx", version=trt.__version__,
                                    gpu=None) == []  # fmt: skip
-    assert sidecar_of(paths[1])["profile"]["shapes"]["sample"] == [[2, 4, 64, 64]] * 3
+    assert sidecar_of(paths[1])["profile"]["shapes"]["sample"] == [[2, 4, 8, 8]] * 3
     assert sum("building" in m for m in msgs) == 3
     assert not (model / "engines" / TAG / "timing.cache").exists()  # RTX does not time
 
@@ -198,7 +198,7 @@ def test_second_build_reuses_and_force_rebuilds(fp32_model):
     # a runtime hint (not part of the engine) updates the sidecar without a rebuild
     msgs = []
     build_engines(model, EngineConfig(networks="unet", cuda_graph=True), echo=msgs.append)
-    assert msgs == ["unet: up to date, reusing engines/tensorrt_rtx-portable/unet.N2_h64_w64.plan"]
+    assert msgs == ["unet: up to date, reusing engines/tensorrt_rtx-portable/unet.N2_h8_w8.plan"]
     assert sidecar_of(paths[1])["runtime"] == {"cuda_graph": True}
     assert paths[1].stat().st_mtime_ns == before[paths[1]][0]
     msgs = []
@@ -222,7 +222,7 @@ def test_changed_onnx_or_options_rebuild_only_what_changed(tiny_model_dir, tmp_p
     (model / "manifest.json").write_text(json.dumps(manifest))
     # the stale engine is refused at load time, naming the field
     md = ModelDir.open(model)
-    side = model / "engines" / TAG / "unet.N2_h64_w64.json"
+    side = model / "engines" / TAG / "unet.N2_h8_w8.json"
     problems = rt.sidecar_problems(json.loads(side.read_text()), md, flavour=None, version=None,
                                    gpu=None)  # fmt: skip
     assert len(problems) == 1 and problems[0].startswith("onnx_sha256")
@@ -238,9 +238,9 @@ def test_changed_onnx_or_options_rebuild_only_what_changed(tiny_model_dir, tmp_p
 
 def test_dynamic_profile_replaces_static_engine(tiny_model_dir, tmp_path):
     model = copy_model(tiny_model_dir, tmp_path / "model")
-    build_engines(model, EngineConfig(networks="unet"), echo=lambda m: None)
+    build_engines(model, EngineConfig(networks="unet", height=512, width=512), echo=lambda m: None)
     msgs = []
-    cfg = EngineConfig(networks="unet", batch="1:2", resolution="256:768")
+    cfg = EngineConfig(networks="unet", batch="1:2", resolution="256:768", height=512, width=512)
     (plan,) = build_engines(model, cfg, echo=msgs.append)
     assert plan.name == "unet.N2-4_h32-96_w32-96.plan"
     sc = sidecar_of(plan)
@@ -468,10 +468,10 @@ def test_cli_build_then_check(tiny_model_dir, tmp_path, monkeypatch, capsys):
     code, out = cli("engines", "build", "--model", str(model), "--networks", "vae_decoder",
                     "--trt-flavour", "tensorrt_rtx")  # fmt: skip
     assert code == 0, out
-    assert "vae_decoder.B1_h64_w64.plan" in out
+    assert "vae_decoder.B1_h8_w8.plan" in out
     code, out = cli("engines", "check", "--model", str(model))
     assert code == 0 and out.startswith("ok ") and "no GPU visible" in out
-    side = model / "engines" / TAG / "vae_decoder.B1_h64_w64.json"
+    side = model / "engines" / TAG / "vae_decoder.B1_h8_w8.json"
     sc = json.loads(side.read_text())
     side.write_text(json.dumps({**sc, "trt_version": "0.9.0"}))
     code, out = cli("engines", "check", "--model", str(model))
@@ -489,3 +489,18 @@ def test_auto_backend_stays_on_onnx_runtime_without_gpu(fp32_model):
     from iap_rt.backends import get_backend
 
     assert get_backend("auto", ModelDir.open(model)).name != "trt"
+
+
+def test_default_profile_is_the_models_native_size(tmp_path, tiny_model_dir):
+    """Unset --height/--width build for the manifest's image_size (64 for the tiny model)."""
+    import json
+    import shutil
+
+    from iap_rt.engines.api import build_engines
+    from iap_rt.engines.config import EngineConfig
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    size = json.loads((model / "manifest.json").read_text())["image_size"]
+    paths = build_engines(model, EngineConfig(networks="unet"), echo=lambda s: None)
+    assert [p.name for p in paths] == [f"unet.N2_h{size // 8}_w{size // 8}.plan"]

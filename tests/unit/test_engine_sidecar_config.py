@@ -96,7 +96,12 @@ def test_engines_table_in_workspace_file(tmp_path):
     p = tmp_path / "iap-rt.toml"
     p.write_text('[engines]\nbatch = "1:2"\ndynamic = true\nheight = 768\n')
     cfg = resolve(EngineConfig, "engines", p, {"height": 640, "width": None})
-    assert (cfg.batch, cfg.dynamic, cfg.height, cfg.width) == ("1:2", True, 640, 512)
+    assert (cfg.batch, cfg.dynamic, cfg.height, cfg.width) == (
+        "1:2",
+        True,
+        640,
+        None,
+    )  # None: the model's native size
     p.write_text("[engines]\nfp16 = true\n")
     with pytest.raises(ConfigError, match=r"unknown key\(s\) \['fp16'\]") as e:
         resolve(EngineConfig, "engines", p)
