@@ -8,6 +8,7 @@ The opset and why it is 18 live in :mod:`iap_rt.export.config`.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,6 +128,23 @@ class NetworkExportConfig:
             mask = feeds["attention_mask"]
             mask[0, max(2, mask.shape[1] // 2) :] = 0
         return feeds
+
+    def for_downsamples(self, downsamples: int) -> NetworkExportConfig:
+        """These cases with latent sides scaled so the innermost UNet level is >= 2x2.
+
+        A UNet that halves its input ``downsamples`` times reaches 1x1 at its innermost level
+        when traced at 8x8 with 4 down-samplings (the toy base), and torch.export then
+        specialises that size: the ONNX validates at the trace size and fails at any other.
+        """
+        need = 2 ** (downsamples + 1)
+        sides = [v for c in self.cases for a, v in c.items() if a in ("h", "w")]
+        if not sides or min(sides) >= need:
+            return self
+        k = -(-need // min(sides))  # ceil
+        cases = tuple(
+            {a: v * k if a in ("h", "w") else v for a, v in c.items()} for c in self.cases
+        )
+        return dataclasses.replace(self, cases=cases)
 
     def dynamic_shapes(self) -> dict:
         """dynamo ``dynamic_shapes`` naming every forward argument (from the spec)."""

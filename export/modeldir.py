@@ -101,6 +101,7 @@ class Sources:
     scheduler: dict
     vae_scaling_factor: float
     image_size: int  # the UNet's native sample_size in pixels (generate's default)
+    unet_downsamples: int  # 2x down-samplings in the UNet: validation sizes must survive them
 
 
 def read_sources(base: Path, encoder: Path) -> Sources:
@@ -149,6 +150,7 @@ def read_sources(base: Path, encoder: Path) -> Sources:
         {k: sched[k] for k in SCHEDULER_KEYS if k in sched},
         float(vae_cfg.get("scaling_factor", 0.18215)),
         int(unet_cfg.get("sample_size", 64)) * dims.vae_scale_factor,
+        len(unet_cfg.get("block_out_channels", (0,) * 4)) - 1,
     )
 
 
@@ -291,7 +293,7 @@ def export_network(
         validate_onnx,
     )
 
-    ncfg = EXPORT_CONFIGS[name]
+    ncfg = EXPORT_CONFIGS[name].for_downsamples(src.unet_downsamples)
     precision = cfg.precision(name)
     echo(f"{name}: exporting {precision}, opset {cfg.opset} ...")
     t0 = time.perf_counter()

@@ -649,3 +649,16 @@ def test_sd15_fp32_unet_exports_on_this_machine(tmp_path):
     assert info["attention"] == {"total": 32, "fusable": 32, "problems": []}
     assert info["data_bytes"] > 3.4e9 and info["bytes"] < 2e6
     assert all(r["max_abs_diff"] <= r["tolerance"] for r in info["validation"])
+
+
+def test_validation_sizes_survive_deep_unets():
+    """A UNet with 4 down-samplings (the toy base) must not be traced at 8x8, where its
+    innermost level is 1x1 and torch.export specialises it (the ONNX then fails at 32x32)."""
+    from iap_rt.export.configs import EXPORT_CONFIGS
+
+    unet = EXPORT_CONFIGS["unet"]
+    assert unet.for_downsamples(1) is unet  # tiny UNet: 8x8 is already deep enough
+    deep = unet.for_downsamples(4)
+    sides = [v for c in deep.cases for a, v in c.items() if a in ("h", "w")]
+    assert min(sides) >= 32 and [c["N"] for c in deep.cases] == [c["N"] for c in unet.cases]
+    assert EXPORT_CONFIGS["text_encoder"].for_downsamples(4) is EXPORT_CONFIGS["text_encoder"]
