@@ -106,11 +106,15 @@ def eval_cmd(model, lang, combos, seeds, steps, guidance, checker_path, grid, as
         from iap_rt.toy.evaluate import diffusers_generator
 
         generate = diffusers_generator(model, steps=steps, guidance=guidance)
+    elif (model / "manifest.json").is_file():  # an exported iap-rt model directory
+        from iap_rt.toy.evaluate import runtime_generator
+
+        generate = runtime_generator(model, steps=steps, guidance=guidance)
     else:
         raise ArtifactNotFoundError(
-            f"{model} is not a diffusers base directory (unet/, text_encoder/, ...)",
-            fix="pass the directory `iap-rt toy base` wrote (exported model directories: "
-            "not supported yet).",
+            f"{model} is neither a diffusers base directory (unet/, text_encoder/, ...) nor an "
+            "exported model directory (manifest.json)",
+            fix="pass the directory `iap-rt toy base` or `iap-rt export` wrote.",
         )
     res, images, items = evaluate(
         generate,

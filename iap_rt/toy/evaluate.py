@@ -117,12 +117,21 @@ def grid(images: np.ndarray, cols: int, scale: int = 2) -> np.ndarray:
 
 # ---- the diffusers (torch) generator -------------------------------------------------------------
 def diffusers_generator(
-    model_dir, steps: int = 25, guidance: float = 3.0, batch: int = 48, threads: int = 1
+    model_dir,
+    steps: int = 25,
+    guidance: float = 3.0,
+    batch: int = 48,
+    threads: int = 1,
+    numpy_noise: bool = False,
 ) -> GenerateFn:
-    """Sample a diffusers-format toy base: DDIM (eta 0), classifier-free guidance."""
+    """Sample a diffusers-format toy base: DDIM (eta 0), classifier-free guidance.
+
+    ``numpy_noise``: draw image noise with :func:`iap_rt.pipeline.initial_noise` (the runtime's),
+    so images match :func:`runtime_generator`'s for the same seed; else torch's generator."""
     import torch
     from diffusers import DDIMScheduler
 
+    from iap_rt.pipeline import initial_noise as noise
     from iap_rt.toy.base import load_base, tokenize
 
     torch.set_num_threads(threads)
@@ -139,12 +148,19 @@ def diffusers_generator(
             p, s = prompts[i : i + batch], seeds[i : i + batch]
             cond = text(tokenize(tok, p)).last_hidden_state  # (b, S, D)
             ctx = torch.cat([uncond.expand_as(cond), cond])  # (2b, S, D)
-            z = torch.stack(
-                [
-                    torch.randn(channels, size, size, generator=torch.Generator().manual_seed(x))
-                    for x in s
-                ]
-            )  # (b, C, h, w)
+            if numpy_noise:
+                z = torch.from_numpy(
+                    np.concatenate([noise(x, 1, (channels, size, size)) for x in s])
+                )
+            else:
+                z = torch.stack(
+                    [
+                        torch.randn(
+                            channels, size, size, generator=torch.Generator().manual_seed(x)
+                        )
+                        for x in s
+                    ]
+                )  # (b, C, h, w)
             sched = DDIMScheduler.from_config(sched_cfg)
             sched.set_timesteps(steps)
             z = z * sched.init_noise_sigma
@@ -156,5 +172,27 @@ def diffusers_generator(
             img = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
             out.append(img.permute(0, 2, 3, 1).numpy())
         return np.concatenate(out)
+
+    return generate
+
+
+# ---- the runtime (torch-free) generator ----------------------------------------------------------
+def runtime_generator(
+    model_dir, steps: int = 25, guidance: float = 3.0, scheduler: str = "ddim"
+) -> GenerateFn:
+    """Sample an exported iap-rt model directory with :class:`iap_rt.pipeline.Pipeline` (ONNX
+    Runtime), one prompt at a time; image noise = ``initial_noise(seed)`` like the English side
+    of :func:`diffusers_generator` with ``numpy_noise=True``."""
+    from iap_rt.pipeline import Pipeline
+
+    pipe = Pipeline.from_dir(model_dir, backend="ort", progress=False)
+
+    def generate(prompts: list[str], seeds: list[int]) -> np.ndarray:
+        return np.concatenate(
+            [
+                pipe(p, steps=steps, guidance=guidance, seed=s, scheduler=scheduler).images
+                for p, s in zip(prompts, seeds)
+            ]
+        )  # (N, H, W, 3) uint8
 
     return generate
