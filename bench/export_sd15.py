@@ -66,52 +66,23 @@ def child_export(work: Path, precision: str, network: str) -> dict:
 
 def child_trt_fusion(onnx_path: Path) -> dict:
     """Build a static TensorRT-RTX engine (N=2, 64x64 latents) and count fused attentions."""
-    import re
-
-    import onnx
     import tensorrt_rtx as trt
 
-    class Log(trt.ILogger):
-        def __init__(self):
-            super().__init__()
-            self.text = []
+    from iap_rt.engines.build import fused_softmaxes
 
-        def log(self, severity, msg):
-            self.text.append(msg)
-
-    log = Log()
-    t0 = time.perf_counter()
-    builder = trt.Builder(log)
-    net = builder.create_network(0)
-    parser = trt.OnnxParser(net, log)
-    if not parser.parse_from_file(str(onnx_path)):
-        return {"error": str(parser.get_error(0))}
-    cfg = builder.create_builder_config()
-    cfg.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
-    prof = builder.create_optimization_profile()
     shapes = {"sample": (2, 4, 64, 64), "timestep": (2,), "encoder_hidden_states": (2, 77, 768)}
-    for i in range(net.num_inputs):
-        name = net.get_input(i).name
-        prof.set_shape(name, shapes[name], shapes[name], shapes[name])
-    cfg.add_optimization_profile(prof)
-    engine = builder.build_serialized_network(net, cfg)
-    build_s = time.perf_counter() - t0
-    layers = [ln for ln in "\n".join(log.text).splitlines() if ln.startswith("Name:")]
-    graph = onnx.load(str(onnx_path), load_external_data=False).graph
-    softmax = [n.name for n in graph.node if n.op_type == "Softmax"]
-    fused = [
-        s
-        for s in softmax
-        if any(f"[ONNX Layer: {s}]" in ln and re.match(r"Name: _gemm_mha", ln) for ln in layers)
-    ]
+    try:
+        report = fused_softmaxes(trt, onnx_path, lambda name, dims: shapes[name])
+    except Exception as e:  # EngineBuildError: the parser's message goes into the result
+        return {"error": str(e)}
     return {
         "trt_rtx_version": trt.__version__,
-        "engine_built": engine is not None,
-        "engine_bytes": engine.nbytes if engine is not None else None,
-        "build_s": round(build_s, 1),
+        "engine_built": report.engine_bytes is not None,
+        "engine_bytes": report.engine_bytes,
+        "build_s": round(report.build_s, 1),
         "profile": "static N=2, 64x64 latents, 77x768 context",
-        "softmax": len(softmax),
-        "fused_into_gemm_mha": len(fused),
+        "softmax": len(report.softmax),
+        "fused_into_gemm_mha": len(report.fused),
     }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -243,3 +244,49 @@ def _set_targets(trt, config, targets: tuple[str, ...]) -> None:
     config.num_compute_capabilities = len(names)
     for i, n in enumerate(names):
         config.set_compute_capability(getattr(trt.ComputeCapability, n), i)
+
+
+@dataclass
+class FusionReport:
+    """Which ONNX Softmax nodes TensorRT put inside a fused multi-head-attention kernel."""
+
+    softmax: list[str]  # every Softmax node of the ONNX graph
+    fused: list[str]  # those a ``_gemm_mha`` layer of the built engine names as its source
+    engine_bytes: int | None
+    build_s: float
+
+
+def fused_softmaxes(trt, onnx_path: Path, shapes: Callable[[str, tuple], tuple]) -> FusionReport:
+    """Build a static engine of ``onnx_path`` with detailed layer info and report which of its
+    attentions became one fused kernel. ``shapes(input_name, parsed_shape)`` gives each input's
+    static shape. Works without a GPU on TensorRT-RTX, which logs the layer dump while building.
+    """
+    import onnx
+
+    log: list[str] = []
+    logger = _logger(trt, [], log)
+    t0 = time.perf_counter()
+    builder = trt.Builder(logger)
+    net = builder.create_network(0)
+    parser = trt.OnnxParser(net, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        raise EngineBuildError(f"TensorRT cannot parse {onnx_path}: {parser.get_error(0)}")
+    cfg = builder.create_builder_config()
+    cfg.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+    prof = builder.create_optimization_profile()
+    for i in range(net.num_inputs):
+        inp = net.get_input(i)
+        shape = tuple(shapes(inp.name, tuple(inp.shape)))
+        prof.set_shape(inp.name, shape, shape, shape)
+    cfg.add_optimization_profile(prof)
+    engine = builder.build_serialized_network(net, cfg)
+    build_s = time.perf_counter() - t0
+    layers = [ln for ln in "\n".join(log).splitlines() if ln.startswith("Name:")]
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    softmax = [n.name for n in graph.node if n.op_type == "Softmax"]
+    fused = [
+        s
+        for s in softmax
+        if any(f"[ONNX Layer: {s}]" in ln and ln.startswith("Name: _gemm_mha") for ln in layers)
+    ]
+    return FusionReport(softmax, fused, engine.nbytes if engine is not None else None, build_s)

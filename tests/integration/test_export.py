@@ -243,44 +243,15 @@ def test_fusable_attention_computes_what_diffusers_computes(tiny_sd_dir):
 def _trt_rtx_fused_softmaxes(onnx_path: Path) -> tuple[set[str], set[str]]:
     """Build a TensorRT-RTX engine (no GPU needed); return (all Softmax nodes, those inside a
     fused ``_gemm_mha`` kernel), from the builder's detailed layer dump."""
-    import re
-
-    import onnx
-
     trt = pytest.importorskip("tensorrt_rtx")
+    from iap_rt.engines.build import fused_softmaxes
 
-    class Log(trt.ILogger):
-        def __init__(self):
-            super().__init__()
-            self.text = []
+    def shape(name, dims):  # batch 2, every other dynamic axis 64
+        return [2 if i == 0 else 64 if d == -1 else d for i, d in enumerate(dims)]
 
-        def log(self, severity, msg):
-            self.text.append(msg)
-
-    log = Log()
-    builder = trt.Builder(log)
-    net = builder.create_network(0)
-    parser = trt.OnnxParser(net, log)
-    assert parser.parse_from_file(str(onnx_path)), parser.get_error(0)
-    cfg = builder.create_builder_config()
-    cfg.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
-    prof = builder.create_optimization_profile()
-    for i in range(net.num_inputs):
-        inp = net.get_input(i)
-        shape = [2 if i == 0 else 64 if d == -1 else d for i, d in enumerate(inp.shape)]
-        prof.set_shape(inp.name, shape, shape, shape)
-    cfg.add_optimization_profile(prof)
-    assert builder.build_serialized_network(net, cfg) is not None
-    layers = [ln for ln in "\n".join(log.text).splitlines() if ln.startswith("Name:")]
-    graph = onnx.load(str(onnx_path)).graph
-    softmax = {n.name for n in graph.node if n.op_type == "Softmax"}
-    fused = {
-        s
-        for s in softmax
-        for ln in layers
-        if f"[ONNX Layer: {s}]" in ln and re.match(r"Name: _gemm_mha", ln)
-    }
-    return softmax, fused
+    report = fused_softmaxes(trt, onnx_path, shape)
+    assert report.engine_bytes
+    return set(report.softmax), set(report.fused)
 
 
 def test_tensorrt_rtx_fuses_the_exported_attention(tmp_path, fp16_model_dir, tiny_model_dir):
