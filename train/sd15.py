@@ -8,13 +8,8 @@ SD 1.5 and bert-base-chinese).
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
-
-import torch
-
-from iap_rt.fileio import ensure_dir, write_json_atomic, write_text_atomic
 
 SD15_UNET = dict(
     sample_size=64,
@@ -81,46 +76,15 @@ BERT_BASE_CHINESE = dict(
 )
 
 
-def sd15_unet(seed: int = 0):
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(**SD15_UNET).eval()
-
-
-def sd15_vae(seed: int = 0):
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(seed)
-    return AutoencoderKL(**SD15_VAE).eval()
-
-
 def make_sd15(out: str | os.PathLike, seed: int = 0, text_encoder: bool = True) -> Path:
     """Write an SD 1.5-shaped diffusers pipeline directory with random weights (~4 GB)."""
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from iap_rt.train.tiny import write_sd_dir
 
-    from iap_rt.train.tiny import SD15_SCHEDULER, write_clip_tokenizer
-
-    out = ensure_dir(out)
-    sd15_unet(seed).save_pretrained(out / "unet")
-    sd15_vae(seed + 1).save_pretrained(out / "vae")
-    if text_encoder:
-        torch.manual_seed(seed + 2)
-        CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT)).save_pretrained(out / "text_encoder")
-    write_clip_tokenizer(out / "tokenizer")
-    write_json_atomic(out / "scheduler" / "scheduler_config.json", SD15_SCHEDULER)
-    return out
+    return write_sd_dir(out, seed, SD15_UNET, SD15_VAE, CLIP_L_TEXT if text_encoder else None)
 
 
 def make_sd15_encoder(out: str | os.PathLike, seed: int = 0, max_length: int = 77) -> Path:
     """A bert-base-chinese-sized chinese_encoder/ (12 layers, 768 wide: no projection)."""
-    from iap_rt.tokenizer import bert_chinese_vocab_path, build_wordpiece_tokenizer
-    from iap_rt.train.encoder import ChineseTextEncoder, load_encoder_config
+    from iap_rt.train.tiny import make_tiny_encoder
 
-    out = ensure_dir(out)
-    cfg = out / "config.json"
-    write_text_atomic(cfg, json.dumps(BERT_BASE_CHINESE))
-    torch.manual_seed(seed)
-    model = ChineseTextEncoder(load_encoder_config(cfg), 768, max_length)
-    model.save(out, tokenizer=build_wordpiece_tokenizer(bert_chinese_vocab_path()))
-    return out
+    return make_tiny_encoder(out, seed, 768, max_length, bert=BERT_BASE_CHINESE)

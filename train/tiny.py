@@ -130,18 +130,23 @@ def write_clip_tokenizer(out: str | os.PathLike, max_length: int = 77) -> Path:
     return out
 
 
-def make_tiny_sd(out: str | os.PathLike, seed: int = 0, unet: dict | None = None) -> Path:
-    """Write a tiny diffusers-format SD 1.x-shaped pipeline directory to ``out``."""
+def write_sd_dir(
+    out: str | os.PathLike, seed: int, unet: dict, vae: dict, clip: dict | None
+) -> Path:
+    """Write a diffusers-format SD 1.x pipeline directory from configs, seeded per network
+    (UNet ``seed``, VAE ``seed + 1``, CLIP text ``seed + 2``); ``clip=None`` skips the text
+    encoder (iap-rt's export and runtime never use it)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     out = ensure_dir(out)
     torch.manual_seed(seed)
-    UNet2DConditionModel(**(unet or TINY_UNET)).save_pretrained(out / "unet")
+    UNet2DConditionModel(**unet).save_pretrained(out / "unet")
     torch.manual_seed(seed + 1)
-    AutoencoderKL(**TINY_VAE).save_pretrained(out / "vae")
-    torch.manual_seed(seed + 2)
-    CLIPTextModel(CLIPTextConfig(**TINY_CLIP)).save_pretrained(out / "text_encoder")
+    AutoencoderKL(**vae).save_pretrained(out / "vae")
+    if clip is not None:
+        torch.manual_seed(seed + 2)
+        CLIPTextModel(CLIPTextConfig(**clip)).save_pretrained(out / "text_encoder")
     write_clip_tokenizer(out / "tokenizer")
     write_json_atomic(out / "scheduler" / "scheduler_config.json", SD15_SCHEDULER)
     write_json_atomic(
@@ -158,6 +163,11 @@ def make_tiny_sd(out: str | os.PathLike, seed: int = 0, unet: dict | None = None
     return out
 
 
+def make_tiny_sd(out: str | os.PathLike, seed: int = 0, unet: dict | None = None) -> Path:
+    """Write a tiny diffusers-format SD 1.x-shaped pipeline directory to ``out``."""
+    return write_sd_dir(out, seed, unet or TINY_UNET, TINY_VAE, TINY_CLIP)
+
+
 def make_tiny_encoder(
     out: str | os.PathLike,
     seed: int = 0,
@@ -165,7 +175,8 @@ def make_tiny_encoder(
     max_length: int = 32,
     bert: dict | None = None,
 ) -> Path:
-    """Write a tiny ``chinese_encoder/`` (2-layer BERT + projection, real WordPiece vocab)."""
+    """Write a ``chinese_encoder/`` from a BERT config (default: the tiny 2-layer one) + a projection
+    to ``projection_dim`` where the widths differ, with the real WordPiece vocabulary."""
     from iap_rt.tokenizer import bert_chinese_vocab_path, build_wordpiece_tokenizer
     from iap_rt.train.encoder import ChineseTextEncoder, load_encoder_config
 
