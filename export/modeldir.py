@@ -141,6 +141,7 @@ def read_sources(base: Path, encoder: Path) -> Sources:
         cross_attention_dim=d,
         latent_channels=int(unet_cfg.get("in_channels", 4)),
         vae_scale_factor=2 ** (len(vae_cfg.get("block_out_channels", (0,) * 4)) - 1),
+        latent_multiple=2 ** (len(unet_cfg.get("block_out_channels", (0,) * 4)) - 1),
     )
     return Sources(
         base,

@@ -42,8 +42,14 @@ def read_prompts_file(path: str) -> list[str]:
     "--guidance", type=float, help="Classifier-free guidance scale; <= 1 disables it [7.5]."
 )
 @click.option("--seed", type=int, help="Seed of the first image; image i uses seed+i [0].")
-@click.option("--height", type=int, help="Image height, a multiple of 8 [model's size].")
-@click.option("--width", type=int, help="Image width, a multiple of 8 [model's size].")
+@click.option(
+    "--height",
+    type=int,
+    help="Image height in pixels, a multiple of VAE factor x 2^UNet down-samplings (64 for SD 1.5) [model's size].",
+)
+@click.option(
+    "--width", type=int, help="Image width in pixels, same rule as --height [model's size]."
+)
 @click.option("--batch-size", type=int, help="Images per prompt [1].")
 @click.option("--scheduler", help=f"One of {', '.join(SCHEDULER_CHOICES)} [model's default].")
 @click.option("--backend", help=f"One of {', '.join(BACKEND_CHOICES)} [auto].")

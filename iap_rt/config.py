@@ -40,8 +40,12 @@ class GenerateConfig:
     steps: int = opt(25, "denoising steps (1-1000)")
     guidance: float = opt(7.5, "classifier-free guidance scale; <= 1 turns guidance off")
     seed: int = opt(0, "seed of image 0; image i of a batch uses seed + i")
-    height: int | None = opt(None, "image height in pixels (multiple of 8); unset = model's")
-    width: int | None = opt(None, "image width in pixels (multiple of 8); unset = model's")
+    height: int | None = opt(
+        None, "image height in pixels (a multiple the model sets); unset = model's"
+    )
+    width: int | None = opt(
+        None, "image width in pixels (a multiple the model sets); unset = model's"
+    )
     batch_size: int = opt(1, "images per prompt")
     scheduler: str | None = opt(None, "ddim, euler or dpm++; unset = the model's default")
     backend: str = opt("auto", "auto, ort or trt")

@@ -124,12 +124,14 @@ class Pipeline:
             raise InputError(
                 f"negative prompt must be a string, got {type(negative_prompt).__name__}"
             )
-        f = self.dims.vae_scale_factor
+        f = self.dims.pixel_multiple
         for name, v in (("height", height), ("width", width)):
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0 or v % f:
                 raise InputError(
                     f"{name} must be a positive multiple of {f}, got {v!r}",
-                    fix=f"use e.g. --{name} {max(f, (int(v) // f) * f if isinstance(v, int) else 512)}.",
+                    fix=f"use e.g. --{name} {max(f, (int(v) // f) * f if isinstance(v, int) else 512)} "
+                    f"(the UNet halves the latents {self.dims.latent_multiple.bit_length() - 1} "
+                    f"times; the VAE scales by {self.dims.vae_scale_factor}).",
                 )
         if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= MAX_STEPS:
             raise InputError(

@@ -59,6 +59,14 @@ class ModelDims:
     cross_attention_dim: int  # D: width the UNet's cross-attention expects (768 SD1.x, 1024 SD2.x)
     latent_channels: int = 4  # C: SD latents
     vae_scale_factor: int = 8  # image pixels per latent pixel, per side
+    # latent h and w must be multiples of this: 2 ** (the UNet's down-samplings); older
+    # manifests lack it (1 = no rule beyond the VAE factor)
+    latent_multiple: int = 1
+
+    @property
+    def pixel_multiple(self) -> int:
+        """Image height and width must be multiples of this."""
+        return self.vae_scale_factor * self.latent_multiple
 
     def static_values(self) -> dict[str, int]:
         return {

@@ -540,33 +540,35 @@ def sim(model_copy, monkeypatch):
 def test_buffers_shared_memory_and_results(sim):
     backend = rt.TensorRTBackend()
     runners = backend.load(sim.md)
+    d = sim.md.dims
+    C, S, D, f = d.latent_channels, d.text_max_length, d.cross_attention_dim, d.vae_scale_factor
     assert backend.device == f"cuda:0 ({RTX_4090.name}, tensorrt_rtx {RTX_VERSION})"
     # one shared activation buffer, sized to the largest engine, given to every context
     shared = [c.device_memory for e in sim.engines.values() for c in e.contexts]
     assert len(set(shared)) == 1 and len(sim.cuda.mem[shared[0]]) == max(DEVICE_MEMORY.values())
     # every I/O buffer bound once, at the profile's largest shape
     unet_ctx = sim.engines["unet"].contexts[0]
-    assert len(sim.cuda.mem[unet_ctx.addr["sample"]]) == 4 * 4 * 8 * 8 * 4  # N4 C4 h8 w8 fp32
-    assert len(sim.cuda.mem[unet_ctx.addr["noise_pred"]]) == 4 * 4 * 8 * 8 * 4
+    assert len(sim.cuda.mem[unet_ctx.addr["sample"]]) == 4 * C * 8 * 8 * 4  # N4 C h8 w8 fp32
+    assert len(sim.cuda.mem[unet_ctx.addr["noise_pred"]]) == 4 * C * 8 * 8 * 4
 
     rng = np.random.default_rng(0)
-    sample = rng.standard_normal((2, 4, 6, 4), dtype=np.float32)  # smaller than the max
+    sample = rng.standard_normal((2, C, 6, 4), dtype=np.float32)  # smaller than the max
     ts = np.array([10.0, 20.0], np.float32)
-    ehs = rng.standard_normal((2, 32, 32), dtype=np.float32)
+    ehs = rng.standard_normal((2, S, D), dtype=np.float32)
     out = runners["unet"].run({"sample": sample, "timestep": ts, "encoder_hidden_states": ehs})
     np.testing.assert_array_equal(out["noise_pred"], sample * 2 + ts[:, None, None, None])
 
-    ids = rng.integers(0, 100, (1, 32))
+    ids = rng.integers(0, 100, (1, S))
     emb = runners["text_encoder"].run({"input_ids": ids, "attention_mask": np.ones_like(ids)})
-    assert emb["text_embeddings"].shape == (1, 32, 32)
+    assert emb["text_embeddings"].shape == (1, S, D)
     np.testing.assert_array_equal(emb["text_embeddings"][0, :, 5], ids[0])
 
-    z = rng.standard_normal((1, 4, 8, 8), dtype=np.float32)
+    z = rng.standard_normal((1, C, 8, 8), dtype=np.float32)
     img = runners["vae_decoder"].run({"latent_sample": z})["image"]
-    assert img.shape == (1, 3, 64, 64) and np.allclose(img, z.mean())
+    assert img.shape == (1, 3, 8 * f, 8 * f) and np.allclose(img, z.mean())
 
     with pytest.raises(ArtifactMismatchError, match="no unet engine covers") as e:
-        big = np.zeros((2, 4, 16, 16), np.float32)
+        big = np.zeros((2, C, 16, 16), np.float32)
         runners["unet"].run({"sample": big, "timestep": ts, "encoder_hidden_states": ehs})
     assert str(sim.md.path) in e.value.fix
 
@@ -592,20 +594,22 @@ def test_full_tensorrt_cuda_graph_captures_once_per_shape_and_replays(sim, monke
     unet = next(e for e in backend._engines if e.sidecar["network"] == "unet")
     assert unet.manual_graph and unet.path.parent.name == FULL_TRT_TAG
     ctx = unet.context
-    ehs = np.zeros((2, 32, 32), np.float32)
+    d = sim.md.dims
+    C, S, D = d.latent_channels, d.text_max_length, d.cross_attention_dim
+    ehs = np.zeros((2, S, D), np.float32)
     for step in range(4):
-        sample = np.full((2, 4, 8, 8), step, np.float32)
+        sample = np.full((2, C, 8, 8), step, np.float32)
         ts = np.array([step, step], np.float32)
         out = runners["unet"].run({"sample": sample, "timestep": ts, "encoder_hidden_states": ehs})
         np.testing.assert_array_equal(out["noise_pred"], sample * 2 + step)
     # step 0 runs directly, then captures; steps 1-3 replay the graph
     assert sim.cuda.launches == 3 and ctx.executed == 4
-    sample = np.ones((2, 4, 4, 4), np.float32)  # a new shape: run + capture again
+    sample = np.ones((2, C, 4, 4), np.float32)  # a new shape: run + capture again
     out = runners["unet"].run(
         {"sample": sample, "timestep": np.ones(2, np.float32), "encoder_hidden_states": ehs}
     )
     np.testing.assert_array_equal(out["noise_pred"], 3 * sample)
-    assert sim.cuda.launches == 3 and unet.graph[0][0] == (2, 4, 4, 4)
+    assert sim.cuda.launches == 3 and unet.graph[0][0] == (2, C, 4, 4)
     assert len(sim.cuda.graphs) == 1  # the old shape's graph was destroyed
     # the other networks never capture
     assert all(not e.manual_graph for e in backend._engines if e is not unet)

@@ -88,7 +88,7 @@ def _assert_fails(r, *needles):
     [
         (("--scheduler", "plms"), ("unknown scheduler 'plms'", "ddim")),
         (("--backend", "cuda"), ("unknown backend 'cuda'", "ort")),
-        (("--height", "63"), ("height must be a positive multiple of 8, got 63",)),
+        (("--height", "63"), ("height must be a positive multiple of", "got 63")),
         (("--steps", "0"), ("steps must be an integer from 1 to 1000, got 0",)),
         (("--guidance", "-1"), ("guidance must be a number >= 0",)),
         (("--batch-size", "0"), ("batch size must be an integer >= 1",)),
@@ -186,3 +186,16 @@ def test_default_size_comes_from_the_manifest(tmp_path, run_cli, model_copy):
     assert r.code == 0, r.err
     with Image.open(out) as im:
         assert im.size == (48, 48)
+
+
+def test_height_must_suit_the_unet_downsampling_not_only_the_vae(tmp_path, run_cli):
+    from iap_rt.modeldir import ModelDir
+    from iap_rt.pipeline import default_model_dir
+
+    dims = ModelDir.open(default_model_dir()).dims
+    m = dims.pixel_multiple
+    assert m == dims.vae_scale_factor * dims.latent_multiple and dims.latent_multiple > 1
+    bad = m + dims.vae_scale_factor  # a multiple of the VAE factor only
+    r = run_cli("generate", "山水画", "--height", str(bad), "--out", str(tmp_path / "o"))
+    _assert_fails(r, f"height must be a positive multiple of {m}, got {bad}")
+    assert not (tmp_path / "o").exists()

@@ -37,10 +37,16 @@ def _record(pipe):
 KW = dict(height=64, width=64, steps=3)
 
 
+def _latent(pipe, n):
+    """UNet sample shape for ``n`` latents of a KW-sized image (from the model's dims)."""
+    f = pipe.dims.vae_scale_factor
+    return (n, pipe.dims.latent_channels, KW["height"] // f, KW["width"] // f)
+
+
 def test_guidance_batches_uncond_and_cond(pipe):
     unet, text = _record(pipe)
     pipe("山水画", guidance=7.5, batch_size=3, **KW)
-    assert [c["sample"] for c in unet.calls] == [(6, 4, 8, 8)] * 3  # UNet batch 2B
+    assert [c["sample"] for c in unet.calls] == [_latent(pipe, 6)] * 3  # UNet batch 2B
     assert text.calls == [
         {
             "input_ids": (2, pipe.dims.text_max_length),
@@ -53,7 +59,7 @@ def test_guidance_batches_uncond_and_cond(pipe):
 def test_guidance_at_most_one_halves_the_unet_batch(pipe, g):
     unet, text = _record(pipe)
     r = pipe("山水画", guidance=g, batch_size=3, **KW)
-    assert [c["sample"] for c in unet.calls] == [(3, 4, 8, 8)] * 3
+    assert [c["sample"] for c in unet.calls] == [_latent(pipe, 3)] * 3
     assert text.calls[0]["input_ids"][0] == 1  # no negative prompt encoded
     assert r.images.shape == (3, 64, 64, 3) and r.images.dtype == np.uint8
 
