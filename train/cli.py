@@ -20,6 +20,7 @@ from iap_rt.train.config import OBJECTIVES, PRECISIONS
 @click.option("--batch-size", type=int, help="Samples per process per micro-batch.")
 @click.option("--grad-accum", type=int, help="Micro-batches per optimizer step.")
 @click.option("--lr", type=float, help="Peak learning rate.")
+@click.option("--warmup-steps", type=int, help="Linear warm-up steps before the peak rate.")
 @click.option("--resolution", type=int, help="Image side in pixels (multiple of 8).")
 @click.option("--seed", type=int, help="Random seed.")
 @click.option("--mixed-precision", type=click.Choice(PRECISIONS), help="GPU mixed precision.")

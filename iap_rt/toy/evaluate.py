@@ -55,7 +55,10 @@ def eval_items(
     return items
 
 
-def select_combos(which: str, split_seed: int = 0) -> list[tuple[str, str, str]]:
+def select_combos(
+    which: str, split_seed: int = 0, limit: int | None = None
+) -> list[tuple[str, str, str]]:
+    """The ``heldout``, ``train`` or ``all`` combinations; ``limit``: that many, evenly spread."""
     table = {
         "heldout": toydata.heldout_combos,
         "train": toydata.train_combos,
@@ -63,7 +66,11 @@ def select_combos(which: str, split_seed: int = 0) -> list[tuple[str, str, str]]
     }
     if which not in table:
         raise InputError(f"--combos must be one of {sorted(table)}, got {which!r}")
-    return table[which](split_seed)
+    combos = table[which](split_seed)
+    if limit is not None and limit < len(combos):
+        idx = np.linspace(0, len(combos) - 1, limit).round().astype(int)
+        combos = [combos[i] for i in idx]
+    return combos
 
 
 def score(items: list[EvalItem], images: np.ndarray, checker: Checker) -> dict:

@@ -1,17 +1,22 @@
-"""The toy transfer table: train a fresh Chinese encoder with every objective, compare.
+"""The toy transfer table (``iap-rt toy transfer``): a fresh Chinese encoder per objective.
 
-:func:`run_table` for one data fraction and seed:
+:func:`run_grid` runs every *cell* (data fraction x seed x objective) of the table:
 
-1. builds a character-vocabulary WordPiece tokenizer (``meta.json``'s ``zh_characters``) and a
-   freshly initialised BERT-style encoder of the base's cross-attention width, saved as a
-   ``chinese_encoder/`` directory (``init/``); every objective starts from these weights;
-2. trains ``pivot``, ``full``, ``embed`` and ``denoise`` with the same steps, batch, lr and data
-   (same samples seen; wall time differs and is reported);
-3. exports each encoder (and the untrained one) with ``iap-rt export --engines none``;
-4. evaluates every Chinese model on the held-out combinations through the torch-free runtime
-   and the English base through diffusers, all from the same numpy initial noise
-   (:func:`iap_rt.pipeline.initial_noise`), so agreement-with-English compares like with like;
-5. writes ``<results>/toy_transfer_<frac>.json`` and ``.md``.
+1. per seed, a character-vocabulary WordPiece tokenizer (``meta.json``'s ``zh_characters``) and
+   a freshly initialised BERT-style encoder of the base's cross-attention width (``init_s<seed>``);
+   every objective of that seed starts from these weights (the "untrained" row evaluates them);
+2. **equal time budget**: each objective's seconds per step are measured once (a short
+   calibration run of every objective), and each gets ``budget_s / (s/step)`` steps, so every
+   Chinese row trains for about the same wall time on the same data (steps, samples seen and
+   the measured training seconds are reported per row);
+3. each cell trains (``iap-rt train`` in-process), exports its encoder with ``iap-rt export
+   --engines none`` (UNet and VAE reused from a template export) and evaluates on the held-out
+   combinations through the torch-free runtime; the English base is evaluated once through
+   diffusers from the same numpy initial noise, so agreement-with-English compares like with like;
+4. cells run as ``jobs`` one-thread subprocesses and each writes ``cells/<name>.json``; a
+   finished cell is not re-run, so an interrupted grid resumes;
+5. :func:`aggregate` writes ``<results>/toy_transfer.json`` and ``.md``: mean +- spread over
+   seeds per fraction and row.
 
 Torch and the training/export stages are imported inside the functions only.
 """
@@ -19,10 +24,14 @@ Torch and the training/export stages are imported inside the functions only.
 from __future__ import annotations
 
 import json
+import os
+import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 
+from iap_rt.errors import ArtifactNotFoundError, InputError
 from iap_rt.fileio import write_json_atomic, write_text_atomic
 
 OBJECTIVES = ("pivot", "full", "embed", "denoise")
@@ -111,121 +120,336 @@ def export(base: Path, encoder: Path, out: Path, like: Path | None = None) -> No
     run_export(dataclasses.replace(cfg, engines="none"), echo=lambda m: None)
 
 
-def run_table(
+ROW_NAMES = {
+    "english": "English prompts, base model (upper bound)",
+    "untrained": "Chinese, untrained encoder",
+    "embed": "Chinese, `embed` baseline",
+    "denoise": "Chinese, `denoise` baseline",
+    "full": "Chinese, IAP `full`",
+    "pivot": "Chinese, IAP `pivot`",
+}
+ROW_ORDER = ("english", "untrained", "embed", "denoise", "full", "pivot")
+METRICS = ("colour", "shape", "position", "all", "agreement", "pixel_mse")
+
+
+def default_eval() -> dict:
+    """Evaluation settings shared by every row (held-out combinations)."""
+    return {"seeds_per_combo": 3, "steps": 25, "guidance": 3.0, "scheduler": "ddim"}
+
+
+def english_reference(base: Path, work: Path, ev: dict) -> dict:
+    """Evaluate the English base once (cached in ``work/english.json`` + ``english.npz``)."""
+    import numpy as np
+
+    from iap_rt.toy.evaluate import diffusers_generator, evaluate
+
+    js, npz = work / "english.json", work / "english.npz"
+    if js.is_file() and npz.is_file():
+        return json.loads(js.read_text("utf-8"))
+    gen = diffusers_generator(base, steps=ev["steps"], guidance=ev["guidance"], numpy_noise=True)
+    res, img, _ = evaluate(gen, lang="en", seeds_per_combo=ev["seeds_per_combo"])
+    res |= {"agreement": 1.0, "pixel_mse": 0.0}
+    work.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(npz, images=img)
+    write_json_atomic(js, res)
+    return res
+
+
+def _init_dir(work: Path, seed: int) -> Path:
+    return work / f"init_s{seed}"
+
+
+def run_cell(spec: dict) -> dict:
+    """Train (unless ``untrained``), export and evaluate one cell; writes ``cells/<name>.json``.
+
+    ``spec``: data, base, work, fraction, seed, objective, steps, batch, eval (see
+    :func:`default_eval`)."""
+    import numpy as np
+
+    from iap_rt.toy.evaluate import agreement, evaluate, runtime_generator
+
+    data, base, work = Path(spec["data"]), Path(spec["base"]), Path(spec["work"])
+    frac, seed, obj, ev = spec["fraction"], spec["seed"], spec["objective"], spec["eval"]
+    name = cell_name(frac, seed, obj)
+    init = _init_dir(work, seed)
+    summary: dict = {}
+    if obj == "untrained":
+        enc = init / "chinese_encoder" if (init / "chinese_encoder").is_dir() else init
+    else:
+        run_dir = work / "runs" / name
+        summary = train_objective(
+            obj,
+            base,
+            init,
+            data / f"train_{frac}.jsonl",
+            run_dir,
+            spec["steps"],
+            spec["batch"],
+            seed,
+        )
+        enc = run_dir / "chinese_encoder"
+    model = work / "models" / name
+    export(base, enc, model, like=work / "models" / "template")
+    gen = runtime_generator(model, steps=ev["steps"], guidance=ev["guidance"])
+    res, img, _ = evaluate(gen, lang="zh", seeds_per_combo=ev["seeds_per_combo"])
+    en_img = np.load(work / "english.npz")["images"]
+    res |= agreement(img, en_img)
+    row = {
+        "row": obj,
+        "fraction": frac,
+        "seed": seed,
+        **res,
+        "steps": spec["steps"] if obj != "untrained" else 0,
+        "train_s": summary.get("elapsed_s", 0.0),
+        "samples_seen": summary.get("samples_seen", 0),
+        "final_loss": summary.get("final_loss"),
+        "model": str(model),
+    }
+    write_json_atomic(work / "cells" / f"{name}.json", row)
+    return row
+
+
+def cell_name(fraction: str, seed: int, objective: str) -> str:
+    # the untrained encoder does not depend on the fraction; it is evaluated once per seed
+    return f"s{seed}_untrained" if objective == "untrained" else f"{fraction}_s{seed}_{objective}"
+
+
+def _run_specs(specs: list[dict], work: Path, jobs: int, log) -> None:
+    """Run cells as one-thread subprocesses, ``jobs`` at a time; skip finished cells."""
+    todo = [
+        s
+        for s in specs
+        if not (
+            work / "cells" / f"{cell_name(s['fraction'], s['seed'], s['objective'])}.json"
+        ).is_file()
+    ]
+    env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    (work / "specs").mkdir(parents=True, exist_ok=True)
+    (work / "logs").mkdir(parents=True, exist_ok=True)
+    running: list[tuple[subprocess.Popen, str]] = []
+    while todo or running:
+        while todo and len(running) < jobs:
+            s = todo.pop(0)
+            name = cell_name(s["fraction"], s["seed"], s["objective"])
+            spec_path = work / "specs" / f"{name}.json"
+            write_json_atomic(spec_path, s)
+            logf = open(work / "logs" / f"{name}.log", "w")  # noqa: SIM115 (closed with the proc)
+            cmd = [sys.executable, "-m", "iap_rt.toy.transfer", "cell", str(spec_path)]
+            running.append((subprocess.Popen(cmd, stdout=logf, stderr=logf, env=env), name))
+            log(f"started {name}")
+        time.sleep(0.5)
+        for proc, name in list(running):
+            if proc.poll() is not None:
+                running.remove((proc, name))
+                if proc.returncode != 0:
+                    raise RuntimeError(
+                        f"cell {name} failed (exit {proc.returncode}); see {work}/logs/{name}.log"
+                    )
+                log(f"finished {name}")
+
+
+def calibrate(
+    data: Path, base: Path, work: Path, batch: int, steps: int = 12, jobs: int = 2, log=print
+) -> dict[str, float]:
+    """Seconds per optimizer step of every objective (short runs, ``jobs`` in parallel like the
+    real grid); cached in ``work/calibration.json``."""
+    path = work / "calibration.json"
+    if path.is_file():
+        return json.loads(path.read_text("utf-8"))
+    specs = []
+    for obj in OBJECTIVES:
+        specs.append(
+            {
+                "mode": "calibrate",
+                "data": str(data),
+                "base": str(base),
+                "work": str(work),
+                "fraction": "10pct",
+                "seed": 0,
+                "objective": obj,
+                "steps": steps,
+                "batch": batch,
+            }
+        )
+    env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    out: dict[str, float] = {}
+    for i in range(0, len(specs), jobs):
+        procs = []
+        for s in specs[i : i + jobs]:
+            sp = work / "specs" / f"calibrate_{s['objective']}.json"
+            sp.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(sp, s)
+            cmd = [sys.executable, "-m", "iap_rt.toy.transfer", "calibrate", str(sp)]
+            procs.append((s["objective"], subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env)))
+        for obj, proc in procs:
+            stdout, _ = proc.communicate()
+            if proc.returncode != 0:
+                raise RuntimeError(f"calibration of {obj} failed (exit {proc.returncode})")
+            out[obj] = json.loads(stdout.decode().strip().splitlines()[-1])["s_per_step"]
+            log(f"calibrated {obj}: {out[obj]:.3f} s/step")
+    write_json_atomic(path, out)
+    return out
+
+
+def _calibrate_one(spec: dict) -> dict:
+    work = Path(spec["work"])
+    run_dir = work / "calibration" / spec["objective"]
+    summ = train_objective(
+        spec["objective"],
+        Path(spec["base"]),
+        _init_dir(work, 0),
+        Path(spec["data"]) / "train_10pct.jsonl",
+        run_dir,
+        spec["steps"],
+        spec["batch"],
+        0,
+    )
+    return {"s_per_step": summ["elapsed_s"] / spec["steps"]}
+
+
+def run_grid(
     data_dir: str | Path,
     base: str | Path,
     work: str | Path,
     results: str | Path = "bench/results",
-    fraction: str = "10pct",
-    seed: int = 0,
-    steps: int = 300,
+    fractions: tuple[str, ...] = ("1pct", "3pct", "10pct"),
+    seeds: tuple[int, ...] = (0, 1, 2),
+    budget_s: float = 60.0,
     batch: int = 64,
-    eval_seeds: int = 4,
-    sample_steps: int = 25,
-    guidance: float = 3.0,
-    objectives: tuple[str, ...] = OBJECTIVES,
-    note: str = "",
+    jobs: int = 2,
+    ev: dict | None = None,
     log=print,
 ) -> dict:
-    """Train, export and evaluate every row of the table; write JSON + Markdown; -> the record."""
-    from iap_rt.toy.checker import Checker
-    from iap_rt.toy.evaluate import agreement, diffusers_generator, evaluate, runtime_generator
-
-    data_dir, base, work, results = Path(data_dir), Path(base), Path(work), Path(results)
-    init = build_init_encoder(data_dir, base, work / "init", seed)
-    checker = Checker()
-    ev = dict(seeds_per_combo=eval_seeds, checker=checker)
-    en_gen = diffusers_generator(base, steps=sample_steps, guidance=guidance, numpy_noise=True)
-    en_res, en_img, _ = evaluate(en_gen, lang="en", **ev)
-    rows = [{"conditioning": "English prompts, base model (upper bound)", **en_res}]
-    rows[0] |= {"agreement": 1.0, "pixel_mse": 0.0}
-    log(f"english: {en_res}")
-    encoders = [("untrained encoder", init, {})]
-    for obj in objectives:
-        run_dir = work / f"{fraction}_s{seed}_{obj}"
-        log(f"training {obj} ...")
-        summary = train_objective(
-            obj, base, init, data_dir / f"train_{fraction}.jsonl", run_dir, steps, batch, seed
-        )
-        log(f"{obj}: {summary}")
-        encoders.append(
-            (
-                f"IAP `{obj}`" if obj in ("pivot", "full") else f"`{obj}` baseline",
-                run_dir / "chinese_encoder",
-                summary,
+    """Run every cell of the table (resumable) and write the aggregated results."""
+    data, base, work = Path(data_dir), Path(base), Path(work)
+    ev = ev or default_eval()
+    for f in fractions:
+        if not (data / f"train_{f}.jsonl").is_file():
+            raise ArtifactNotFoundError(
+                f"{data / f'train_{f}.jsonl'} is missing", fix=f"iap-rt toy data --out {data}"
             )
-        )
-    first = None
-    for name, enc, summary in encoders:
-        model = work / f"model_{enc.parent.name if summary else f'{fraction}_s{seed}_init'}"
-        export(base, enc, model, like=first)
-        first = first or model
-        gen = runtime_generator(model, steps=sample_steps, guidance=guidance)
-        res, img, _ = evaluate(gen, lang="zh", **ev)
-        res |= agreement(img, en_img, checker)
-        row = {"conditioning": f"Chinese, {name}", **res, "model": str(model)}
-        row |= {
-            "train_s": summary.get("elapsed_s", 0.0),
-            "samples_seen": summary.get("samples_seen", 0),
-        }
-        row |= {"final_loss": summary.get("final_loss")}
-        rows.append(row)
-        log(f"{name}: {row}")
-    record = {
-        "fraction": fraction,
-        "seed": seed,
-        "train": {
-            "steps": steps,
-            "batch_size": batch,
-            "lr": 1e-3,
-            "data": f"train_{fraction}.jsonl",
-        },
-        "eval": {
-            "combos": "heldout",
-            "seeds_per_combo": eval_seeds,
-            "steps": sample_steps,
-            "guidance": guidance,
-            "scheduler": "ddim",
-            "noise": "numpy initial_noise",
-        },
+    if budget_s <= 0:
+        raise InputError(f"--budget-s must be > 0, got {budget_s}")
+    work.mkdir(parents=True, exist_ok=True)
+    for s in seeds:
+        if not (_init_dir(work, s) / "vocab.txt").is_file():
+            build_init_encoder(data, base, _init_dir(work, s), s)
+    if not (work / "models" / "template" / "manifest.json").is_file():
+        export(base, _init_dir(work, seeds[0]), work / "models" / "template")
+    log(f"english: {english_reference(base, work, ev)}")
+    spp = calibrate(data, base, work, batch, jobs=jobs, log=log)
+    steps = {o: max(1, int(budget_s / spp[o])) for o in OBJECTIVES}
+    log(f"steps for a {budget_s:.0f} s budget: {steps}")
+    common = {"data": str(data), "base": str(base), "work": str(work), "batch": batch, "eval": ev}
+    specs = [
+        common | {"fraction": fractions[0], "seed": s, "objective": "untrained", "steps": 0}
+        for s in seeds
+    ]
+    for f in fractions:
+        for s in seeds:
+            for o in OBJECTIVES:
+                specs.append(common | {"fraction": f, "seed": s, "objective": o, "steps": steps[o]})
+    _run_specs(specs, work, jobs, log)
+    setup = {
+        "budget_s": budget_s,
+        "s_per_step": spp,
+        "steps": steps,
+        "batch_size": batch,
+        "lr": 1e-3,
+        "seeds": list(seeds),
+        "eval": ev | {"combos": "heldout", "noise": "numpy initial_noise"},
         "base": str(base),
-        "rows": rows,
-        "note": note,
+        "threads_per_cell": 1,
+        "parallel_cells": jobs,
     }
+    return aggregate(work, results, fractions, seeds, setup)
+
+
+def _stats(values: list[float]) -> dict:
+    mean = statistics.fmean(values)
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return {"mean": mean, "sd": sd, "min": min(values), "max": max(values), "values": values}
+
+
+def aggregate(work, results, fractions, seeds, setup: dict) -> dict:
+    """Mean and spread over seeds of every (fraction, row); writes toy_transfer.json / .md."""
+    work, results = Path(work), Path(results)
+    english = json.loads((work / "english.json").read_text("utf-8"))
+    tables = {}
+    for f in fractions:
+        rows = [
+            {"row": "english", "conditioning": ROW_NAMES["english"], "n": english["n"]}
+            | {m: _stats([english[m]]) for m in METRICS}
+        ]
+        for r in ROW_ORDER[1:]:
+            cells = [
+                json.loads((work / "cells" / f"{cell_name(f, s, r)}.json").read_text("utf-8"))
+                for s in seeds
+            ]
+            row = {"row": r, "conditioning": ROW_NAMES[r], "n": cells[0]["n"]}
+            row |= {m: _stats([c[m] for c in cells]) for m in METRICS}
+            row |= {
+                k: _stats([float(c[k]) for c in cells])
+                for k in ("train_s", "samples_seen", "steps")
+            }
+            rows.append(row)
+        tables[f] = rows
+    record = {"setup": setup, "tables": tables}
     results.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(results / f"toy_transfer_{fraction}.json", record)
-    write_text_atomic(results / f"toy_transfer_{fraction}.md", markdown(record))
+    write_json_atomic(results / "toy_transfer.json", record)
+    write_text_atomic(results / "toy_transfer.md", markdown(record))
     return record
 
 
+def _fmt(st: dict, digits: int = 3) -> str:
+    if st["sd"] == 0 and len(st["values"]) == 1:
+        return f"{st['mean']:.{digits}f}"
+    return f"{st['mean']:.{digits}f} ± {st['sd']:.{digits}f}"
+
+
 def markdown(record: dict) -> str:
-    """The table as Markdown (one seed: no spread yet)."""
+    """The tables as Markdown: mean ± standard deviation over seeds."""
+    setup = record["setup"]
     head = (
         "| conditioning | colour | shape | position | all three | agreement w/ English "
-        "| pixel MSE | train time (s) | samples seen |"
+        "| pixel MSE | train time (s) | steps | samples seen |"
     )
-    lines = [
-        f"Toy transfer, {record['fraction']} of the triples, seed {record['seed']}, "
-        f"{record['train']['steps']} steps × batch {record['train']['batch_size']}; held-out "
-        f"combinations, n = {record['rows'][0]['n']} images per row.",
+    out = [
+        f"Toy transfer: a fresh Chinese encoder per objective, the same time budget "
+        f"(~{setup['budget_s']:.0f} s, 1 thread, {setup['parallel_cells']} cells in parallel on "
+        f"a 2-core CPU) and the same data for every Chinese row; mean ± sd over seeds "
+        f"{setup['seeds']}. Held-out combinations only, {setup['eval']['seeds_per_combo']} "
+        f"images each, DDIM {setup['eval']['steps']} steps, guidance "
+        f"{setup['eval']['guidance']}.",
         "",
-        head,
-        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in record["rows"]:
-        lines.append(
-            f"| {r['conditioning']} | {r['colour']:.3f} | {r['shape']:.3f} | {r['position']:.3f} "
-            f"| {r['all']:.3f} | {r['agreement']:.3f} | {r['pixel_mse']:.4f} "
-            f"| {r.get('train_s', 0):.0f} | {r.get('samples_seen', 0)} |"
-        )
+    for f, rows in record["tables"].items():
+        out += [f"### {f} of the training triples", "", head, "|---" * 10 + "|"]
+        for r in rows:
+            ts = r.get("train_s")
+            extra = (
+                f"| {ts['mean']:.0f} | {r['steps']['mean']:.0f} | {r['samples_seen']['mean']:.0f} |"
+                if ts and r["row"] != "untrained"
+                else "| – | – | – |"
+            )
+            out.append(
+                f"| {r['conditioning']} | {_fmt(r['colour'])} | {_fmt(r['shape'])} "
+                f"| {_fmt(r['position'])} | {_fmt(r['all'])} | {_fmt(r['agreement'])} "
+                f"| {_fmt(r['pixel_mse'], 4)} {extra}"
+            )
+        out.append("")
     if record.get("note"):
-        lines += ["", record["note"]]
-    return "\n".join(lines) + "\n"
+        out += [record["note"], ""]
+    return "\n".join(out)
 
 
-if __name__ == "__main__":  # python -m iap_rt.toy.transfer DATA BASE WORK [STEPS [EVAL_SEEDS]]
-    a = sys.argv[1:]
-    t0 = time.time()
-    steps, seeds = (int(a[3]) if len(a) > 3 else 300), (int(a[4]) if len(a) > 4 else 4)
-    run_table(a[0], a[1], a[2], steps=steps, eval_seeds=seeds)
-    print(f"done in {time.time() - t0:.0f} s")
+if __name__ == "__main__":  # worker entry: python -m iap_rt.toy.transfer cell|calibrate SPEC
+    mode, spec_file = sys.argv[1], sys.argv[2]
+    spec = json.loads(Path(spec_file).read_text("utf-8"))
+    import torch
+
+    torch.set_num_threads(1)
+    if mode == "cell":
+        print(json.dumps(run_cell(spec)))
+    else:
+        print(json.dumps(_calibrate_one(spec)))

@@ -71,3 +71,29 @@ def test_eval_runs_on_base(toy_base):
     assert set(res) >= {"colour", "shape", "position", "all", "n"} and res["n"] == 2
     again = gen([it.prompt for it in items], [it.seed for it in items])
     assert np.array_equal(images, again)  # seeded
+
+
+def test_transfer_grid_runs_every_cell_with_a_time_budget_and_resumes(toy_base, tmp_path):
+    from iap_rt.toy import transfer
+
+    out, _ = toy_base
+    work, results = tmp_path / "work", tmp_path / "results"
+    ev = transfer.default_eval() | {"seeds_per_combo": 1, "steps": 2}
+    kw = dict(fractions=("10pct",), seeds=(0,), budget_s=1.0, batch=4, jobs=2, ev=ev, log=str)
+    rec = transfer.run_grid(out.parent / "data", out, work, results=results, **kw)
+    rows = {r["row"]: r for r in rec["tables"]["10pct"]}
+    assert list(rows) == list(transfer.ROW_ORDER)
+    steps = rec["setup"]["steps"]
+    assert set(steps) == set(transfer.OBJECTIVES) and min(steps.values()) >= 1
+    assert steps["embed"] >= steps["full"]  # one text-encoder pass vs two UNet passes
+    for name in transfer.OBJECTIVES:
+        r = rows[name]
+        assert r["steps"]["mean"] == steps[name] and r["samples_seen"]["mean"] == 4 * steps[name]
+        assert r["train_s"]["mean"] > 0 and r["n"] == 24  # every held-out combination once
+        assert 0 <= r["agreement"]["mean"] <= 1
+    assert rows["untrained"]["samples_seen"]["mean"] == 0
+    assert (results / "toy_transfer.md").read_text().count("| Chinese, ") == 5
+    cells = sorted((work / "cells").glob("*.json"))
+    stamps = [c.stat().st_mtime_ns for c in cells]
+    transfer.run_grid(out.parent / "data", out, work, results=results, **kw)  # resumes: no re-run
+    assert [c.stat().st_mtime_ns for c in cells] == stamps

@@ -1,6 +1,9 @@
 """The toy transfer table's torch-free parts: encoder config, Markdown table, eval wiring."""
 
+import json
+
 import numpy as np
+import pytest
 from click.testing import CliRunner
 
 from iap_rt.toy import evaluate, transfer
@@ -14,22 +17,45 @@ def test_encoder_config_matches_the_unet_width_and_vocab():
     assert cfg["hidden_size"] % cfg["num_attention_heads"] == 0
 
 
-def _row(name, v):
-    return {"conditioning": name, "colour": v, "shape": v, "position": v, "all": v, "n": 8}
+def _cell(row, seed, v, **kw):
+    return {
+        "row": row, "seed": seed, "colour": v, "shape": v, "position": v, "all": v, "n": 8,
+        "agreement": v, "pixel_mse": 0.01 * v, "steps": 10, "train_s": 12.0 + seed,
+        "samples_seen": 640,
+    } | kw  # fmt: skip
 
 
-def test_markdown_has_one_line_per_row_and_all_columns():
-    rows = [_row("English", 1.0) | {"agreement": 1.0, "pixel_mse": 0.0}]
-    rows.append(
-        _row("Chinese, IAP `pivot`", 0.5)
-        | {"agreement": 0.25, "pixel_mse": 0.01, "train_s": 12.3, "samples_seen": 640}
-    )
-    rec = {"fraction": "10pct", "seed": 0, "train": {"steps": 10, "batch_size": 64}, "rows": rows}
-    md = transfer.markdown(rec)
+def test_aggregate_means_and_spreads_over_seeds_per_fraction(tmp_path):
+    work = tmp_path / "work"
+    (work / "cells").mkdir(parents=True)
+    english = _cell("english", 0, 1.0) | {"pixel_mse": 0.0}
+    (work / "english.json").write_text(json.dumps(english))
+    for seed, v in ((0, 0.5), (1, 0.7)):
+        for row in transfer.ROW_ORDER[1:]:
+            name = transfer.cell_name("10pct", seed, row)
+            val = v if row == "pivot" else 0.2
+            (work / "cells" / f"{name}.json").write_text(json.dumps(_cell(row, seed, val)))
+    setup = {"budget_s": 60, "parallel_cells": 2, "seeds": [0, 1],
+             "eval": {"seeds_per_combo": 3, "steps": 25, "guidance": 3.0}}  # fmt: skip
+    rec = transfer.aggregate(work, tmp_path / "res", ("10pct",), (0, 1), setup)
+    rows = {r["row"]: r for r in rec["tables"]["10pct"]}
+    assert list(rows) == list(transfer.ROW_ORDER)
+    assert rows["pivot"]["all"]["mean"] == pytest.approx(0.6)
+    assert rows["pivot"]["all"]["sd"] == pytest.approx(0.1414, abs=1e-4)
+    assert rows["pivot"]["train_s"]["values"] == [12.0, 13.0]
+    assert rows["english"]["all"]["mean"] == 1.0
+    md = (tmp_path / "res" / "toy_transfer.md").read_text()
     table = [ln for ln in md.splitlines() if ln.startswith("| ")]
-    assert len(table) == 3  # header + 2 rows
+    assert len(table) == 1 + len(transfer.ROW_ORDER)
     assert "agreement w/ English" in table[0] and "samples seen" in table[0]
-    assert "| 0.250 | 0.0100 | 12 | 640 |" in table[2]
+    pivot = next(ln for ln in table if "`pivot`" in ln)
+    assert "| 0.600 ± 0.141 |" in pivot and pivot.endswith("| 12 | 10 | 640 |")
+    assert json.loads((tmp_path / "res" / "toy_transfer.json").read_text()) == rec
+
+
+def test_untrained_cell_is_shared_by_fractions():
+    assert transfer.cell_name("1pct", 2, "untrained") == transfer.cell_name("10pct", 2, "untrained")
+    assert transfer.cell_name("1pct", 2, "pivot") != transfer.cell_name("10pct", 2, "pivot")
 
 
 def test_runtime_generator_uses_the_pipeline_noise_of_each_seed(monkeypatch):
