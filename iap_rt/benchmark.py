@@ -222,7 +222,17 @@ def _toy_sources() -> Sources:
 
     embedded = ModelDir.open(default_model_dir())
     if embedded.model_id.startswith("toy"):
-        return _given_sources(BenchConfig(arch="toy", model=str(embedded.path)))
+        from importlib import resources
+
+        data = Path(str(resources.files("iap_rt") / "data"))
+        return _given_sources(
+            BenchConfig(
+                arch="toy",
+                model=str(embedded.path),
+                base=str(data / "toy_base"),  # the PyTorch sources it was exported from
+                encoder=str(data / "toy_encoder"),
+            )
+        )
     raise ArtifactNotFoundError(
         "no toy-world model is available: the toy model has not been trained yet (the "
         f"embedded model is {embedded.model_id!r})",
