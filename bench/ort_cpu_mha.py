@@ -1,0 +1,118 @@
+"""Benchmark: the exported UNet on ONNX Runtime's CPU provider, as exported vs fused attention.
+
+    python bench/ort_cpu_mha.py [--model DIR] [--steps 5] [--rounds 2] [--threads 2]
+
+``DIR`` defaults to the SD 1.5 benchmark model ``iap-rt bench --arch sd15`` builds (random
+weights; latency does not depend on them). ``iap_rt.export.ortcpu.fuse_attention_for_ort``
+writes ``unet.ort.onnx`` beside ``unet.onnx`` (graph only; same external data), then each
+variant runs in its own subprocess (so peak RSS is its own), alternating ``--rounds`` times:
+one UNet call with guidance (batch 2, 64x64 latents, 77x768 context), 1 warm-up + ``--steps``
+timed calls, ORT settings as the runtime's (ENABLE_ALL, arena on, no spinning). Writes
+``bench/results/ort_cpu_mha_sd15.json``; the rewritten file is removed afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = r"""
+import json, resource, sys, time
+import numpy as np, onnxruntime as ort
+path, steps, threads, side = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+so = ort.SessionOptions()
+so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+so.log_severity_level = 3
+t0 = time.perf_counter()
+s = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+load = time.perf_counter() - t0
+shapes = {i.name: i.shape for i in s.get_inputs()}
+c, S, D = shapes["sample"][1], shapes["encoder_hidden_states"][1], shapes["encoder_hidden_states"][2]
+r = np.random.default_rng(0)
+feed = {"sample": r.standard_normal((2, c, side, side)).astype(np.float32),
+        "timestep": np.array([500.0, 500.0], np.float32),
+        "encoder_hidden_states": r.standard_normal((2, S, D)).astype(np.float32)}
+times = []
+for _ in range(steps + 1):
+    t0 = time.perf_counter(); out = s.run(None, feed)[0]; times.append(time.perf_counter() - t0)
+print(json.dumps({"load_s": load, "first_s": times[0], "steps_s": times[1:],
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "checksum": float(np.abs(out).sum())}))
+"""
+
+
+def main() -> int:
+    from iap_rt.benchmark import BUILD_SEED, default_cache_dir, machine_info
+    from iap_rt.export.ortcpu import fuse_attention_for_ort
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", type=Path, default=None)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--side", type=int, default=64, help="latent side (64 = 512x512 SD)")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench/results/ort_cpu_mha_sd15.json")
+    a = ap.parse_args()
+    model = a.model or default_cache_dir() / f"sd15-seed{BUILD_SEED}" / "model-fp32"
+    src, dst = model / "unet.onnx", model / "unet.ort.onnx"
+    if not src.is_file():
+        print(f"{src} is missing: run `iap-rt bench --arch sd15` once, or pass --model DIR")
+        return 1
+    t0 = time.perf_counter()
+    fused = fuse_attention_for_ort(src, dst)
+    rewrite_s = time.perf_counter() - t0
+    runs: dict[str, list[dict]] = {"as_exported": [], "fused_mha": []}
+    try:
+        for _ in range(a.rounds):
+            for name, path in (("as_exported", src), ("fused_mha", dst)):
+                cmd = [sys.executable, "-c", WORKER, str(path), str(a.steps), str(a.threads),
+                       str(a.side)]  # fmt: skip
+                out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+                runs[name].append(json.loads(out.strip().splitlines()[-1]))
+                print(name, runs[name][-1], flush=True)
+    finally:
+        dst.unlink(missing_ok=True)
+
+    def summary(rs: list[dict]) -> dict:
+        steps = sorted(t for r in rs for t in r["steps_s"])
+        return {
+            "unet_step_median_s": steps[len(steps) // 2],
+            "unet_step_spread_s": [steps[0], steps[-1]],
+            "first_call_s": [r["first_s"] for r in rs],
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in rs),
+            "runs": rs,
+        }
+
+    res = {k: summary(v) for k, v in runs.items()}
+    doc = {
+        "machine": machine_info(),
+        "config": {
+            "model": str(model),
+            "batch": 2,
+            "latent_side": a.side,
+            "steps": a.steps,
+            "rounds": a.rounds,
+            "threads": a.threads,
+        },  # fmt: skip
+        "attentions_fused": fused,
+        "rewrite_s": rewrite_s,
+        "results": res,
+        "speedup": res["as_exported"]["unet_step_median_s"]
+        / res["fused_mha"]["unet_step_median_s"],
+        "peak_rss_saved_mb": res["as_exported"]["peak_rss_mb"] - res["fused_mha"]["peak_rss_mb"],
+        "command": "python bench/ort_cpu_mha.py " + " ".join(sys.argv[1:]),
+    }
+    a.out.write_text(json.dumps(doc, indent=2) + "\n", "utf-8")
+    print(json.dumps({k: doc[k] for k in ("attentions_fused", "speedup", "peak_rss_saved_mb")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
