@@ -16,7 +16,7 @@ from iap_rt.errors import ArtifactNotFoundError
 
 @click.group("toy")
 def toy():
-    """The toy world: seeded data, an English base model trained from scratch, evaluation."""
+    """The toy world: data, English base, checker, transfer table, evaluation, shipped base."""
 
 
 @toy.command("data")
@@ -189,17 +189,34 @@ def eval_cmd(model, lang, combos, max_combos, seeds, steps, guidance, checker_pa
 
 
 @toy.command("transfer")
-@click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False))
-@click.option("--base", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option(
+    "--data",
+    "data_dir",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Toy dataset (iap-rt toy data): train_<fraction>.jsonl are the training sets.",
+)
+@click.option(
+    "--base",
+    required=True,
+    type=click.Path(exists=True, file_okay=False),
+    help="English toy base (iap-rt toy base / unpack).",
+)
 @click.option(
     "--work", required=True, type=click.Path(file_okay=False), help="Runs, models, cell results."
 )
-@click.option("--results", default="bench/results", show_default=True, type=click.Path())
-@click.option("--fractions", default="1pct,3pct,10pct", show_default=True)
+@click.option(
+    "--results",
+    default="bench/results",
+    show_default=True,
+    type=click.Path(),
+    help="Where toy_transfer.json/.md go.",
+)
+@click.option("--fractions", default="1pct,3pct,10pct", show_default=True, help="Data subsets.")
 @click.option("--seeds", default="0,1,2", show_default=True, help="Encoder/training seeds.")
 @click.option(
     "--budget-s",
-    default=60.0,
+    default=90.0,
     show_default=True,
     help="Training seconds per Chinese row (steps per objective from a calibration run).",
 )
@@ -207,7 +224,7 @@ def eval_cmd(model, lang, combos, max_combos, seeds, steps, guidance, checker_pa
 @click.option("--jobs", default=2, show_default=True, help="Cells run in parallel (1 thread each).")
 @click.option("--eval-seeds", default=3, show_default=True, help="Images per held-out combination.")
 @click.option("--steps", default=25, show_default=True, help="DDIM steps of evaluation images.")
-@click.option("--guidance", default=3.0, show_default=True)
+@click.option("--guidance", default=3.0, show_default=True, help="Guidance of evaluation images.")
 def transfer_cmd(
     data_dir,
     base,
@@ -228,6 +245,14 @@ def transfer_cmd(
     every seed; finished cells are kept in WORK, so an interrupted run resumes."""
     from iap_rt.toy.transfer import default_eval, run_grid
 
+    try:
+        seed_list = tuple(int(s) for s in seeds.split(",") if s.strip())
+    except ValueError:
+        raise click.BadParameter(
+            f"expected comma-separated integers, got {seeds!r}", param_hint="--seeds"
+        ) from None
+    if not seed_list:
+        raise click.BadParameter("give at least one seed", param_hint="--seeds")
     ev = default_eval() | {"seeds_per_combo": eval_seeds, "steps": steps, "guidance": guidance}
     rec = run_grid(
         data_dir,
@@ -235,7 +260,7 @@ def transfer_cmd(
         work,
         results=results,
         fractions=tuple(f.strip() for f in fractions.split(",") if f.strip()),
-        seeds=tuple(int(s) for s in seeds.split(",") if s.strip()),
+        seeds=seed_list,
         budget_s=budget_s,
         batch=batch_size,
         jobs=jobs,
