@@ -39,7 +39,7 @@ from iap_rt.errors import (
     OutputError,
 )
 from iap_rt.export.config import DEFAULT_OPSET, ExportConfig
-from iap_rt.fileio import sha256_file, staging_dir, write_json_atomic
+from iap_rt.fileio import exclusive_lock, sha256_file, staging_dir, write_json_atomic
 from iap_rt.modeldir import FORMAT, MANIFEST, ModelDir, network_file, new_manifest, write_manifest
 from iap_rt.specs import NETWORKS, ModelDims, spec_hash
 
@@ -420,6 +420,12 @@ def run_export(cfg: ExportConfig, echo: Echo | None = None) -> Path:
         },
     )
     out = Path(cfg.out)
+    # one writer per model directory; removes what a killed export left beside it
+    with exclusive_lock(out):
+        return _run_export_locked(cfg, out, echo)
+
+
+def _run_export_locked(cfg: ExportConfig, out: Path, echo: Echo) -> Path:
     if cfg.engines == "only":
         ModelDir.open(out)  # engines are built from the ONNX already there
         build_engines(out, "only", echo)

@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -97,3 +98,43 @@ def staging_dir(final: str | os.PathLike) -> Iterator[Path]:
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def exclusive_lock(final: str | os.PathLike, what: str = "iap-rt export") -> Iterator[Path]:
+    """Hold ``.<name>.lock`` beside ``final`` for the duration; refuse when another process
+    holds it. Once held, leftovers of killed runs (``.<name>.<random>`` staging and
+    ``.<name>.old-*`` directories) are removed: nobody else can be using them.
+
+    The lock is an ``flock`` on the lock file, released by the kernel when its process exits,
+    so a killed writer never leaves a stale lock behind (the empty lock file stays). Without ``fcntl`` (Windows) there
+    is no lock and no clean-up."""
+    final = Path(final)
+    ensure_dir(final.parent)
+    lock = final.with_name(f".{final.name}.lock")
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield lock
+        return
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise OutputError(
+                f"another {what} (pid {holder}) is writing {final}",
+                fix="wait for it to finish, or stop it (its lock goes with its process).",
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        # exactly what staging_dir / swap-out name (mkdtemp: 8 characters of [a-z0-9_]), so
+        # "a" never touches the staging directories of a model named "a.b"
+        ours = re.compile(rf"\.{re.escape(final.name)}\.(old-)?[a-z0-9_]{{8}}")
+        for p in final.parent.iterdir():
+            if ours.fullmatch(p.name) and p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+        yield lock
+    finally:
+        os.close(fd)  # releases the flock

@@ -70,8 +70,12 @@ def snapshot(path: Path) -> dict:
 
 
 def leftovers(path: Path) -> list[str]:
-    """Staging / backup directories an export left beside ``path``."""
-    return [p.name for p in path.parent.iterdir() if p.name.startswith(f".{path.name}.")]
+    """Staging / backup directories an export left beside ``path`` (its lock file stays)."""
+    return [
+        p.name
+        for p in path.parent.iterdir()
+        if p.name.startswith(f".{path.name}.") and p.name != f".{path.name}.lock"
+    ]
 
 
 def manifest(path: Path) -> dict:
@@ -337,6 +341,22 @@ def test_rerun_with_the_same_inputs_changes_nothing(scratch, tiny_sd_dir, tiny_e
     export_model_dir(tiny_sd_dir, tiny_encoder_dir, scratch, model_id="tiny", echo=lines.append)
     assert sum("unchanged since the last export, kept" in ln for ln in lines) == 3, lines
     assert snapshot(scratch) == before
+
+
+def test_a_second_export_into_the_same_dir_is_refused_and_leftovers_go(
+    scratch, tiny_sd_dir, tiny_encoder_dir
+):
+    from iap_rt.errors import OutputError
+    from iap_rt.fileio import exclusive_lock
+
+    before = snapshot(scratch)
+    with exclusive_lock(scratch, what="test writer"):  # another export holds the directory
+        with pytest.raises(OutputError, match="is writing"):
+            export_model_dir(tiny_sd_dir, tiny_encoder_dir, scratch, force=True)
+    assert snapshot(scratch) == before
+    (scratch.parent / f".{scratch.name}.x7q2z1ab" / "unet.onnx").parent.mkdir()  # a killed run's
+    export_model_dir(tiny_sd_dir, tiny_encoder_dir, scratch, model_id="tiny")
+    assert leftovers(scratch) == []
 
 
 def test_fp16_vae_reexports_only_the_vae(scratch, tiny_sd_dir, tiny_encoder_dir):
