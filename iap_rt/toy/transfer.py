@@ -394,7 +394,7 @@ def aggregate(work, results, fractions, seeds, setup: dict) -> dict:
             }
             rows.append(row)
         tables[f] = rows
-    record = {"setup": setup, "tables": tables}
+    record = {"setup": setup, "fractions": list(fractions), "tables": tables}
     results.mkdir(parents=True, exist_ok=True)
     write_json_atomic(results / "toy_transfer.json", record)
     write_text_atomic(results / "toy_transfer.md", markdown(record))
@@ -424,7 +424,8 @@ def markdown(record: dict) -> str:
         f"{setup['eval']['guidance']}.",
         "",
     ]
-    for f, rows in record["tables"].items():
+    for f in record.get("fractions") or list(record["tables"]):
+        rows = record["tables"][f]
         out += [f"### {f} of the training triples", "", head, "|---" * 10 + "|"]
         for r in rows:
             ts = r.get("train_s")
