@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from iap_rt.export.config import ENGINE_MODES, SUPPORTED_OPSETS
+from iap_rt.export.config import ENGINE_MODES, ORT_CPU_UNET_MODES, SUPPORTED_OPSETS
 
 
 def _networks(ctx, param, value):
@@ -39,9 +39,16 @@ def _networks(ctx, param, value):
     default=None,
     help="TensorRT engines: auto (if TensorRT is installed), none, only (from existing ONNX).",
 )
+@click.option(
+    "--ort-cpu-unet",
+    type=click.Choice(ORT_CPU_UNET_MODES),
+    default=None,
+    help="Also write the UNet with ONNX Runtime's fused CPU attention: auto (external "
+    "weights, i.e. big models), always, never.",
+)
 @click.option("--config", "config_path", type=click.Path(), help="TOML file ([export] table).")
 def export(base, encoder, out, fp16, fp16_vae, opset, networks, force, model_id, engines,
-           config_path):  # fmt: skip
+           ort_cpu_unet, config_path):  # fmt: skip
     """Export the Chinese encoder, UNet and VAE decoder to a validated ONNX model directory.
 
     \b
@@ -64,5 +71,6 @@ def export(base, encoder, out, fp16, fp16_vae, opset, networks, force, model_id,
         force=force,
         model_id=model_id,
         engines=engines,
+        ort_cpu_unet=ort_cpu_unet,
     )
     run_export(cfg, echo=click.echo)

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from iap_rt.errors import (
+    ArtifactMismatchError,
     ArtifactNotFoundError,
     BackendUnavailableError,
     ConfigError,
@@ -358,6 +359,8 @@ def carry_over(previous_dir: Path, stage: Path, kept: list[str]) -> None:
     for name in NETWORKS:
         if name not in kept:
             rewritten |= {network_file(name), network_file(name) + ".data"}
+    if "unet" not in kept:
+        rewritten.add(ORT_CPU_FILE)
     for entry in previous_dir.iterdir():
         if entry.name in rewritten or entry.name.startswith("."):
             continue
@@ -436,7 +439,12 @@ def _run_export_locked(cfg: ExportConfig, out: Path, echo: Echo) -> Path:
     previous = read_previous(out)
     # 2. plan
     plan, versions = plan_export(cfg, src, out, previous, echo)
-    if not plan.export and previous and _same_top_level(previous, cfg, src, out):
+    if (
+        not plan.export
+        and previous
+        and _same_top_level(previous, cfg, src, out)
+        and _ort_cpu_settled(previous, cfg)
+    ):
         echo(f"{out}: up to date")
         build_engines(out, cfg.engines, echo)
         return out
@@ -470,6 +478,8 @@ def _run_export_locked(cfg: ExportConfig, out: Path, echo: Echo) -> Path:
                 for n in NETWORKS
                 if n in entries or n in plan.keep
             }
+            if "unet" in manifest["networks"]:
+                ort_cpu_variant(stage, manifest["networks"]["unet"], cfg, src, echo)
             _write_tokenizer(src.encoder, stage, src.dims.text_max_length)
             write_json_atomic(stage / "scheduler.json", src.scheduler)
             write_manifest(stage, manifest)  # last: no manifest, no model
@@ -493,6 +503,89 @@ def _run_export_locked(cfg: ExportConfig, out: Path, echo: Echo) -> Path:
     )
     build_engines(out, cfg.engines, echo)
     return out
+
+
+# ---- the ONNX Runtime CPU variant of the UNet ----------------------------------------------------
+ORT_CPU_FILE = "unet.ort.onnx"
+ORT_CPU = "ort_cpu"  # the manifest key of the variant (in networks.unet) and the backend's name
+
+
+def _wants_ort_cpu(cfg: ExportConfig, entry: dict) -> bool:
+    """fp32 UNets with fusable attention; ``auto`` only when the weights are external (big
+    models, where the unfused scores cost GBs; small models would duplicate their weights)."""
+    if cfg.ort_cpu_unet == "never" or entry.get("precision") != "fp32":
+        return False
+    if not entry.get("attention", {}).get("fusable"):
+        return False
+    return cfg.ort_cpu_unet == "always" or "external_data" in entry
+
+
+def _ort_cpu_settled(previous: dict, cfg: ExportConfig) -> bool:
+    unet = previous.get("networks", {}).get("unet")
+    return unet is None or _wants_ort_cpu(cfg, unet) == (ORT_CPU in unet)
+
+
+def ort_cpu_variant(stage: Path, entry: dict, cfg: ExportConfig, src: Sources, echo: Echo) -> None:
+    """Write, keep or drop ``unet.ort.onnx`` in ``stage`` and ``entry["ort_cpu"]``.
+
+    The variant is derived from ``unet.onnx`` alone (:mod:`iap_rt.export.ortcpu`: the same
+    graph with ONNX Runtime's fused MultiHeadAttention; same weights file), so it is checked
+    against ``unet.onnx`` in ONNX Runtime, not against PyTorch."""
+    from iap_rt.export.ortcpu import fuse_attention_for_ort
+
+    path = stage / ORT_CPU_FILE
+    if not _wants_ort_cpu(cfg, entry):
+        path.unlink(missing_ok=True)
+        entry.pop(ORT_CPU, None)
+        return
+    old = entry.get(ORT_CPU)
+    if old and old.get("unet_sha256") == entry["sha256"] and path.is_file():
+        if path.stat().st_size == old.get("bytes"):
+            return  # carried over with its UNet
+    t0 = time.perf_counter()
+    fused = fuse_attention_for_ort(stage / entry["file"], path)
+    diff, scale = _compare_in_ort(stage / entry["file"], path, src)
+    if diff > 1e-3 * max(1.0, scale):
+        path.unlink(missing_ok=True)
+        raise ArtifactMismatchError(
+            f"{ORT_CPU_FILE} differs from {entry['file']} by {diff:.3g} (outputs up to "
+            f"{scale:.3g}) in ONNX Runtime",
+            fix="export with --ort-cpu-unet never and report the model.",
+        )
+    entry[ORT_CPU] = {
+        "file": ORT_CPU_FILE,
+        "bytes": path.stat().st_size,
+        "sha256": sha256_file(path),
+        "unet_sha256": entry["sha256"],
+        "attention_fused": fused,
+        "max_abs_diff": diff,
+        "s": round(time.perf_counter() - t0, 2),
+    }
+    echo(f"unet: {ORT_CPU_FILE} with {fused} fused attentions (max diff {diff:.2g})")
+
+
+def _compare_in_ort(a: Path, b: Path, src: Sources) -> tuple[float, float]:
+    """Max |a - b| of the two UNet graphs on one seeded input (CPU), and max |a|."""
+    import numpy as np
+    import onnxruntime as ort
+
+    side = 2 ** (src.unet_downsamples + 1)  # the smallest size every level can take
+    d, rng = src.dims, np.random.default_rng(0)
+    feed = {
+        "sample": rng.standard_normal((2, d.latent_channels, side, side)).astype(np.float32),
+        "timestep": np.array([500.0, 500.0], np.float32),
+        "encoder_hidden_states": rng.standard_normal(
+            (2, d.text_max_length, d.cross_attention_dim)
+        ).astype(np.float32),
+    }
+    outs = []
+    for path in (a, b):
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        outs.append(sess.run(None, feed)[0])
+        del sess
+    return float(np.abs(outs[0] - outs[1]).max()), float(np.abs(outs[0]).max())
 
 
 def _same_top_level(previous: dict, cfg: ExportConfig, src: Sources, out: Path) -> bool:
@@ -536,6 +629,7 @@ def export_model_dir(
     networks: tuple[str, ...] | list[str] | None = None,
     force: bool = False,
     engines: str = "none",
+    ort_cpu_unet: str = "auto",
     echo: Echo | None = None,
 ) -> Path:
     """Export ``encoder`` + the SD at ``base`` into the model directory ``out``.
@@ -555,5 +649,6 @@ def export_model_dir(
         model_id=model_id,
         engines=engines,
         default_scheduler=default_scheduler,
+        ort_cpu_unet=ort_cpu_unet,
     )
     return run_export(cfg, echo=echo)

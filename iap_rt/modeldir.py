@@ -102,16 +102,19 @@ class ModelDir:
                     f"expected one of {PRECISIONS}",
                     fix=fix,
                 )
-            f = self.path / info["file"]
-            if not f.is_file():
-                raise ArtifactNotFoundError(f"{f} is missing ({net} network)", fix=fix)
-            size = f.stat().st_size
-            if "bytes" in info and size != info["bytes"]:
-                raise ArtifactMismatchError(
-                    f"{f} has {size} bytes, the manifest recorded {info['bytes']}: "
-                    "the file is truncated or was replaced",
-                    fix=fix,
-                )
+            alt = info.get("ort_cpu")  # the UNet's ONNX Runtime CPU variant, when exported
+            files = [(info["file"], info)] + ([(alt["file"], alt)] if alt else [])
+            for name, rec in files:
+                f = self.path / name
+                if not f.is_file():
+                    raise ArtifactNotFoundError(f"{f} is missing ({net} network)", fix=fix)
+                size = f.stat().st_size
+                if "bytes" in rec and size != rec["bytes"]:
+                    raise ArtifactMismatchError(
+                        f"{f} has {size} bytes, the manifest recorded {rec['bytes']}: "
+                        "the file is truncated or was replaced",
+                        fix=fix,
+                    )
         tok = self.tokenizer_dir / "tokenizer.json"
         if not tok.is_file():
             raise ArtifactNotFoundError(f"{tok} is missing", fix=fix)
@@ -128,8 +131,12 @@ class ModelDir:
     def precision(self, network: str) -> str:
         return self.manifest["networks"][network]["precision"]
 
-    def network_path(self, network: str) -> Path:
-        return self.path / self.manifest["networks"][network]["file"]
+    def network_path(self, network: str, variant: str | None = None) -> Path:
+        """The ONNX file of ``network``; ``variant`` (e.g. ``"ort_cpu"``): that alternative
+        graph when the manifest lists one for ``network``, else the plain file."""
+        info = self.manifest["networks"][network]
+        alt = info.get(variant) if variant else None
+        return self.path / (alt["file"] if isinstance(alt, dict) else info["file"])
 
     @property
     def tokenizer_dir(self) -> Path:

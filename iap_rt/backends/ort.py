@@ -42,6 +42,7 @@ class OrtRunner:
 
         self.name = spec.name
         self.spec, self.dims, self.precision = spec, dims, precision
+        self.path = str(path)
         try:
             self.session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as e:  # ORT raises its own Fail/InvalidGraph/... types
@@ -129,7 +130,9 @@ class OrtBackend(Backend):
         return {
             name: OrtRunner(
                 NETWORKS[name],
-                model.network_path(name),
+                # on CPU, a UNet graph with ONNX Runtime's fused attention where the export
+                # wrote one (big models: 2.2 GB less peak memory at SD 1.5, bench/README.md)
+                model.network_path(name, "ort_cpu" if self._device == "cpu" else None),
                 model.dims,
                 model.precision(name),
                 self.providers,

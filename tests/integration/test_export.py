@@ -653,3 +653,45 @@ def test_validation_sizes_survive_deep_unets():
     sides = [v for c in deep.cases for a, v in c.items() if a in ("h", "w")]
     assert min(sides) >= 32 and [c["N"] for c in deep.cases] == [c["N"] for c in unet.cases]
     assert EXPORT_CONFIGS["text_encoder"].for_downsamples(4) is EXPORT_CONFIGS["text_encoder"]
+
+
+def test_ort_cpu_unet_variant_is_written_used_on_cpu_and_dropped(
+    scratch, tiny_sd_dir, tiny_encoder_dir, tiny_model_dir
+):
+    from iap_rt.backends.ort import OrtBackend
+    from iap_rt.pipeline import Pipeline
+
+    assert "ort_cpu" not in manifest(tiny_model_dir)["networks"]["unet"]  # auto: inline weights
+    lines = []
+    export_model_dir(
+        tiny_sd_dir, tiny_encoder_dir, scratch, model_id="tiny", ort_cpu_unet="always",
+        echo=lines.append,
+    )  # fmt: skip
+    unet = manifest(scratch)["networks"]["unet"]
+    alt = unet["ort_cpu"]
+    assert sum("unchanged since the last export, kept" in ln for ln in lines) == 3  # no re-export
+    assert alt["file"] == "unet.ort.onnx" and alt["unet_sha256"] == unet["sha256"]
+    assert alt["attention_fused"] == unet["attention"]["fusable"] > 0
+    assert alt["sha256"] == sha256_file(scratch / "unet.ort.onnx") and alt["max_abs_diff"] < 1e-4
+    import onnx
+
+    ops = [n.op_type for n in onnx.load(str(scratch / "unet.ort.onnx")).graph.node]
+    assert ops.count("MultiHeadAttention") == alt["attention_fused"] and "Softmax" not in ops
+
+    md = ModelDir.open(scratch)
+    backend = OrtBackend("cpu", threads=1)
+    runners = backend.load(md)
+    assert runners["unet"].path == str(scratch / "unet.ort.onnx")
+    fused = Pipeline(md, backend, progress=False)("山水画", steps=3, seed=1, height=64, width=64)
+    plain_md = ModelDir.open(tiny_model_dir)
+    plain = Pipeline(plain_md, OrtBackend("cpu", threads=1), progress=False)(
+        "山水画", steps=3, seed=1, height=64, width=64
+    )
+    np.testing.assert_allclose(fused.latents, plain.latents, atol=1e-4)
+
+    (scratch / "unet.ort.onnx").write_bytes(b"truncated")  # the manifest catches a bad variant
+    with pytest.raises(Exception, match="unet.ort.onnx has 9 bytes"):
+        ModelDir.open(scratch)
+    export_model_dir(tiny_sd_dir, tiny_encoder_dir, scratch, model_id="tiny", ort_cpu_unet="never")
+    assert "ort_cpu" not in manifest(scratch)["networks"]["unet"]
+    assert not (scratch / "unet.ort.onnx").exists()
