@@ -610,8 +610,10 @@ def test_big_models_keep_their_weights_in_one_external_file(
     monkeypatch.setattr(exporter, "EXTERNAL_DATA_THRESHOLD", 1 << 20)
     export_model_dir(tiny_sd_dir, tiny_encoder_dir, scratch, networks=["unet"], force=True)
     files = sorted(p.name for p in scratch.iterdir() if p.name.startswith("unet"))
-    assert files == ["unet.onnx", "unet.onnx.data"]
+    # --ort-cpu-unet auto: external weights -> the fused-attention CPU graph, sharing the .data
+    assert files == ["unet.onnx", "unet.onnx.data", "unet.ort.onnx"]
     info = manifest(scratch)["networks"]["unet"]
+    assert info["ort_cpu"]["bytes"] == (scratch / "unet.ort.onnx").stat().st_size < 1 << 20
     assert info["external_data"] == "unet.onnx.data"
     assert info["data_bytes"] == (scratch / "unet.onnx.data").stat().st_size > 2 << 20
     assert info["data_sha256"] == sha256_file(scratch / "unet.onnx.data")
