@@ -205,7 +205,7 @@ def run_cell(spec: dict) -> dict:
         "final_loss": summary.get("final_loss"),
         "model": str(model),
     }
-    write_json_atomic(work / "cells" / f"{name}.json", row)
+    write_json_atomic(_cell_result(work, spec), row)
     return row
 
 
@@ -214,27 +214,30 @@ def cell_name(fraction: str, seed: int, objective: str) -> str:
     return f"s{seed}_untrained" if objective == "untrained" else f"{fraction}_s{seed}_{objective}"
 
 
-def _run_specs(specs: list[dict], work: Path, jobs: int, log) -> None:
-    """Run cells as one-thread subprocesses, ``jobs`` at a time; skip finished cells."""
-    todo = [
-        s
-        for s in specs
-        if not (
-            work / "cells" / f"{cell_name(s['fraction'], s['seed'], s['objective'])}.json"
-        ).is_file()
-    ]
+def _cell_result(work: Path, spec: dict) -> Path:
+    return work / "cells" / f"{cell_name(spec['fraction'], spec['seed'], spec['objective'])}.json"
+
+
+def _calibration_result(work: Path, objective: str) -> Path:
+    return work / "calibration" / f"{objective}.json"
+
+
+def _run_workers(tasks: list[tuple[str, str, dict, Path]], work: Path, jobs: int, log) -> None:
+    """Run ``python -m iap_rt.toy.transfer MODE SPEC`` for every ``(mode, name, spec, result)``
+    whose result file is missing, as one-thread subprocesses, ``jobs`` at a time; each worker
+    writes its own result file, so a finished task is never run again."""
+    todo = [t for t in tasks if not t[3].is_file()]
     env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     (work / "specs").mkdir(parents=True, exist_ok=True)
     (work / "logs").mkdir(parents=True, exist_ok=True)
     running: list[tuple[subprocess.Popen, str]] = []
     while todo or running:
         while todo and len(running) < jobs:
-            s = todo.pop(0)
-            name = cell_name(s["fraction"], s["seed"], s["objective"])
+            mode, name, spec, _ = todo.pop(0)
             spec_path = work / "specs" / f"{name}.json"
-            write_json_atomic(spec_path, s)
+            write_json_atomic(spec_path, spec)
             logf = open(work / "logs" / f"{name}.log", "w")  # noqa: SIM115 (closed with the proc)
-            cmd = [sys.executable, "-m", "iap_rt.toy.transfer", "cell", str(spec_path)]
+            cmd = [sys.executable, "-m", "iap_rt.toy.transfer", mode, str(spec_path)]
             running.append((subprocess.Popen(cmd, stdout=logf, stderr=logf, env=env), name))
             log(f"started {name}")
         time.sleep(0.5)
@@ -243,7 +246,7 @@ def _run_specs(specs: list[dict], work: Path, jobs: int, log) -> None:
                 running.remove((proc, name))
                 if proc.returncode != 0:
                     raise RuntimeError(
-                        f"cell {name} failed (exit {proc.returncode}); see {work}/logs/{name}.log"
+                        f"{name} failed (exit {proc.returncode}); see {work}/logs/{name}.log"
                     )
                 log(f"finished {name}")
 
@@ -256,55 +259,41 @@ def calibrate(
     path = work / "calibration.json"
     if path.is_file():
         return json.loads(path.read_text("utf-8"))
-    specs = []
-    for obj in OBJECTIVES:
-        specs.append(
-            {
-                "mode": "calibrate",
-                "data": str(data),
-                "base": str(base),
-                "work": str(work),
-                "fraction": "10pct",
-                "seed": 0,
-                "objective": obj,
-                "steps": steps,
-                "batch": batch,
-            }
+    common = {"data": str(data), "base": str(base), "work": str(work), "fraction": "10pct"}
+    tasks = [
+        (
+            "calibrate",
+            f"calibrate_{obj}",
+            common | {"seed": 0, "objective": obj, "steps": steps, "batch": batch},
+            _calibration_result(work, obj),
         )
-    env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        for obj in OBJECTIVES
+    ]
+    _run_workers(tasks, work, jobs, log)
     out: dict[str, float] = {}
-    for i in range(0, len(specs), jobs):
-        procs = []
-        for s in specs[i : i + jobs]:
-            sp = work / "specs" / f"calibrate_{s['objective']}.json"
-            sp.parent.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(sp, s)
-            cmd = [sys.executable, "-m", "iap_rt.toy.transfer", "calibrate", str(sp)]
-            procs.append((s["objective"], subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env)))
-        for obj, proc in procs:
-            stdout, _ = proc.communicate()
-            if proc.returncode != 0:
-                raise RuntimeError(f"calibration of {obj} failed (exit {proc.returncode})")
-            out[obj] = json.loads(stdout.decode().strip().splitlines()[-1])["s_per_step"]
-            log(f"calibrated {obj}: {out[obj]:.3f} s/step")
+    for obj in OBJECTIVES:
+        out[obj] = json.loads(_calibration_result(work, obj).read_text("utf-8"))["s_per_step"]
+        log(f"calibrated {obj}: {out[obj]:.3f} s/step")
     write_json_atomic(path, out)
     return out
 
 
 def _calibrate_one(spec: dict) -> dict:
+    """One calibration run; writes and returns ``{"s_per_step": ...}``."""
     work = Path(spec["work"])
-    run_dir = work / "calibration" / spec["objective"]
     summ = train_objective(
         spec["objective"],
         Path(spec["base"]),
         _init_dir(work, 0),
         Path(spec["data"]) / "train_10pct.jsonl",
-        run_dir,
+        work / "calibration" / spec["objective"],
         spec["steps"],
         spec["batch"],
         0,
     )
-    return {"s_per_step": summ["elapsed_s"] / spec["steps"]}
+    res = {"s_per_step": summ["elapsed_s"] / spec["steps"]}
+    write_json_atomic(_calibration_result(work, spec["objective"]), res)
+    return res
 
 
 def run_grid(
@@ -349,7 +338,9 @@ def run_grid(
         for s in seeds:
             for o in OBJECTIVES:
                 specs.append(common | {"fraction": f, "seed": s, "objective": o, "steps": steps[o]})
-    _run_specs(specs, work, jobs, log)
+    tasks = [("cell", cell_name(s["fraction"], s["seed"], s["objective"]), s, _cell_result(work, s))
+             for s in specs]  # fmt: skip
+    _run_workers(tasks, work, jobs, log)
     setup = {
         "budget_s": budget_s,
         "s_per_step": spp,
@@ -461,7 +452,4 @@ if __name__ == "__main__":  # worker entry: python -m iap_rt.toy.transfer cell|c
     import torch
 
     torch.set_num_threads(1)
-    if mode == "cell":
-        print(json.dumps(run_cell(spec)))
-    else:
-        print(json.dumps(_calibrate_one(spec)))
+    print(json.dumps(run_cell(spec) if mode == "cell" else _calibrate_one(spec)))
