@@ -7,7 +7,8 @@ weights; latency does not depend on them). ``iap_rt.export.ortcpu.fuse_attention
 writes ``unet.ort.onnx`` beside ``unet.onnx`` (graph only; same external data), then each
 variant runs in its own subprocess (so peak RSS is its own), alternating ``--rounds`` times:
 one UNet call with guidance (batch 2, 64x64 latents, 77x768 context), 1 warm-up + ``--steps``
-timed calls, ORT settings as the runtime's (ENABLE_ALL, arena on, no spinning). Writes
+timed calls on the contract's seeded dummy inputs, with the runtime's own session options
+(``OrtBackend.session_options``). Writes
 ``bench/results/ort_cpu_mha_sd15.json``; the rewritten file is removed afterwards.
 """
 
@@ -22,23 +23,18 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = r"""
-import json, resource, sys, time
+import json, os, resource, sys, time
 import numpy as np, onnxruntime as ort
+from iap_rt.backends.ort import OrtBackend
+from iap_rt.modeldir import ModelDir
+from iap_rt.specs import NETWORKS
 path, steps, threads, side = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-so = ort.SessionOptions()
-so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
-so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-so.log_severity_level = 3
+so = OrtBackend("cpu", threads=threads).session_options()  # the runtime's own settings
 t0 = time.perf_counter()
 s = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
 load = time.perf_counter() - t0
-shapes = {i.name: i.shape for i in s.get_inputs()}
-c, S, D = shapes["sample"][1], shapes["encoder_hidden_states"][1], shapes["encoder_hidden_states"][2]
-r = np.random.default_rng(0)
-feed = {"sample": r.standard_normal((2, c, side, side)).astype(np.float32),
-        "timestep": np.array([500.0, 500.0], np.float32),
-        "encoder_hidden_states": r.standard_normal((2, S, D)).astype(np.float32)}
+dims = ModelDir.open(os.path.dirname(path)).dims
+feed = NETWORKS["unet"].dummy_inputs(dims, "fp32", {"N": 2, "h": side, "w": side})
 times = []
 for _ in range(steps + 1):
     t0 = time.perf_counter(); out = s.run(None, feed)[0]; times.append(time.perf_counter() - t0)

@@ -386,15 +386,6 @@ def swap_in(stage: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _dir_mode(out: Path) -> int:
-    """The previous directory's permissions, else what the umask gives a new one."""
-    if out.is_dir():
-        return out.stat().st_mode & 0o7777
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o777 & ~umask
-
-
 def _write_tokenizer(encoder: Path, out: Path, max_length: int) -> None:
     from tokenizers import Tokenizer
 
@@ -451,7 +442,6 @@ def _run_export_locked(cfg: ExportConfig, out: Path, echo: Echo) -> Path:
     # 3.-5. export into a staging directory, then swap it in
     try:
         with staging_dir(out) as stage:
-            os.chmod(stage, _dir_mode(out))  # mkdtemp makes it 0700
             entries, mismatches = {}, []
             for name, (key, hashes) in plan.export.items():
                 entries[name], bad = export_network(name, cfg, src, stage, key, hashes, echo)
@@ -565,24 +555,17 @@ def ort_cpu_variant(stage: Path, entry: dict, cfg: ExportConfig, src: Sources, e
 
 
 def _compare_in_ort(a: Path, b: Path, src: Sources) -> tuple[float, float]:
-    """Max |a - b| of the two UNet graphs on one seeded input (CPU), and max |a|."""
+    """Max |a - b| of the two UNet graphs on the contract's seeded dummy input (CPU, the
+    validation session), and max |a|."""
     import numpy as np
-    import onnxruntime as ort
+
+    from iap_rt.export.exporter import ort_session
 
     side = 2 ** (src.unet_downsamples + 1)  # the smallest size every level can take
-    d, rng = src.dims, np.random.default_rng(0)
-    feed = {
-        "sample": rng.standard_normal((2, d.latent_channels, side, side)).astype(np.float32),
-        "timestep": np.array([500.0, 500.0], np.float32),
-        "encoder_hidden_states": rng.standard_normal(
-            (2, d.text_max_length, d.cross_attention_dim)
-        ).astype(np.float32),
-    }
+    feed = NETWORKS["unet"].dummy_inputs(src.dims, "fp32", {"N": 2, "h": side, "w": side})
     outs = []
     for path in (a, b):
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        sess = ort_session(path)
         outs.append(sess.run(None, feed)[0])
         del sess
     return float(np.abs(outs[0] - outs[1]).max()), float(np.abs(outs[0]).max())

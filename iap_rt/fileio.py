@@ -88,13 +88,25 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def _dir_mode(final: Path) -> int:
+    """The existing directory's permissions, else what the umask gives a new one."""
+    if final.is_dir():
+        return final.stat().st_mode & 0o7777
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o777 & ~umask
+
+
 @contextlib.contextmanager
 def staging_dir(final: str | os.PathLike) -> Iterator[Path]:
-    """A fresh temp directory beside ``final`` that is removed on failure."""
+    """A fresh temp directory beside ``final`` that is removed on failure. It has ``final``'s
+    permissions (or what the umask gives a new directory), not mkdtemp's 0700, so renaming it
+    onto ``final`` keeps who may read the result."""
     final = Path(final)
     ensure_dir(final.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
+        os.chmod(tmp, _dir_mode(final))
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

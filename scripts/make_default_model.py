@@ -39,11 +39,14 @@ FULL_EVAL = {"combos": "heldout", "seeds": 4, "steps": 25, "guidance": 3.0}
 
 
 def _copy(src: Path, dest: Path) -> None:
-    tmp = dest.with_name(f".{dest.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("checkpoint", ".*"))
-    shutil.rmtree(dest, ignore_errors=True)
-    tmp.rename(dest)
+    """Replace ``dest`` by a copy of ``src`` (without checkpoints and hidden files), whole."""
+    from iap_rt.export.modeldir import swap_in
+    from iap_rt.fileio import staging_dir
+
+    with staging_dir(dest) as stage:
+        shutil.copytree(src, stage, ignore=shutil.ignore_patterns("checkpoint", ".*"),
+                        dirs_exist_ok=True)  # fmt: skip
+        swap_in(stage, dest)
 
 
 def _export(base: Path, encoder: Path) -> None:
@@ -60,11 +63,7 @@ def _export(base: Path, encoder: Path) -> None:
         (out / "manifest.json").write_text(
             json.dumps(man, indent=2, sort_keys=True, ensure_ascii=False) + "\n", "utf-8"
         )
-        tmp_dest = DEST.with_name(".default_model.partial")
-        shutil.rmtree(tmp_dest, ignore_errors=True)
-        shutil.copytree(out, tmp_dest, ignore=shutil.ignore_patterns(".*"))
-        shutil.rmtree(DEST, ignore_errors=True)
-        tmp_dest.rename(DEST)
+        _copy(out, DEST)
 
 
 def _evaluate(base: Path) -> dict:

@@ -7,6 +7,7 @@ diffusers path of ``eval`` import torch inside their bodies.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import click
@@ -55,21 +56,19 @@ def unpack_cmd(out, n):
     checkpoint of your own. The dataset is regenerated from its seed."""
     import shutil
 
+    from iap_rt.fileio import staging_dir, write_json_atomic
+    from iap_rt.tokenizer import bert_chinese_vocab_path, build_wordpiece_tokenizer
     from iap_rt.toy.base import shipped_base_dir
     from iap_rt.toy.data import write_dataset
+    from iap_rt.toy.transfer import encoder_config
 
     src, dst = shipped_base_dir(), Path(out) / "base"
     if dst.exists():
         raise click.UsageError(f"{dst} exists; pass an empty or new --out")
-    tmp = dst.with_name(".base.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    tmp.rename(dst)
+    with staging_dir(dst) as stage:  # whole or not at all
+        shutil.copytree(src, stage, dirs_exist_ok=True)
+        os.rename(stage, dst)
     click.echo(f"wrote the toy base to {dst}")
-    from iap_rt.fileio import write_json_atomic
-    from iap_rt.tokenizer import bert_chinese_vocab_path, build_wordpiece_tokenizer
-    from iap_rt.toy.transfer import encoder_config
-
     width = json.loads((dst / "unet" / "config.json").read_text("utf-8"))["cross_attention_dim"]
     vocab = build_wordpiece_tokenizer(bert_chinese_vocab_path()).get_vocab_size()
     write_json_atomic(Path(out) / "encoder_config.json", encoder_config(vocab, width))

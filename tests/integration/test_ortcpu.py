@@ -11,29 +11,19 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 from iap_rt.errors import ArtifactMismatchError  # noqa: E402
+from iap_rt.export.exporter import ort_session  # noqa: E402
 from iap_rt.export.ortcpu import fuse_attention_for_ort  # noqa: E402
 from iap_rt.modeldir import ModelDir  # noqa: E402
 from iap_rt.pipeline import default_model_dir  # noqa: E402
+from iap_rt.specs import NETWORKS  # noqa: E402
 
 
 def _run(path, feed):
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).run(None, feed)[
-        0
-    ]
+    return ort_session(path).run(None, feed)[0]
 
 
-def _feed(md, n=2, side=32, seed=0):
-    d, r = md.dims, np.random.default_rng(seed)
-    return {
-        "sample": r.standard_normal((n, d.latent_channels, side, side)).astype(np.float32),
-        "timestep": np.full(n, 500.0, np.float32),
-        "encoder_hidden_states": r.standard_normal(
-            (n, d.text_max_length, d.cross_attention_dim)
-        ).astype(np.float32),
-    }
+def _feed(md, side):
+    return NETWORKS["unet"].dummy_inputs(md.dims, "fp32", {"N": 2, "h": side, "w": side})
 
 
 @pytest.mark.parametrize("external", [False, True])
@@ -54,7 +44,7 @@ def test_rewrite_fuses_every_attention_and_keeps_outputs(tmp_path, external):
     if external:
         assert dst.stat().st_size < 0.1 * (tmp_path / "unet.onnx.data").stat().st_size
     for side in (32, 48):  # dynamic latent size still works
-        feed = _feed(md, side=side)
+        feed = _feed(md, side)
         np.testing.assert_allclose(_run(dst, feed), _run(src, feed), atol=1e-4)
 
 
