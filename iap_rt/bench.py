@@ -24,9 +24,10 @@ ARCH_CHOICES = ("tiny", "toy", "sd15")
 @click.option("--batch-size", type=int, default=1, show_default=True, help="Images per prompt.")
 @click.option(
     "--backends",
-    default="torch,ort,trt",
+    default="torch,ort,ort-graph,trt",
     show_default=True,
-    help="Comma-separated: torch (PyTorch reference), torch-compile, ort, trt.",
+    help="Comma-separated: torch (PyTorch reference), torch-compile, ort, ort-graph (ORT on "
+    "CUDA with every network captured in a CUDA graph), trt.",
 )
 @click.option("--repeat", type=int, default=3, show_default=True, help="Measured runs.")
 @click.option(

@@ -52,7 +52,7 @@ from iap_rt.errors import (
 )
 
 ARCHES = ("tiny", "toy", "sd15")
-BACKENDS = ("torch", "torch-compile", "ort", "trt")
+BACKENDS = ("torch", "torch-compile", "ort", "ort-graph", "trt")
 DEVICES = ("auto", "cpu", "cuda")
 # figures every entry of ``results`` carries (medians in seconds, peak RSS in MiB)
 TIMING_FIELDS = ("text_encoder_s", "unet_step_s", "vae_decode_s", "overhead_step_s", "e2e_s")
@@ -95,7 +95,7 @@ class BenchConfig:
     width: int | None = None
     steps: int = 25  # denoising steps per image
     batch_size: int = 1  # images per prompt (UNet batch 2B under guidance)
-    backends: tuple[str, ...] = ("torch", "ort", "trt")
+    backends: tuple[str, ...] = ("torch", "ort", "ort-graph", "trt")
     repeat: int = 3  # measured images per backend (after warm-up)
     warmup: int = 1  # unmeasured images per backend, the cold-start image included
     guidance: float = 7.5  # > 1: classifier-free guidance on
@@ -371,6 +371,7 @@ def run_worker(spec: WorkerSpec) -> dict:
         "peak_gpu_mb": generate.peak_gpu_mb(),
         "loadavg": [load_before, _loadavg()],  # machine load before/after (shared machines)
         "latents_absmax": float(np.abs(generate.last_latents).max()),
+        **getattr(generate, "extra", dict)(),
     }
     close()
     return out
@@ -386,8 +387,17 @@ def _load_runtime(spec: WorkerSpec):
 
     load_start = time.perf_counter()
     model = ModelDir.open(spec.model_dir)
-    if spec.backend == "ort":
-        backend = get_backend("ort", model, device=spec.device, threads=spec.threads)
+    if spec.backend in ("ort", "ort-graph"):
+        graph = spec.backend == "ort-graph"
+        device = spec.device
+        if graph:  # a CUDA graph has no CPU form: say so rather than fall back
+            if device == "cpu":
+                raise BackendUnavailableError(
+                    "ort-graph captures CUDA graphs: it needs the CUDA execution provider",
+                    fix="drop --device cpu (and install onnxruntime-gpu on a GPU machine).",
+                )
+            device = "cuda"
+        backend = get_backend("ort", model, device=device, threads=spec.threads, cuda_graph=graph)
     else:
         try:
             backend = get_backend("trt", model)
@@ -434,9 +444,23 @@ def _load_runtime(spec: WorkerSpec):
     generate.last_latents = None
     generate.peak_gpu_mb = lambda: _nvidia_smi_process_mb(os.getpid())
     device = backend.device
-    if spec.backend == "ort" and device == "cuda":
-        device = "cuda (CUDAExecutionProvider, IO binding)"
+    if spec.backend.startswith("ort") and device == "cuda":
+        device = "cuda (CUDAExecutionProvider, IO binding"
+        device += ", CUDA graph)" if spec.backend == "ort-graph" else ")"
+    if spec.backend == "ort-graph":
+        # per network: True when ONNX Runtime captured it, else why it ran without the graph
+        generate.extra = lambda: {"cuda_graph": _graph_status(pipe.runners)}
     return generate, device, backend.close
+
+
+def _graph_status(runners: dict) -> dict:
+    """Per network: True where ONNX Runtime captured a CUDA graph, else why it did not."""
+    status = {}
+    for name, runner in runners.items():
+        runner = getattr(runner, "runner", runner)  # unwrap _CpuTimedRunner
+        if getattr(runner, "cuda_graph", False):
+            status[name] = runner.cuda_graph_error or True
+    return status
 
 
 class _CpuTimedRunner:
@@ -711,6 +735,8 @@ def summarise(raw: dict) -> dict:
     entry["import_s"] = raw["import_s"]
     entry["loadavg_before_after"] = raw.get("loadavg")
     entry["latents_absmax"] = raw.get("latents_absmax")  # final latents, last run
+    if "cuda_graph" in raw:
+        entry["cuda_graph"] = raw["cuda_graph"]
     entry["runs"] = raw["runs"]  # the raw per-run timings the figures above come from
     return entry
 

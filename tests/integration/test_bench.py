@@ -80,7 +80,7 @@ def test_bench_tiny_json(bench_cache, tmp_path, capsys):
     assert m["cpu"] and m["cores"] >= 1 and "onnxruntime" in m["versions"]
 
     by_backend = {r["backend"]: r for r in doc["results"]}
-    assert set(by_backend) == {"torch", "ort"}, doc.get("skipped")
+    assert set(by_backend) >= {"torch", "ort"}, doc.get("skipped")
     for r in by_backend.values():
         for key in RESULT_FIELDS:
             assert key in r
@@ -98,6 +98,13 @@ def test_bench_tiny_json(bench_cache, tmp_path, capsys):
     for path, v in _numbers(doc):
         assert math.isfinite(v) and v >= 0, (path, v)
 
-    # trt: a result where a GPU + engines exist, otherwise listed with the reason
-    assert "trt" in by_backend or any(s["backend"] == "trt" for s in doc["skipped"])
+    # trt, ort-graph: a result where a GPU (+ engines, + onnxruntime-gpu) exists, otherwise
+    # listed with the reason
+    skipped = {s["backend"]: s for s in doc["skipped"]}
+    assert "trt" in by_backend or "trt" in skipped
+    if "ort-graph" in by_backend:
+        assert set(by_backend["ort-graph"]["cuda_graph"]) == {"text_encoder", "unet", "vae_decoder"}
+    else:
+        assert "CUDA execution provider" in skipped["ort-graph"]["reason"]
+        assert not skipped["ort-graph"]["error"]
     assert "UNet/step" in table and "ort" in table
