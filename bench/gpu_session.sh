@@ -16,7 +16,10 @@
 #   bash bench/gpu_session.sh part 00   [.whl/ortgpu/part-00]  ... up to the last part
 #   bash bench/gpu_session.sh install   [.whl/ortgpu/SHA256, .whl/py]
 #   bash bench/gpu_session.sh build     builds + exports the SD 1.5 fp16 bench model
-#   bash bench/gpu_session.sh bench [STEPS] [REPEAT] [BACKENDS]   results into $OUT
+#   bash bench/gpu_session.sh bench NAME [iap-rt bench options]  -> $OUT/bench_sd15_NAME.json
+#     e.g. bench h100_50steps --steps 50 --repeat 3
+#          bench h100_50steps_exported_unet --steps 50 --repeat 3 --backends ort,ort-graph \
+#                --ort-unet exported          (the A/B: unet.onnx instead of unet.ort.onnx)
 # `install` also works without the onnxruntime-gpu parts (then `ort` reports why it cannot
 # run on CUDA and the torch figures still come back).
 set -euo pipefail
@@ -39,7 +42,7 @@ print(":".join(sorted(d for p in nvidia.__path__ for d in glob.glob(os.path.join
   export PYTHONUNBUFFERED=1
 }
 
-stage=${1:?usage: gpu_session.sh part NN | install | build | bench [STEPS] [REPEAT] [BACKENDS]}
+stage=${1:?usage: gpu_session.sh part NN | install | build | bench NAME [iap-rt bench options]}
 case "$stage" in
 part)
   n=${2:?which part (00, 01, ...)}
@@ -74,14 +77,15 @@ build)
   ;;
 bench)
   env_setup
-  steps=${2:-50}
-  repeat=${3:-3}
-  backends=${4:-torch,torch-compile,ort,ort-graph,trt}
+  name=${2:?a name for the result file, e.g. h100_50steps}
+  shift 2
   out=${OUT:-$ROOT/out}
   mkdir -p "$out"
-  "$SITE/bin/iap-rt" bench --arch sd15 --device cuda --fp16 --steps "$steps" \
-    --repeat "$repeat" --backends "$backends" --cache-dir "$CACHE" \
-    --out "$out/bench_sd15_gpu_${steps}steps.json" 2>&1 | tee "$out/bench_sd15_gpu_${steps}steps.log"
+  # later options win: --backends, --steps, --repeat may be overridden after NAME
+  set -o pipefail
+  "$SITE/bin/iap-rt" bench --arch sd15 --device cuda --fp16 --steps 50 --repeat 3 \
+    --backends torch,torch-compile,ort,ort-graph,trt --cache-dir "$CACHE" "$@" \
+    --out "$out/bench_sd15_$name.json" 2>&1 | tee "$out/bench_sd15_$name.log"
   ;;
 *)
   echo "unknown stage $stage" >&2

@@ -3,7 +3,7 @@
     python bench/ort_cpu_mha.py [--model DIR] [--steps 5] [--rounds 2] [--threads 2]
 
 ``DIR`` defaults to the SD 1.5 benchmark model ``iap-rt bench --arch sd15`` builds (random
-weights; latency does not depend on them). ``iap_rt.export.ortcpu.fuse_attention_for_ort``
+weights; latency does not depend on them). ``iap_rt.export.ortfuse.fuse_attention_for_ort``
 writes ``unet.ort.onnx`` beside ``unet.onnx`` (graph only; same external data), then each
 variant runs in its own subprocess (so peak RSS is its own), alternating ``--rounds`` times:
 one UNet call with guidance (batch 2, 64x64 latents, 77x768 context), 1 warm-up + ``--steps``
@@ -46,7 +46,7 @@ print(json.dumps({"load_s": load, "first_s": times[0], "steps_s": times[1:],
 
 def main() -> int:
     from iap_rt.benchmark import BUILD_SEED, default_cache_dir, machine_info
-    from iap_rt.export.ortcpu import fuse_attention_for_ort
+    from iap_rt.export.ortfuse import fuse_attention_for_ort
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, default=None)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from iap_rt.export.config import ENGINE_MODES, ORT_CPU_UNET_MODES, SUPPORTED_OPSETS
+from iap_rt.export.config import ENGINE_MODES, ORT_UNET_MODES, SUPPORTED_OPSETS
 
 
 def _networks(ctx, param, value):
@@ -40,15 +40,18 @@ def _networks(ctx, param, value):
     help="TensorRT engines: auto (if TensorRT is installed), none, only (from existing ONNX).",
 )
 @click.option(
-    "--ort-cpu-unet",
-    type=click.Choice(ORT_CPU_UNET_MODES),
+    "--ort-unet",
+    "--ort-cpu-unet",  # its name before 0.2
+    "ort_unet",
+    type=click.Choice(ORT_UNET_MODES),
     default=None,
-    help="Also write the UNet with ONNX Runtime's fused CPU attention: auto (external "
-    "weights, i.e. big models), always, never.",
+    help="Also write unet.ort.onnx, the UNet with ONNX Runtime's fused attention (the ort "
+    "backend's choice on CPU and CUDA): auto (big UNets, whose weights are external), always, "
+    "never.",
 )
 @click.option("--config", "config_path", type=click.Path(), help="TOML file ([export] table).")
 def export(base, encoder, out, fp16, fp16_vae, opset, networks, force, model_id, engines,
-           ort_cpu_unet, config_path):  # fmt: skip
+           ort_unet, config_path):  # fmt: skip
     """Export the Chinese encoder, UNet and VAE decoder to a validated ONNX model directory.
 
     \b
@@ -71,6 +74,6 @@ def export(base, encoder, out, fp16, fp16_vae, opset, networks, force, model_id,
         force=force,
         model_id=model_id,
         engines=engines,
-        ort_cpu_unet=ort_cpu_unet,
+        ort_unet=ort_unet,
     )
     run_export(cfg, echo=click.echo)

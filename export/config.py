@@ -18,7 +18,7 @@ ENGINE_MODES = ("auto", "none", "only")
 SCHEDULERS = ("ddim", "euler", "dpm++")
 
 
-ORT_CPU_UNET_MODES = ("auto", "always", "never")
+ORT_UNET_MODES = ("auto", "always", "never")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,10 +40,10 @@ class ExportConfig:
     model_id: str | None = opt(None, "model id recorded in the manifest; unset = out's name")
     engines: str = opt("auto", "TensorRT engines after export: auto, none or only")
     default_scheduler: str = opt("dpm++", "scheduler `iap-rt generate` uses by default")
-    ort_cpu_unet: str = opt(
+    ort_unet: str = opt(
         "auto",
-        "also write unet.ort.onnx, the fp32 UNet with ONNX Runtime's fused attention for the "
-        "CPU provider: auto (when the weights are external, i.e. big models), always, never",
+        "also write unet.ort.onnx, the UNet with ONNX Runtime's fused attention for the ort "
+        "backend: auto (when the weights are external, i.e. big models), always, never",
     )
 
     def __post_init__(self):
@@ -62,9 +62,9 @@ class ExportConfig:
             )
         if self.engines not in ENGINE_MODES:
             problems.append(f"engines {self.engines!r}: choose one of {', '.join(ENGINE_MODES)}")
-        if self.ort_cpu_unet not in ORT_CPU_UNET_MODES:
+        if self.ort_unet not in ORT_UNET_MODES:
             problems.append(
-                f"ort_cpu_unet {self.ort_cpu_unet!r}: choose one of {', '.join(ORT_CPU_UNET_MODES)}"
+                f"ort_unet {self.ort_unet!r}: choose one of {', '.join(ORT_UNET_MODES)}"
             )
         if self.default_scheduler not in SCHEDULERS:
             problems.append(

@@ -6,7 +6,7 @@ memory at once):
 
 1. :func:`reference_outputs`: the fp32 PyTorch outputs at every validation case;
 2. :func:`dynamo_export`: ``module.half()`` for fp16, ``torch.onnx.export(dynamo=True)``;
-3. :func:`finish_onnx`: cleanup, spec axis names, external data past 2 GB, shape inference;
+3. :func:`finish_onnx`: cleanup, spec axis names, external data past 512 MiB, shape inference;
 4. :func:`validate_onnx`: ONNX Runtime at the same cases, every output's max abs diff.
 """
 
@@ -143,9 +143,9 @@ def release_exporter_references() -> None:
 def finish_onnx(raw: Path, path: str | os.PathLike, cfg: NetworkExportConfig) -> tuple[list, dict]:
     """Cleanup, spec axis names, save and shape inference of the raw export.
 
-    The graph is cleaned while the weights stay in the raw data file; then models under the
-    2 GB limit load them and are saved as one file, bigger ones (the fp32 SD UNet) keep the raw
-    data file as ``<name>.onnx.data``. At most one copy of the weights is in memory (plus its
+    The graph is cleaned while the weights stay in the raw data file; then models under
+    ``EXTERNAL_DATA_THRESHOLD`` (512 MiB) load them and are saved as one file, bigger ones (the
+    SD UNet) keep the raw data file as ``<name>.onnx.data``. At most one copy of the weights is in memory (plus its
     serialisation), none for the big ones.
     Returns the files written and the graph facts for the manifest (node count, attention
     summary, axis names). The raw files are removed.

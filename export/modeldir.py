@@ -360,7 +360,7 @@ def carry_over(previous_dir: Path, stage: Path, kept: list[str]) -> None:
         if name not in kept:
             rewritten |= {network_file(name), network_file(name) + ".data"}
     if "unet" not in kept:
-        rewritten.add(ORT_CPU_FILE)
+        rewritten.add(ORT_FILE)
     for entry in previous_dir.iterdir():
         if entry.name in rewritten or entry.name.startswith("."):
             continue
@@ -434,7 +434,7 @@ def _run_export_locked(cfg: ExportConfig, out: Path, echo: Echo) -> Path:
         not plan.export
         and previous
         and _same_top_level(previous, cfg, src, out)
-        and _ort_cpu_settled(previous, cfg)
+        and _ort_variant_settled(previous, cfg)
     ):
         echo(f"{out}: up to date")
         build_engines(out, cfg.engines, echo)
@@ -469,7 +469,7 @@ def _run_export_locked(cfg: ExportConfig, out: Path, echo: Echo) -> Path:
                 if n in entries or n in plan.keep
             }
             if "unet" in manifest["networks"]:
-                ort_cpu_variant(stage, manifest["networks"]["unet"], cfg, src, echo)
+                ort_variant(stage, manifest["networks"]["unet"], cfg, src, echo)
             _write_tokenizer(src.encoder, stage, src.dims.text_max_length)
             write_json_atomic(stage / "scheduler.json", src.scheduler)
             write_manifest(stage, manifest)  # last: no manifest, no model
@@ -495,55 +495,59 @@ def _run_export_locked(cfg: ExportConfig, out: Path, echo: Echo) -> Path:
     return out
 
 
-# ---- the ONNX Runtime CPU variant of the UNet ----------------------------------------------------
-ORT_CPU_FILE = "unet.ort.onnx"
-ORT_CPU = "ort_cpu"  # the manifest key of the variant (in networks.unet) and the backend's name
+# ---- the ONNX Runtime variant of the UNet (fused attention) ---------------------------------------
+ORT_FILE = "unet.ort.onnx"
+ORT_VARIANT = "ort"  # the manifest key of the variant (in networks.unet); "ort_cpu" before 0.2
+# max |variant - unet.onnx| allowed, relative to max(1, max |output|), per precision
+ORT_VARIANT_TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2}
 
 
-def _wants_ort_cpu(cfg: ExportConfig, entry: dict) -> bool:
-    """fp32 UNets with fusable attention; ``auto`` only when the weights are external (big
-    models, where the unfused scores cost GBs; small models would duplicate their weights)."""
-    if cfg.ort_cpu_unet == "never" or entry.get("precision") != "fp32":
+def _wants_ort_variant(cfg: ExportConfig, entry: dict) -> bool:
+    """UNets with fusable attention; ``auto`` only when the weights are external (big models,
+    where the unfused scores cost GBs; small models would duplicate their weights)."""
+    if cfg.ort_unet == "never":
         return False
     if not entry.get("attention", {}).get("fusable"):
         return False
-    return cfg.ort_cpu_unet == "always" or "external_data" in entry
+    return cfg.ort_unet == "always" or "external_data" in entry
 
 
-def _ort_cpu_settled(previous: dict, cfg: ExportConfig) -> bool:
+def _ort_variant_settled(previous: dict, cfg: ExportConfig) -> bool:
     unet = previous.get("networks", {}).get("unet")
-    return unet is None or _wants_ort_cpu(cfg, unet) == (ORT_CPU in unet)
+    return unet is None or _wants_ort_variant(cfg, unet) == (ORT_VARIANT in unet)
 
 
-def ort_cpu_variant(stage: Path, entry: dict, cfg: ExportConfig, src: Sources, echo: Echo) -> None:
-    """Write, keep or drop ``unet.ort.onnx`` in ``stage`` and ``entry["ort_cpu"]``.
+def ort_variant(stage: Path, entry: dict, cfg: ExportConfig, src: Sources, echo: Echo) -> None:
+    """Write, keep or drop ``unet.ort.onnx`` in ``stage`` and ``entry["ort"]``.
 
-    The variant is derived from ``unet.onnx`` alone (:mod:`iap_rt.export.ortcpu`: the same
+    The variant is derived from ``unet.onnx`` alone (:mod:`iap_rt.export.ortfuse`: the same
     graph with ONNX Runtime's fused MultiHeadAttention; same weights file), so it is checked
     against ``unet.onnx`` in ONNX Runtime, not against PyTorch."""
-    from iap_rt.export.ortcpu import fuse_attention_for_ort
+    from iap_rt.export.ortfuse import fuse_attention_for_ort
 
-    path = stage / ORT_CPU_FILE
-    if not _wants_ort_cpu(cfg, entry):
+    path = stage / ORT_FILE
+    if not _wants_ort_variant(cfg, entry):
         path.unlink(missing_ok=True)
-        entry.pop(ORT_CPU, None)
+        entry.pop(ORT_VARIANT, None)
         return
-    old = entry.get(ORT_CPU)
+    old = entry.get(ORT_VARIANT)
     if old and old.get("unet_sha256") == entry["sha256"] and path.is_file():
         if path.stat().st_size == old.get("bytes"):
             return  # carried over with its UNet
     t0 = time.perf_counter()
+    entry.pop("ort_cpu", None)  # the key's name before 0.2
     fused = fuse_attention_for_ort(stage / entry["file"], path)
-    diff, scale = _compare_in_ort(stage / entry["file"], path, src)
-    if diff > 1e-3 * max(1.0, scale):
+    precision = entry["precision"]
+    diff, scale = _compare_in_ort(stage / entry["file"], path, src, precision)
+    if diff > ORT_VARIANT_TOLERANCE[precision] * max(1.0, scale):
         path.unlink(missing_ok=True)
         raise ArtifactMismatchError(
-            f"{ORT_CPU_FILE} differs from {entry['file']} by {diff:.3g} (outputs up to "
+            f"{ORT_FILE} differs from {entry['file']} by {diff:.3g} (outputs up to "
             f"{scale:.3g}) in ONNX Runtime",
-            fix="export with --ort-cpu-unet never and report the model.",
+            fix="export with --ort-unet never and report the model.",
         )
-    entry[ORT_CPU] = {
-        "file": ORT_CPU_FILE,
+    entry[ORT_VARIANT] = {
+        "file": ORT_FILE,
         "bytes": path.stat().st_size,
         "sha256": sha256_file(path),
         "unet_sha256": entry["sha256"],
@@ -551,10 +555,10 @@ def ort_cpu_variant(stage: Path, entry: dict, cfg: ExportConfig, src: Sources, e
         "max_abs_diff": diff,
         "s": round(time.perf_counter() - t0, 2),
     }
-    echo(f"unet: {ORT_CPU_FILE} with {fused} fused attentions (max diff {diff:.2g})")
+    echo(f"unet: {ORT_FILE} with {fused} fused attentions (max diff {diff:.2g})")
 
 
-def _compare_in_ort(a: Path, b: Path, src: Sources) -> tuple[float, float]:
+def _compare_in_ort(a: Path, b: Path, src: Sources, precision: str) -> tuple[float, float]:
     """Max |a - b| of the two UNet graphs on the contract's seeded dummy input (CPU, the
     validation session), and max |a|."""
     import numpy as np
@@ -562,11 +566,11 @@ def _compare_in_ort(a: Path, b: Path, src: Sources) -> tuple[float, float]:
     from iap_rt.export.exporter import ort_session
 
     side = 2 ** (src.unet_downsamples + 1)  # the smallest size every level can take
-    feed = NETWORKS["unet"].dummy_inputs(src.dims, "fp32", {"N": 2, "h": side, "w": side})
+    feed = NETWORKS["unet"].dummy_inputs(src.dims, precision, {"N": 2, "h": side, "w": side})
     outs = []
     for path in (a, b):
         sess = ort_session(path)
-        outs.append(sess.run(None, feed)[0])
+        outs.append(sess.run(None, feed)[0].astype(np.float32))
         del sess
     return float(np.abs(outs[0] - outs[1]).max()), float(np.abs(outs[0]).max())
 
@@ -612,7 +616,7 @@ def export_model_dir(
     networks: tuple[str, ...] | list[str] | None = None,
     force: bool = False,
     engines: str = "none",
-    ort_cpu_unet: str = "auto",
+    ort_unet: str = "auto",
     echo: Echo | None = None,
 ) -> Path:
     """Export ``encoder`` + the SD at ``base`` into the model directory ``out``.
@@ -632,6 +636,6 @@ def export_model_dir(
         model_id=model_id,
         engines=engines,
         default_scheduler=default_scheduler,
-        ort_cpu_unet=ort_cpu_unet,
+        ort_unet=ort_unet,
     )
     return run_export(cfg, echo=echo)

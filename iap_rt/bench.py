@@ -51,6 +51,14 @@ ARCH_CHOICES = ("tiny", "toy", "sd15")
     help="Where torch and ORT run (auto: CUDA when available).",
 )
 @click.option("--fp16", is_flag=True, help="Benchmark an fp16 ONNX export (for GPUs).")
+@click.option(
+    "--ort-unet",
+    type=click.Choice(("fused", "exported")),
+    default="fused",
+    show_default=True,
+    help="ort/ort-graph UNet graph: fused (unet.ort.onnx, ONNX Runtime's MultiHeadAttention, "
+    "where the export wrote one) or exported (unet.onnx as exported, for A/B runs).",
+)
 @click.option("--model", type=click.Path(), help="An existing model directory (skips the cache).")
 @click.option("--base", type=click.Path(), help="With --model: its diffusers base (for torch).")
 @click.option("--encoder", type=click.Path(), help="With --model: its chinese_encoder/ (torch).")

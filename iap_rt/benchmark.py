@@ -54,6 +54,7 @@ from iap_rt.errors import (
 ARCHES = ("tiny", "toy", "sd15")
 BACKENDS = ("torch", "torch-compile", "ort", "ort-graph", "trt")
 DEVICES = ("auto", "cpu", "cuda")
+ORT_UNET_GRAPHS = ("fused", "exported")
 # figures every entry of ``results`` carries (medians in seconds, peak RSS in MiB)
 TIMING_FIELDS = ("text_encoder_s", "unet_step_s", "vae_decode_s", "overhead_step_s", "e2e_s")
 RESULT_FIELDS = ("backend", "device", *TIMING_FIELDS, "cold_start_s", "peak_rss_mb")
@@ -104,6 +105,7 @@ class BenchConfig:
     threads: int | None = None  # intra-op threads (torch and ORT); None: all cores
     device: str = "auto"  # auto | cpu | cuda
     fp16: bool = False  # export/run an fp16 ONNX (GPU); torch on CUDA is fp16 regardless
+    ort_unet: str = "fused"  # ort backends: the fused-attention UNet graph, or "exported"
     model: str | None = None  # an existing model directory instead of the cache
     base: str | None = None  # diffusers base for the torch reference (with --model)
     encoder: str | None = None  # chinese_encoder/ for the torch reference (with --model)
@@ -120,6 +122,10 @@ class BenchConfig:
             )
         if self.device not in DEVICES:
             raise ConfigError(f"unknown device {self.device!r}", fix="use auto, cpu or cuda.")
+        if self.ort_unet not in ORT_UNET_GRAPHS:
+            raise ConfigError(
+                f"unknown --ort-unet {self.ort_unet!r}", fix=f"use {' or '.join(ORT_UNET_GRAPHS)}."
+            )
         for name in ("steps", "batch_size", "repeat", "warmup"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
@@ -338,6 +344,7 @@ class WorkerSpec:
     threads: int | None
     device: str
     latents_out: str | None = None
+    ort_unet: str = "fused"  # ort/ort-graph: unet.ort.onnx where exported, or "exported"
     prompt: str = PROMPT
     negative_prompt: str = NEGATIVE_PROMPT
 
@@ -397,7 +404,14 @@ def _load_runtime(spec: WorkerSpec):
                     fix="drop --device cpu (and install onnxruntime-gpu on a GPU machine).",
                 )
             device = "cuda"
-        backend = get_backend("ort", model, device=device, threads=spec.threads, cuda_graph=graph)
+        backend = get_backend(
+            "ort",
+            model,
+            device=device,
+            threads=spec.threads,
+            cuda_graph=graph,
+            fused_unet=spec.ort_unet == "fused",
+        )
     else:
         try:
             backend = get_backend("trt", model)
@@ -447,9 +461,16 @@ def _load_runtime(spec: WorkerSpec):
     if spec.backend.startswith("ort") and device == "cuda":
         device = "cuda (CUDAExecutionProvider, IO binding"
         device += ", CUDA graph)" if spec.backend == "ort-graph" else ")"
-    if spec.backend == "ort-graph":
-        # per network: True when ONNX Runtime captured it, else why it ran without the graph
-        generate.extra = lambda: {"cuda_graph": _graph_status(pipe.runners)}
+
+    def extra() -> dict:  # asked after the runs: CUDA graphs are captured on first use
+        out = {}
+        if spec.backend.startswith("ort"):
+            out["unet_graph"] = os.path.basename(pipe.runners["unet"].runner.path)
+        if spec.backend == "ort-graph":
+            out["cuda_graph"] = _graph_status(pipe.runners)
+        return out
+
+    generate.extra = extra
     return generate, device, backend.close
 
 
@@ -735,8 +756,9 @@ def summarise(raw: dict) -> dict:
     entry["import_s"] = raw["import_s"]
     entry["loadavg_before_after"] = raw.get("loadavg")
     entry["latents_absmax"] = raw.get("latents_absmax")  # final latents, last run
-    if "cuda_graph" in raw:
-        entry["cuda_graph"] = raw["cuda_graph"]
+    for key in ("unet_graph", "cuda_graph"):
+        if key in raw:
+            entry[key] = raw[key]
     entry["runs"] = raw["runs"]  # the raw per-run timings the figures above come from
     return entry
 
@@ -875,6 +897,7 @@ def run_bench(cfg: BenchConfig, command: str = "", log=print) -> dict:
                 threads=cfg.threads,
                 device=cfg.device,
                 latents_out=str(Path(tmp) / f"{backend}.latents.npy"),
+                ort_unet=cfg.ort_unet,
             )
             log(f"{backend}: measuring ({cfg.warmup} warm-up + {cfg.repeat} runs) ...")
             raw = _spawn_worker(spec, Path(tmp), cfg.threads)

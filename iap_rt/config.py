@@ -66,6 +66,10 @@ def find_workspace_file(explicit: str | os.PathLike | None = None) -> Path | Non
     return p if p.is_file() else None
 
 
+# keys a workspace file may still carry from an older release: old name -> new name
+RENAMED_KEYS = {"ort_cpu_unet": "ort_unet"}
+
+
 def load_toml(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
@@ -129,9 +133,11 @@ def resolve(
         table = load_toml(path).get(section, {})
         unknown = sorted(set(table) - fields)
         if unknown:
+            renamed = [f"{k} -> {RENAMED_KEYS[k]}" for k in unknown if k in RENAMED_KEYS]
             raise ConfigError(
                 f"{path}: unknown key(s) {unknown} in [{section}]",
-                fix=f"valid keys are: {', '.join(sorted(fields))}.",
+                fix=(f"renamed: {', '.join(renamed)}; " if renamed else "")
+                + f"valid keys are: {', '.join(sorted(fields))}.",
             )
         base = path.parent
         for k, v in table.items():

@@ -5,7 +5,7 @@
     manifest.json        what is here (written last: no manifest, no model)
     tokenizer/           tokenizer.json (HF tokenizers) + iap_tokenizer.json (max length, ids)
     scheduler.json       scheduler config (diffusers field names) + default scheduler
-    text_encoder.onnx  unet.onnx  vae_decoder.onnx   (+ .onnx.data past 2 GB)
+    text_encoder.onnx  unet.onnx  vae_decoder.onnx   (+ .onnx.data past 512 MiB of weights)
     engines/<gpu-tag>/   TensorRT engines + sidecars (iap_rt.engines)
 
 :class:`ModelDir` opens and checks one; problems raise :class:`ArtifactError` subclasses
@@ -102,7 +102,7 @@ class ModelDir:
                     f"expected one of {PRECISIONS}",
                     fix=fix,
                 )
-            alt = info.get("ort_cpu")  # the UNet's ONNX Runtime CPU variant, when exported
+            alt = _variant(info, "ort")  # the UNet's ONNX Runtime variant, when exported
             files = [(info["file"], info)] + ([(alt["file"], alt)] if alt else [])
             for name, rec in files:
                 f = self.path / name
@@ -132,10 +132,10 @@ class ModelDir:
         return self.manifest["networks"][network]["precision"]
 
     def network_path(self, network: str, variant: str | None = None) -> Path:
-        """The ONNX file of ``network``; ``variant`` (e.g. ``"ort_cpu"``): that alternative
+        """The ONNX file of ``network``; ``variant`` (e.g. ``"ort"``): that alternative
         graph when the manifest lists one for ``network``, else the plain file."""
         info = self.manifest["networks"][network]
-        alt = info.get(variant) if variant else None
+        alt = _variant(info, variant) if variant else None
         return self.path / (alt["file"] if isinstance(alt, dict) else info["file"])
 
     @property
@@ -177,3 +177,15 @@ def new_manifest(model_id: str, dims: ModelDims, **extra) -> dict:
 
 def write_manifest(path: str | os.PathLike, manifest: dict) -> Path:
     return write_json_atomic(Path(path) / MANIFEST, manifest)
+
+
+# manifest keys of network variants before they were renamed (read, never written)
+_LEGACY_VARIANT_KEYS = {"ort": ("ort_cpu",)}
+
+
+def _variant(info: dict, name: str) -> dict | None:
+    """The manifest record of a network's ``name`` variant (or its pre-0.2 key), if any."""
+    for key in (name, *_LEGACY_VARIANT_KEYS.get(name, ())):
+        if isinstance(info.get(key), dict):
+            return info[key]
+    return None

@@ -176,7 +176,13 @@ def _fmt(d: dict) -> str:
 
 
 class OrtBackend(Backend):
-    """ONNX Runtime. ``device``: ``auto`` (CUDA if onnxruntime-gpu has it), ``cpu``, ``cuda``."""
+    """ONNX Runtime. ``device``: ``auto`` (CUDA if onnxruntime-gpu has it), ``cpu``, ``cuda``.
+
+    ``threads``: intra-op threads (default ``IAP_RT_THREADS`` or all cores). ``cuda_graph``:
+    capture every network in a CUDA graph (CUDA only; see :class:`OrtRunner`).
+    ``fused_unet``: run the UNet graph with ONNX Runtime's fused ``MultiHeadAttention``
+    (``unet.ort.onnx``) where the export wrote one, instead of the exported ``unet.onnx``.
+    """
 
     name = "ort"
 
@@ -186,6 +192,7 @@ class OrtBackend(Backend):
         threads: int | None = None,
         cuda_graph: bool = False,
         device_id: int = 0,
+        fused_unet: bool = True,
     ):
         providers = available_providers()
         if device == "auto":
@@ -203,6 +210,7 @@ class OrtBackend(Backend):
         self._device = device
         self.threads = threads
         self.cuda_graph, self.device_id = cuda_graph, device_id
+        self.fused_unet = fused_unet
 
     @property
     def device(self) -> str:
@@ -237,9 +245,9 @@ class OrtBackend(Backend):
         return {
             name: OrtRunner(
                 NETWORKS[name],
-                # on CPU, a UNet graph with ONNX Runtime's fused attention where the export
-                # wrote one (big models: 2.2 GB less peak memory at SD 1.5, bench/README.md)
-                model.network_path(name, "ort_cpu" if self._device == "cpu" else None),
+                # the UNet graph with ONNX Runtime's fused attention where the export wrote
+                # one (big models; CPU at SD 1.5: 2.2 GB less peak memory, bench/README.md)
+                model.network_path(name, "ort" if self.fused_unet else None),
                 model.dims,
                 model.precision(name),
                 self.providers,

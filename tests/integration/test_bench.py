@@ -93,6 +93,7 @@ def test_bench_tiny_json(bench_cache, tmp_path, capsys):
         "e2e": 1.0,
         "unet_step_cpu": 1.0,
     }
+    assert by_backend["ort"]["unet_graph"] == "unet.onnx"  # tiny: no fused variant (auto)
     # the same inputs and algorithm: the runtime's final latents equal the reference's
     assert by_backend["ort"]["latents_max_abs_diff_vs_torch"] < 1e-3
     for path, v in _numbers(doc):

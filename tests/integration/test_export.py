@@ -610,10 +610,10 @@ def test_big_models_keep_their_weights_in_one_external_file(
     monkeypatch.setattr(exporter, "EXTERNAL_DATA_THRESHOLD", 1 << 20)
     export_model_dir(tiny_sd_dir, tiny_encoder_dir, scratch, networks=["unet"], force=True)
     files = sorted(p.name for p in scratch.iterdir() if p.name.startswith("unet"))
-    # --ort-cpu-unet auto: external weights -> the fused-attention CPU graph, sharing the .data
+    # --ort-unet auto: external weights -> the fused-attention ORT graph, sharing the .data
     assert files == ["unet.onnx", "unet.onnx.data", "unet.ort.onnx"]
     info = manifest(scratch)["networks"]["unet"]
-    assert info["ort_cpu"]["bytes"] == (scratch / "unet.ort.onnx").stat().st_size < 1 << 20
+    assert info["ort"]["bytes"] == (scratch / "unet.ort.onnx").stat().st_size < 1 << 20
     assert info["external_data"] == "unet.onnx.data"
     assert info["data_bytes"] == (scratch / "unet.onnx.data").stat().st_size > 2 << 20
     assert info["data_sha256"] == sha256_file(scratch / "unet.onnx.data")
@@ -657,20 +657,20 @@ def test_validation_sizes_survive_deep_unets():
     assert EXPORT_CONFIGS["text_encoder"].for_downsamples(4) is EXPORT_CONFIGS["text_encoder"]
 
 
-def test_ort_cpu_unet_variant_is_written_used_on_cpu_and_dropped(
+def test_ort_unet_variant_is_written_used_and_dropped(
     scratch, tiny_sd_dir, tiny_encoder_dir, tiny_model_dir
 ):
     from iap_rt.backends.ort import OrtBackend
     from iap_rt.pipeline import Pipeline
 
-    assert "ort_cpu" not in manifest(tiny_model_dir)["networks"]["unet"]  # auto: inline weights
+    assert "ort" not in manifest(tiny_model_dir)["networks"]["unet"]  # auto: inline weights
     lines = []
     export_model_dir(
-        tiny_sd_dir, tiny_encoder_dir, scratch, model_id="tiny", ort_cpu_unet="always",
+        tiny_sd_dir, tiny_encoder_dir, scratch, model_id="tiny", ort_unet="always",
         echo=lines.append,
     )  # fmt: skip
     unet = manifest(scratch)["networks"]["unet"]
-    alt = unet["ort_cpu"]
+    alt = unet["ort"]
     assert sum("unchanged since the last export, kept" in ln for ln in lines) == 3  # no re-export
     assert alt["file"] == "unet.ort.onnx" and alt["unet_sha256"] == unet["sha256"]
     assert alt["attention_fused"] == unet["attention"]["fusable"] > 0
@@ -684,6 +684,8 @@ def test_ort_cpu_unet_variant_is_written_used_on_cpu_and_dropped(
     backend = OrtBackend("cpu", threads=1)
     runners = backend.load(md)
     assert runners["unet"].path == str(scratch / "unet.ort.onnx")
+    plain_runners = OrtBackend("cpu", threads=1, fused_unet=False).load(md)
+    assert plain_runners["unet"].path == str(scratch / "unet.onnx")
     fused = Pipeline(md, backend, progress=False)("山水画", steps=3, seed=1, height=64, width=64)
     plain_md = ModelDir.open(tiny_model_dir)
     plain = Pipeline(plain_md, OrtBackend("cpu", threads=1), progress=False)(
@@ -694,6 +696,46 @@ def test_ort_cpu_unet_variant_is_written_used_on_cpu_and_dropped(
     (scratch / "unet.ort.onnx").write_bytes(b"truncated")  # the manifest catches a bad variant
     with pytest.raises(Exception, match="unet.ort.onnx has 9 bytes"):
         ModelDir.open(scratch)
-    export_model_dir(tiny_sd_dir, tiny_encoder_dir, scratch, model_id="tiny", ort_cpu_unet="never")
-    assert "ort_cpu" not in manifest(scratch)["networks"]["unet"]
+    export_model_dir(tiny_sd_dir, tiny_encoder_dir, scratch, model_id="tiny", ort_unet="never")
+    assert "ort" not in manifest(scratch)["networks"]["unet"]
     assert not (scratch / "unet.ort.onnx").exists()
+
+
+def test_manifests_from_before_the_rename_still_find_the_variant(tmp_path, tiny_model_dir):
+    """0.1 wrote the variant under networks.unet.ort_cpu; it is read (never written) as "ort"."""
+    import json
+    import shutil
+
+    from iap_rt.export.ortfuse import fuse_attention_for_ort
+
+    old = tmp_path / "old"
+    shutil.copytree(tiny_model_dir, old)
+    fuse_attention_for_ort(old / "unet.onnx", old / "unet.ort.onnx")
+    data = json.loads((old / "manifest.json").read_text("utf-8"))
+    data["networks"]["unet"]["ort_cpu"] = {
+        "file": "unet.ort.onnx",
+        "bytes": (old / "unet.ort.onnx").stat().st_size,
+    }
+    (old / "manifest.json").write_text(json.dumps(data), "utf-8")
+    md = ModelDir.open(old)
+    assert md.network_path("unet", "ort") == old / "unet.ort.onnx"
+    (old / "unet.ort.onnx").write_bytes(b"x")  # and its size is checked like the main file's
+    with pytest.raises(Exception, match="unet.ort.onnx has 1 bytes"):
+        ModelDir.open(old)
+
+
+def test_fp16_unet_gets_the_fused_variant_too(scratch, tiny_sd_dir, tiny_encoder_dir):
+    """The GPU path (ONNX Runtime's CUDA provider runs MultiHeadAttention with its fused
+    kernels): an fp16 export writes and checks the variant in fp16 like the fp32 one."""
+    import onnx
+
+    export_model_dir(
+        tiny_sd_dir, tiny_encoder_dir, scratch, fp16=True, networks=["unet"], ort_unet="always"
+    )
+    unet = manifest(scratch)["networks"]["unet"]
+    alt = unet["ort"]
+    assert unet["precision"] == "fp16" and alt["attention_fused"] == unet["attention"]["fusable"]
+    assert 0 < alt["max_abs_diff"] < 2e-2
+    graph = onnx.load(str(scratch / "unet.ort.onnx")).graph
+    assert "Softmax" not in [n.op_type for n in graph.node]
+    assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16

@@ -25,6 +25,18 @@ def test_unknown_key_lists_valid_ones(tmp_path):
     assert "steps" in e.value.fix and "guidance" in e.value.fix
 
 
+def test_a_renamed_key_names_its_new_name(tmp_path):
+    from iap_rt.export.config import ExportConfig
+
+    p = tmp_path / "c.toml"
+    p.write_text('[export]\nort_cpu_unet = "never"\n')
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['ort_cpu_unet'\]") as e:
+        resolve(ExportConfig, "export", p)
+    assert e.value.fix.startswith("renamed: ort_cpu_unet -> ort_unet;")
+    p.write_text('[export]\nort_unet = "never"\n')
+    assert resolve(ExportConfig, "export", p).ort_unet == "never"
+
+
 def test_unknown_table_and_bad_type_and_bad_toml(tmp_path):
     p = tmp_path / "c.toml"
     p.write_text("[genrate]\n")

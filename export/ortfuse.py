@@ -1,4 +1,4 @@
-"""Rewrite the exported attention into ONNX Runtime's fused ``MultiHeadAttention`` (CPU).
+"""Rewrite the exported attention into ONNX Runtime's fused ``MultiHeadAttention``.
 
 The export writes every attention as ``MatMul(q, kT) -> Mul(scale) -> Softmax -> MatMul(v)``
 with the head split/merge as Reshape/Transpose around it: the form TensorRT fuses into one
@@ -11,8 +11,9 @@ projections' outputs before the head split; ``num_heads`` from the Reshape's sha
 ``scale`` from the Mul), keeping the output name so the rest of the graph is untouched.
 
 The result is an ONNX Runtime-only graph (TensorRT cannot parse the contrib op), so it is
-written as a separate file (``unet.ort.onnx``, see :func:`iap_rt.export.modeldir.ort_cpu_variant`;
-the CPU backend prefers it). Only the graph is rewritten: a model whose weights live in
+written as a separate file (``unet.ort.onnx``, see :func:`iap_rt.export.modeldir.ort_variant`;
+the ``ort`` backend prefers it on CPU and CUDA; the CUDA provider runs MultiHeadAttention with
+its flash / memory-efficient kernels, fp16 included). Only the graph is rewritten: a model whose weights live in
 external data keeps pointing at the same data file, so the rewritten file must sit beside
 the original. Measured on SD 1.5 (``bench/ort_cpu_mha.py``): see ``bench/README.md``.
 """
