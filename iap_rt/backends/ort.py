@@ -85,15 +85,28 @@ class OrtRunner:
     def _open(self, options=None, providers=None):
         import onnxruntime as ort
 
+        providers = providers or self.providers
         try:
-            return ort.InferenceSession(
-                self.path, options or self.make_options(), providers=providers or self.providers
+            session = ort.InferenceSession(
+                self.path, options or self.make_options(), providers=providers
             )
         except Exception as e:  # ORT raises its own Fail/InvalidGraph/... types
             raise ArtifactError(
                 f"ONNX Runtime cannot load {self.path}: {str(e).splitlines()[0][:300]}",
                 fix=REEXPORT.format(path=os.path.dirname(self.path)),
             ) from e
+        first = providers[0] if isinstance(providers[0], str) else providers[0][0]
+        if first not in session.get_providers():
+            # ONNX Runtime only warns and runs on the CPU when a provider's libraries (CUDA,
+            # cuDNN) do not load: that must not pass for a CUDA run
+            raise BackendUnavailableError(
+                f"ONNX Runtime could not start {first} for {self.path} (it has "
+                f"{session.get_providers()}); its CUDA/cuDNN libraries did not load",
+                fix="install onnxruntime-gpu with its CUDA libraries (pip install "
+                "'onnxruntime-gpu[cuda,cudnn]', matching your driver) or put CUDA 13 and "
+                "cuDNN 9 on LD_LIBRARY_PATH; or run with device='cpu'.",
+            )
+        return session
 
     def _check_signature(self, path) -> None:
         got = {i.name: _ORT_TYPES.get(i.type, i.type) for i in self.session.get_inputs()}
@@ -171,6 +184,20 @@ class _Bound:
         return {name: np.array(v.numpy(), copy=True) for name, v in self.outputs.items()}
 
 
+def _preload_cuda_libraries() -> None:
+    """Load CUDA/cuDNN from the nvidia-* wheels where they are installed (onnxruntime-gpu's
+    ``preload_dlls``, ONNX Runtime >= 1.21): this runtime never imports torch, which would
+    otherwise have loaded them. Missing libraries are reported when a session starts."""
+    import onnxruntime as ort
+
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is not None:
+        try:
+            preload(cuda=True, cudnn=True, msvc=False)
+        except Exception:  # noqa: BLE001 - best effort; _open checks the provider started
+            pass
+
+
 def _fmt(d: dict) -> str:
     return "{" + ", ".join(f"{k}: {getattr(v, 'name', v)}" for k, v in d.items()) + "}"
 
@@ -207,6 +234,8 @@ class OrtBackend(Backend):
                 "CUDA graphs need the CUDA execution provider (this backend runs on the CPU)",
                 fix="install onnxruntime-gpu and use device='cuda', or turn cuda_graph off.",
             )
+        if device == "cuda":
+            _preload_cuda_libraries()
         self._device = device
         self.threads = threads
         self.cuda_graph, self.device_id = cuda_graph, device_id

@@ -6,7 +6,7 @@ import onnxruntime as ort
 import pytest
 
 from iap_rt.backends.ort import OrtBackend, OrtRunner
-from iap_rt.errors import ConfigError
+from iap_rt.errors import BackendUnavailableError, ConfigError
 from iap_rt.modeldir import ModelDir
 from iap_rt.pipeline import Pipeline, default_model_dir
 from iap_rt.specs import NETWORKS
@@ -109,3 +109,23 @@ def test_cuda_graph_needs_the_cuda_provider(model):
             binding="cpu",
             cuda_graph=True,
         )
+
+
+def test_a_cuda_session_that_falls_back_to_the_cpu_is_refused(model):
+    """This CPU build of ONNX Runtime has no CUDA provider: asked for one it only warns and
+    runs on the CPU (as onnxruntime-gpu does when CUDA/cuDNN do not load). The runner says so."""
+    backend = OrtBackend("cpu", threads=1)
+    with (
+        pytest.warns(UserWarning),
+        pytest.raises(BackendUnavailableError, match="could not start CUDAExecutionProvider") as e,
+    ):
+        OrtRunner(
+            NETWORKS["unet"],
+            model.network_path("unet"),
+            model.dims,
+            model.precision("unet"),
+            [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"],
+            backend.session_options,
+            binding="cuda",
+        )
+    assert "onnxruntime-gpu" in e.value.fix
