@@ -45,7 +45,9 @@ class OrtRunner:
         (``add_free_dimension_override_by_name``, so every shape computation folds into a
         constant and all nodes can sit on the CUDA provider) and ``enable_cuda_graph``, so
         ONNX Runtime captures the network once and replays it (this needs the fixed buffer
-        addresses above). Recipe of ONNX Runtime's own Stable Diffusion demo
+        addresses above; a network whose shapes change, e.g. the text encoder going from 2
+        prompts to 1 once the negative prompt is cached, gets a new session). Recipe of ONNX
+        Runtime's own Stable Diffusion demo
         (``onnxruntime/python/tools/transformers/models/stable_diffusion/ort_utils.py``,
         MIT). If ONNX Runtime refuses the capture, the runner falls back to plain binding
         and says why in ``cuda_graph_error``.
@@ -144,7 +146,7 @@ class OrtRunner:
         )
 
     def frozen_options(self, values: dict[str, int]):
-        """Session options with the graph's dynamic axes fixed to ``values`` (N, S, h, w...)."""
+        """Session options with the graph's dynamic axes fixed to ``values`` (N, B, h, w)."""
         so = self.make_options()
         for axis, size in values.items():
             so.add_free_dimension_override_by_name(axis, int(size))
