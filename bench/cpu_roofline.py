@@ -157,7 +157,9 @@ def main(argv: list[str] | None = None) -> int:
             "needs_fraction_of_ceiling": flop / target_step / ceil["ceiling_gflops"],
             "step_at_ceiling_s": flop / ceil["ceiling_gflops"],
         },
-        "command": "python " + " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
+        "command": " ".join(
+            ["python bench/cpu_roofline.py", *(sys.argv[1:] if argv is None else argv)]
+        ),
     }
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(doc, indent=1) + "\n")
