@@ -102,7 +102,12 @@ class Sources:
     scheduler: dict
     vae_scaling_factor: float
     image_size: int  # the UNet's native sample_size in pixels (generate's default)
-    unet_downsamples: int  # 2x down-samplings in the UNet: validation sizes must survive them
+
+    @property
+    def unet_downsamples(self) -> int:
+        """2x down-samplings in the UNet (log2 of ``dims.latent_multiple``): validation sizes
+        must survive them."""
+        return self.dims.latent_multiple.bit_length() - 1
 
 
 def read_sources(base: Path, encoder: Path) -> Sources:
@@ -152,7 +157,6 @@ def read_sources(base: Path, encoder: Path) -> Sources:
         {k: sched[k] for k in SCHEDULER_KEYS if k in sched},
         float(vae_cfg.get("scaling_factor", 0.18215)),
         int(unet_cfg.get("sample_size", 64)) * dims.vae_scale_factor,
-        len(unet_cfg.get("block_out_channels", (0,) * 4)) - 1,
     )
 
 

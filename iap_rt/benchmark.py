@@ -253,8 +253,6 @@ def build_arch(arch: str, root: str | os.PathLike, precision: str = "fp32") -> P
     Each part is written once: ``.complete`` markers for the PyTorch directories, the
     manifest (written last by export) for the model directory.
     """
-    import inspect
-
     from iap_rt.export.modeldir import export_model_dir
     from iap_rt.fileio import write_text_atomic
 
@@ -281,20 +279,12 @@ def build_arch(arch: str, root: str | os.PathLike, precision: str = "fp32") -> P
     if _model_ok(out):
         return out
     shutil.rmtree(out, ignore_errors=True)
-    kwargs = {}
-    if precision == "fp16":
-        params = inspect.signature(export_model_dir).parameters
-        if "fp16" in params:
-            kwargs["fp16"] = True
-        elif "precision" in params:
-            kwargs["precision"] = "fp16"
-        else:
-            raise ConfigError(
-                "this export stage writes fp32 only (export_model_dir has no fp16 option)",
-                fix="run without --fp16.",
-            )
     export_model_dir(
-        root / "sd", root / "encoder", out, model_id=f"{arch}-random-seed{BUILD_SEED}", **kwargs
+        root / "sd",
+        root / "encoder",
+        out,
+        model_id=f"{arch}-random-seed{BUILD_SEED}",
+        fp16=precision == "fp16",
     )
     return out
 

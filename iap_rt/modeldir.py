@@ -136,7 +136,7 @@ class ModelDir:
         graph when the manifest lists one for ``network``, else the plain file."""
         info = self.manifest["networks"][network]
         alt = _variant(info, variant) if variant else None
-        return self.path / (alt["file"] if isinstance(alt, dict) else info["file"])
+        return self.path / (alt or info)["file"]
 
     @property
     def tokenizer_dir(self) -> Path:
