@@ -42,7 +42,9 @@ def engines():
     default=None,
     help="Image height to optimise for [the model's native size].",
 )
-@click.option("--width", type=int, default=None, help="Image width to optimise for [512].")
+@click.option(
+    "--width", type=int, default=None, help="Image width to optimise for [the model's native size]."
+)
 @click.option("--batch", default=None, help="Images per prompt: 1 (static) or MIN:MAX, e.g. 1:4.")
 @click.option("--resolution", default=None, help="Dynamic image side range MIN:MAX, e.g. 256:768.")
 @click.option(

@@ -103,12 +103,6 @@ class Sources:
     vae_scaling_factor: float
     image_size: int  # the UNet's native sample_size in pixels (generate's default)
 
-    @property
-    def unet_downsamples(self) -> int:
-        """2x down-samplings in the UNet (log2 of ``dims.latent_multiple``): validation sizes
-        must survive them."""
-        return self.dims.latent_multiple.bit_length() - 1
-
 
 def read_sources(base: Path, encoder: Path) -> Sources:
     """Check base and encoder and derive the model's dims from their configs."""
@@ -299,7 +293,7 @@ def export_network(
         validate_onnx,
     )
 
-    ncfg = EXPORT_CONFIGS[name].for_downsamples(src.unet_downsamples)
+    ncfg = EXPORT_CONFIGS[name].for_downsamples(src.dims.unet_downsamples)
     precision = cfg.precision(name)
     echo(f"{name}: exporting {precision}, opset {cfg.opset} ...")
     t0 = time.perf_counter()
@@ -569,7 +563,7 @@ def _compare_in_ort(a: Path, b: Path, src: Sources, precision: str) -> tuple[flo
 
     from iap_rt.export.exporter import ort_session
 
-    side = 2 ** (src.unet_downsamples + 1)  # the smallest size every level can take
+    side = 2 * src.dims.latent_multiple  # the smallest size every level can take
     feed = NETWORKS["unet"].dummy_inputs(src.dims, precision, {"N": 2, "h": side, "w": side})
     outs = []
     for path in (a, b):

@@ -130,7 +130,7 @@ class Pipeline:
                 raise InputError(
                     f"{name} must be a positive multiple of {f}, got {v!r}",
                     fix=f"use e.g. --{name} {max(f, (int(v) // f) * f if isinstance(v, int) else 512)} "
-                    f"(the UNet halves the latents {self.dims.latent_multiple.bit_length() - 1} "
+                    f"(the UNet halves the latents {self.dims.unet_downsamples} "
                     f"times; the VAE scales by {self.dims.vae_scale_factor}).",
                 )
         if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= MAX_STEPS:

@@ -68,6 +68,11 @@ class ModelDims:
         """Image height and width must be multiples of this."""
         return self.vae_scale_factor * self.latent_multiple
 
+    @property
+    def unet_downsamples(self) -> int:
+        """How many times the UNet halves the latents (log2 of ``latent_multiple``)."""
+        return self.latent_multiple.bit_length() - 1
+
     def static_values(self) -> dict[str, int]:
         return {
             "S": self.text_max_length,
