@@ -51,6 +51,7 @@ def _copy(src: Path, dest: Path) -> None:
 
 def _export(base: Path, encoder: Path) -> None:
     from iap_rt.export.modeldir import export_model_dir
+    from iap_rt.modeldir import write_manifest
 
     with tempfile.TemporaryDirectory() as tmp:
         out = export_model_dir(base, encoder, Path(tmp) / "model", model_id=MODEL_ID)
@@ -60,9 +61,7 @@ def _export(base: Path, encoder: Path) -> None:
         man["encoder"] = "iap_rt/data/toy_encoder (toy pivot encoder)"
         for k in ("base", "encoder", "out"):
             man.get("export_config", {}).pop(k, None)
-        (out / "manifest.json").write_text(
-            json.dumps(man, indent=2, sort_keys=True, ensure_ascii=False) + "\n", "utf-8"
-        )
+        write_manifest(out, man)
         _copy(out, DEST)
 
 
@@ -122,6 +121,8 @@ def _grid(base: Path) -> list[dict]:
 
 
 def main() -> int:
+    from iap_rt.fileio import write_json_atomic
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--base", required=True, type=Path, help="toy base (iap-rt toy base --out)")
     ap.add_argument("--encoder", required=True, type=Path, help="chinese_encoder/ of a pivot run")
@@ -131,7 +132,7 @@ def main() -> int:
     _export(BASE_DEST, ENCODER_DEST)
     record = _evaluate(BASE_DEST)
     record["grid"] = {"file": str(GRID.relative_to(ROOT)), "columns": _grid(BASE_DEST)}
-    RESULT.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", "utf-8")
+    write_json_atomic(RESULT, record)
     print(json.dumps({k: record["heldout_full"][k] for k in ("zh", "en", "agreement")}))
     print(f"wrote {DEST}, {BASE_DEST}, {RESULT}, {GRID}")
     return 0
