@@ -24,7 +24,7 @@ COMMANDS = {
     "export": ("iap_rt.export.cli:export", "Export encoder, UNet and VAE to a model directory."),
     "engines": ("iap_rt.engines.cli:engines", "Build TensorRT engines from a model directory."),
     "bench": ("iap_rt.bench:bench", "Benchmark backends side by side (JSON results)."),
-    "toy": ("iap_rt.toy.cli:toy", "The toy world: data, base model, evaluation."),
+    "toy": ("iap_rt.train.toy.cli:toy", "The toy world: data, base model, evaluation."),
 }
 
 

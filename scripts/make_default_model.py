@@ -66,7 +66,7 @@ def _export(base: Path, encoder: Path) -> None:
 
 
 def _evaluate(base: Path) -> dict:
-    from iap_rt.toy.evaluate import (
+    from iap_rt.train.toy.evaluate import (
         agreement,
         diffusers_generator,
         evaluate,
@@ -102,7 +102,7 @@ def _grid(base: Path) -> list[dict]:
     import numpy as np
     from PIL import Image
 
-    from iap_rt.toy.evaluate import (
+    from iap_rt.train.toy.evaluate import (
         diffusers_generator,
         eval_items,
         grid,

@@ -12,8 +12,8 @@ torch = pytest.importorskip("torch")
 
 @pytest.fixture(scope="module")
 def toy_base(tmp_path_factory):
-    from iap_rt.toy.base import BaseConfig, train_base
-    from iap_rt.toy.data import write_dataset
+    from iap_rt.train.toy.base import BaseConfig, train_base
+    from iap_rt.train.toy.data import write_dataset
 
     root = tmp_path_factory.mktemp("toybase")
     write_dataset(root / "data", n=64, seed=0, n_test=8)
@@ -52,7 +52,7 @@ def test_base_dir_loads_with_diffusers(toy_base):
 
 
 def test_resume_continues(toy_base, tmp_path):
-    from iap_rt.toy.base import train_base
+    from iap_rt.train.toy.base import train_base
 
     out, cfg = toy_base
     train_base(out.parent / "data", out, minutes=5, max_steps=4, cfg=cfg, progress=str)
@@ -60,7 +60,7 @@ def test_resume_continues(toy_base, tmp_path):
 
 
 def test_eval_runs_on_base(toy_base):
-    from iap_rt.toy.evaluate import diffusers_generator, evaluate
+    from iap_rt.train.toy.evaluate import diffusers_generator, evaluate
 
     out, _ = toy_base
     gen = diffusers_generator(out, steps=2, batch=4)
@@ -74,7 +74,7 @@ def test_eval_runs_on_base(toy_base):
 
 
 def test_transfer_grid_runs_every_cell_with_a_time_budget_and_resumes(toy_base, tmp_path):
-    from iap_rt.toy import transfer
+    from iap_rt.train.toy import transfer
 
     out, _ = toy_base
     work, results = tmp_path / "work", tmp_path / "results"

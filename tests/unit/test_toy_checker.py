@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from iap_rt.toy.checker import HEADS, Checker, synthetic_set
+from iap_rt.train.toy.checker import HEADS, Checker, synthetic_set
 
 
 def test_checker_accuracy_on_fresh_images():

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from iap_rt.toy import data as d
+from iap_rt.train.toy import data as d
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +112,7 @@ def test_vocabularies_cover_captions():
 
 def test_toy_cli_imports_no_torch(tmp_path):
     code = (
-        "import sys; from iap_rt.toy.cli import toy; import iap_rt.toy.data, "
-        "iap_rt.toy.checker, iap_rt.toy.evaluate; assert 'torch' not in sys.modules"
+        "import sys; from iap_rt.train.toy.cli import toy; import iap_rt.train.toy.data, "
+        "iap_rt.train.toy.checker, iap_rt.train.toy.evaluate; assert 'torch' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

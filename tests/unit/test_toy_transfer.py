@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from iap_rt.toy import evaluate, transfer
-from iap_rt.toy.cli import toy
+from iap_rt.train.toy import evaluate, transfer
+from iap_rt.train.toy.cli import toy
 
 
 def test_encoder_config_matches_the_unet_width_and_vocab():

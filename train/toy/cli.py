@@ -30,7 +30,7 @@ def toy():
 )
 def data_cmd(out, n, n_test, seed, split_seed):
     """Write images + train/test JSONL (+ 1%/3%/10% subsets) that `iap-rt train` reads."""
-    from iap_rt.toy.data import write_dataset
+    from iap_rt.train.toy.data import write_dataset
 
     meta = write_dataset(out, n=n, seed=seed, split_seed=split_seed, n_test=n_test)
     click.echo(
@@ -58,9 +58,9 @@ def unpack_cmd(out, n):
 
     from iap_rt.fileio import staging_dir, write_json_atomic
     from iap_rt.tokenizer import bert_chinese_vocab_path, build_wordpiece_tokenizer
-    from iap_rt.toy.base import shipped_base_dir
-    from iap_rt.toy.data import write_dataset
-    from iap_rt.toy.transfer import encoder_config
+    from iap_rt.train.toy.base import shipped_base_dir
+    from iap_rt.train.toy.data import write_dataset
+    from iap_rt.train.toy.transfer import encoder_config
 
     src, dst = shipped_base_dir(), Path(out) / "base"
     if dst.exists():
@@ -96,7 +96,7 @@ def base_cmd(data_dir, out, minutes, max_steps, seed, batch_size, threads, fresh
     """Train the English base model (diffusers format) from scratch; resumes from OUT."""
     import dataclasses
 
-    from iap_rt.toy.base import BaseConfig, train_base
+    from iap_rt.train.toy.base import BaseConfig, train_base
 
     cfg = BaseConfig(seed=seed, threads=threads)
     if batch_size:
@@ -117,7 +117,7 @@ def base_cmd(data_dir, out, minutes, max_steps, seed, batch_size, threads, fresh
 @click.option("--seed", default=0, show_default=True)
 def checker_cmd(out, seed):
     """Train the attribute checker (small CNN) and print its accuracy on fresh images."""
-    from iap_rt.toy.checker import train_checker
+    from iap_rt.train.toy.checker import train_checker
 
     res = train_checker(out, seed=seed, progress=lambda m: click.echo(m, err=True))
     click.echo(json.dumps(res))
@@ -141,8 +141,8 @@ def checker_cmd(out, seed):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def eval_cmd(model, lang, combos, max_combos, seeds, steps, guidance, checker_path, grid, as_json):
     """Generate for every held-out combination and report colour/shape/position accuracy."""
-    from iap_rt.toy.checker import Checker
-    from iap_rt.toy.evaluate import evaluate, select_combos
+    from iap_rt.train.toy.checker import Checker
+    from iap_rt.train.toy.evaluate import evaluate, select_combos
 
     model = Path(model)
     if (model / "unet").is_dir() and (model / "text_encoder").is_dir():
@@ -150,11 +150,11 @@ def eval_cmd(model, lang, combos, max_combos, seeds, steps, guidance, checker_pa
             raise click.UsageError(
                 "a diffusers base directory has only the English text encoder: use --lang en"
             )
-        from iap_rt.toy.evaluate import diffusers_generator
+        from iap_rt.train.toy.evaluate import diffusers_generator
 
         generate = diffusers_generator(model, steps=steps, guidance=guidance)
     elif (model / "manifest.json").is_file():  # an exported iap-rt model directory
-        from iap_rt.toy.evaluate import runtime_generator
+        from iap_rt.train.toy.evaluate import runtime_generator
 
         generate = runtime_generator(model, steps=steps, guidance=guidance)
     else:
@@ -175,7 +175,7 @@ def eval_cmd(model, lang, combos, max_combos, seeds, steps, guidance, checker_pa
     if grid:
         from PIL import Image
 
-        from iap_rt.toy.evaluate import grid as make_grid
+        from iap_rt.train.toy.evaluate import grid as make_grid
 
         Image.fromarray(make_grid(images, cols=seeds * 4)).save(grid)
     if as_json:
@@ -242,7 +242,7 @@ def transfer_cmd(
 
     Every Chinese row trains a fresh encoder for the same time on the same data fraction, for
     every seed; finished cells are kept in WORK, so an interrupted run resumes."""
-    from iap_rt.toy.transfer import default_eval, run_grid
+    from iap_rt.train.toy.transfer import default_eval, run_grid
 
     try:
         seed_list = tuple(int(s) for s in seeds.split(",") if s.strip())

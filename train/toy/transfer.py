@@ -141,7 +141,7 @@ def english_reference(base: Path, work: Path, ev: dict) -> dict:
     """Evaluate the English base once (cached in ``work/english.json`` + ``english.npz``)."""
     import numpy as np
 
-    from iap_rt.toy.evaluate import diffusers_generator, evaluate
+    from iap_rt.train.toy.evaluate import diffusers_generator, evaluate
 
     js, npz = work / "english.json", work / "english.npz"
     if js.is_file() and npz.is_file():
@@ -166,7 +166,7 @@ def run_cell(spec: dict) -> dict:
     :func:`default_eval`)."""
     import numpy as np
 
-    from iap_rt.toy.evaluate import agreement, evaluate, runtime_generator
+    from iap_rt.train.toy.evaluate import agreement, evaluate, runtime_generator
 
     data, base, work = Path(spec["data"]), Path(spec["base"]), Path(spec["work"])
     frac, seed, obj, ev = spec["fraction"], spec["seed"], spec["objective"], spec["eval"]
@@ -223,7 +223,7 @@ def _calibration_result(work: Path, objective: str) -> Path:
 
 
 def _run_workers(tasks: list[tuple[str, str, dict, Path]], work: Path, jobs: int, log) -> None:
-    """Run ``python -m iap_rt.toy.transfer MODE SPEC`` for every ``(mode, name, spec, result)``
+    """Run ``python -m iap_rt.train.toy.transfer MODE SPEC`` for every ``(mode, name, spec, result)``
     whose result file is missing, as one-thread subprocesses, ``jobs`` at a time; each worker
     writes its own result file, so a finished task is never run again."""
     todo = [t for t in tasks if not t[3].is_file()]
@@ -237,7 +237,7 @@ def _run_workers(tasks: list[tuple[str, str, dict, Path]], work: Path, jobs: int
             spec_path = work / "specs" / f"{name}.json"
             write_json_atomic(spec_path, spec)
             logf = open(work / "logs" / f"{name}.log", "w")  # noqa: SIM115 (closed with the proc)
-            cmd = [sys.executable, "-m", "iap_rt.toy.transfer", mode, str(spec_path)]
+            cmd = [sys.executable, "-m", "iap_rt.train.toy.transfer", mode, str(spec_path)]
             running.append((subprocess.Popen(cmd, stdout=logf, stderr=logf, env=env), name))
             log(f"started {name}")
         time.sleep(0.5)
@@ -446,7 +446,7 @@ def markdown(record: dict) -> str:
     return "\n".join(out)
 
 
-if __name__ == "__main__":  # worker entry: python -m iap_rt.toy.transfer cell|calibrate SPEC
+if __name__ == "__main__":  # worker entry: python -m iap_rt.train.toy.transfer cell|calibrate SPEC
     mode, spec_file = sys.argv[1], sys.argv[2]
     spec = json.loads(Path(spec_file).read_text("utf-8"))
     import torch

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from iap_rt.errors import ArtifactNotFoundError
-from iap_rt.toy import data as toydata
+from iap_rt.train.toy import data as toydata
 
 HEADS = {"colour": toydata.COLOURS, "shape": toydata.SHAPES, "position": toydata.POSITIONS}
 WIDTHS = (16, 32, 32)

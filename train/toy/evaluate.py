@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from iap_rt.errors import InputError
-from iap_rt.toy import data as toydata
-from iap_rt.toy.checker import HEADS, Checker
+from iap_rt.train.toy import data as toydata
+from iap_rt.train.toy.checker import HEADS, Checker
 
 EVAL_SEED = 20261124
 LANGS = ("en", "zh")
@@ -139,7 +139,7 @@ def diffusers_generator(
     from diffusers import DDIMScheduler
 
     from iap_rt.pipeline import initial_noise as noise
-    from iap_rt.toy.base import load_base, tokenize
+    from iap_rt.train.toy.base import load_base, tokenize
 
     torch.set_num_threads(threads)
     tok, text, unet, vae, sched_cfg = load_base(model_dir)

@@ -5,7 +5,7 @@ The output directory is an ordinary SD 1.x-shaped pipeline directory that ``iap-
 
     unet/            UNet2DConditionModel (EMA weights), pixel-space 32x32x3 "latents"
     vae/             AutoencoderKL with fixed weights: a (near) lossless standardising identity
-                     (see :mod:`iap_rt.toy.vae`), vae_scale_factor 1
+                     (see :mod:`iap_rt.train.toy.vae`), vae_scale_factor 1
     text_encoder/    CLIPTextModel, 64 wide x 3 layers (EMA weights)
     tokenizer/       CLIPTokenizer with a word-level vocabulary (vocab.json + merges.txt whose
                      merges spell out every caption word, so each word is one token)
@@ -45,7 +45,7 @@ from pathlib import Path
 
 from iap_rt.errors import ArtifactNotFoundError, InputError
 from iap_rt.fileio import ensure_dir, write_json_atomic, write_text_atomic
-from iap_rt.toy import data as toydata
+from iap_rt.train.toy import data as toydata
 
 log = logging.getLogger(__name__)
 
@@ -343,7 +343,7 @@ def train_base(
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from iap_rt.toy.vae import build_pixel_vae, roundtrip_error
+    from iap_rt.train.toy.vae import build_pixel_vae, roundtrip_error
 
     cfg = cfg or BaseConfig()
     torch.set_num_threads(cfg.threads)
