@@ -54,8 +54,8 @@ def export_child(work: Path) -> dict:
     from diffusers import UNet2DConditionModel
 
     from iap_rt.export.attention import make_attention_fusable
-    from iap_rt.export.configs import EXPORT_CONFIGS
     from iap_rt.export.exporter import export_onnx
+    from iap_rt.export.networks import EXPORT_CONFIGS
     from iap_rt.specs import ModelDims
 
     torch.manual_seed(0)

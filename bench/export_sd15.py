@@ -48,7 +48,7 @@ def child_build(work: Path) -> dict:
 
 
 def child_export(work: Path, precision: str, network: str) -> dict:
-    from iap_rt.export.modeldir import export_model_dir
+    from iap_rt.export.stage import export_model_dir
 
     out = export_model_dir(
         work / "sd",

@@ -1,8 +1,12 @@
-"""The engines stage: a model directory's ONNX files -> TensorRT engines + sidecars.
+"""The engines stage (``iap_rt.engines``, the repository's ``engines/`` folder).
 
-Works from ONNX files only, with ``tensorrt`` (>= 10) or ``tensorrt_rtx``; never imports
-torch. Entry points: :func:`iap_rt.engines.api.build_engines`,
-:func:`iap_rt.engines.api.maybe_build_engines` (``iap-rt export --engines``) and the
-``iap-rt engines`` command (:mod:`iap_rt.engines.cli`). The runtime side (sidecar checks,
-loading, running) is :mod:`iap_rt.backends.trt`.
+A model directory's ONNX files -> TensorRT engines + sidecars in ``engines/<gpu-tag>/``.
+Works from ONNX files only, with ``tensorrt`` (>= 10) or ``tensorrt_rtx`` (which builds without
+a GPU); never imports torch. The engine-artifact format (layout, sidecars, checks) is owned by
+:mod:`iap_rt.enginedir`; loading and running engines is :mod:`iap_rt.backends.trt`.
+
+Extra: ``pip install 'iap-rt[trt]'`` (TensorRT-RTX, polygraphy, onnx), or full TensorRT from
+NVIDIA (README). Entry points: ``iap-rt engines build|check`` (:mod:`iap_rt.engines.cli`),
+:func:`iap_rt.engines.api.build_engines`, :func:`iap_rt.engines.api.maybe_build_engines`
+(``iap-rt export --engines``).
 """

@@ -18,7 +18,8 @@ import platform
 from collections.abc import Callable
 from pathlib import Path
 
-from iap_rt.backends import trt as rt
+from iap_rt import cuda
+from iap_rt import enginedir as ed
 from iap_rt.config import resolve
 from iap_rt.engines.build import BuildOptions, build_engine
 from iap_rt.engines.config import EngineConfig
@@ -42,12 +43,12 @@ REUSE_KEYS = (
 )  # fmt: skip
 
 
-def pick_flavour(requested: str, gpu: rt.GpuInfo | None) -> str:
+def pick_flavour(requested: str, gpu: cuda.GpuInfo | None) -> str:
     """auto: the one installed; with both, ``tensorrt`` where a GPU is visible (engines tuned
     for it), else ``tensorrt_rtx`` (builds without a GPU)."""
     if requested != "auto":
         return requested
-    have = rt.installed_flavours()
+    have = ed.installed_flavours()
     if not have:
         raise BackendUnavailableError(
             "no TensorRT is installed (neither tensorrt nor tensorrt_rtx imports)",
@@ -59,7 +60,7 @@ def pick_flavour(requested: str, gpu: rt.GpuInfo | None) -> str:
     return have[0]
 
 
-def _targets(cfg: EngineConfig, flavour: str, gpu: rt.GpuInfo | None) -> tuple[str, ...]:
+def _targets(cfg: EngineConfig, flavour: str, gpu: cuda.GpuInfo | None) -> tuple[str, ...]:
     targets = cfg.rtx_targets()
     if flavour == "tensorrt":
         if targets:
@@ -79,24 +80,24 @@ def _targets(cfg: EngineConfig, flavour: str, gpu: rt.GpuInfo | None) -> tuple[s
     return targets
 
 
-def _target_record(flavour: str, gpu: rt.GpuInfo | None, targets: tuple[str, ...]) -> dict:
+def _target_record(flavour: str, gpu: cuda.GpuInfo | None, targets: tuple[str, ...]) -> dict:
     if flavour == "tensorrt":
         assert gpu is not None  # gpu_tag raised before
-        return {"gpu_tag": rt.gpu_tag(flavour, gpu), "compute_capabilities": [gpu.cc_str],
+        return {"gpu_tag": ed.gpu_tag(flavour, gpu), "compute_capabilities": [gpu.cc_str],
                 "gpu_name": gpu.name}  # fmt: skip
-    return {"gpu_tag": rt.gpu_tag(flavour, gpu, targets), "compute_capabilities": list(targets),
+    return {"gpu_tag": ed.gpu_tag(flavour, gpu, targets), "compute_capabilities": list(targets),
             "gpu_name": None}  # fmt: skip
 
 
 def _reusable(sidecar_path: Path, want: dict) -> dict | None:
     """The existing sidecar if its engine can be reused for ``want``, else None."""
     try:
-        have = rt.read_sidecar(sidecar_path)
+        have = ed.read_sidecar(sidecar_path)
     except ArtifactError:
         return None
     if any(have.get(k) != want.get(k) for k in REUSE_KEYS):
         return None
-    if rt.engine_file_problem(rt.engine_path(sidecar_path, have), have) is not None:
+    if ed.engine_file_problem(ed.engine_path(sidecar_path, have), have) is not None:
         return None
     return have
 
@@ -112,10 +113,10 @@ def build_engines(
     config = config or EngineConfig()
     model = ModelDir.open(model_dir)
     cfg = config.checked(model.dims, int(model.manifest.get("image_size", 512)))
-    gpu = rt.gpu_info()
+    gpu = cuda.gpu_info()
     flavour = pick_flavour(cfg.flavour, gpu)
-    trt = rt.import_trt(flavour)
-    version = rt.trt_version(trt)
+    trt = ed.import_trt(flavour)
+    version = ed.trt_version(trt)
     targets = _targets(cfg, flavour, gpu)
     target = _target_record(flavour, gpu, targets)
     out_dir = ensure_dir(model.engines_dir / target["gpu_tag"])
@@ -133,14 +134,14 @@ def build_engines(
     for net in cfg.network_names():
         spec = NETWORKS[net]
         profile = cfg.profile(spec, model.dims)
-        stem = rt.engine_stem(net, profile.pop("label"))
-        plan_path = out_dir / f"{stem}{rt.ENGINE_SUFFIX}"
-        side_path = out_dir / f"{stem}{rt.SIDECAR_SUFFIX}"
+        stem = ed.engine_stem(net, profile.pop("label"))
+        plan_path = out_dir / f"{stem}{ed.ENGINE_SUFFIX}"
+        side_path = out_dir / f"{stem}{ed.SIDECAR_SUFFIX}"
         onnx_path = model.network_path(net)
         precision = model.precision(net)
         want = {
-            "format": rt.SIDECAR_FORMAT,
-            "format_version": rt.SIDECAR_VERSION,
+            "format": ed.SIDECAR_FORMAT,
+            "format_version": ed.SIDECAR_VERSION,
             "network": net,
             "engine_file": plan_path.name,
             "spec_hash": spec_hash(),
@@ -213,11 +214,11 @@ def _external_data_sha256(model: ModelDir, net: str) -> str | None:
 def _remove_other_profiles(out_dir: Path, net: str, keep: str, echo) -> None:
     """One engine per network and GPU tag: drop engines of the same network built for
     another profile (the runtime would otherwise load both)."""
-    for side in rt.sidecars(out_dir, net):
-        stem = side.name[: -len(rt.SIDECAR_SUFFIX)]
+    for side in ed.sidecars(out_dir, net):
+        stem = side.name[: -len(ed.SIDECAR_SUFFIX)]
         if stem == keep:
             continue
-        plan = out_dir / f"{stem}{rt.ENGINE_SUFFIX}"
+        plan = out_dir / f"{stem}{ed.ENGINE_SUFFIX}"
         side.unlink(missing_ok=True)  # sidecar first: a lone plan is never loaded
         plan.unlink(missing_ok=True)
         echo(f"{net}: removed {plan.name} (another profile)")
@@ -253,7 +254,7 @@ def maybe_build_engines(
 
 
 def _cannot_build_reason(flavour: str) -> str | None:
-    have = rt.installed_flavours()
+    have = ed.installed_flavours()
     wanted = have if flavour == "auto" else [f for f in have if f == flavour]
     if not wanted:
         return (
@@ -261,7 +262,7 @@ def _cannot_build_reason(flavour: str) -> str | None:
             if flavour != "auto"
             else ("no TensorRT is installed: pip install tensorrt-rtx-cu13 or tensorrt")
         )
-    if wanted == ["tensorrt"] and rt.gpu_info() is None:
+    if wanted == ["tensorrt"] and cuda.gpu_info() is None:
         return "full TensorRT needs a GPU to build and none is visible"
     return None
 
@@ -271,14 +272,14 @@ def check_engines(model_dir, flavour: str = "auto") -> list[dict]:
     ``ok`` or the problems (sidecar vs model, installed TensorRT and GPU where present,
     file size and sha256). Nothing is deserialized."""
     model = ModelDir.open(model_dir)
-    gpu = rt.gpu_info()
-    installed = {f: None for f in rt.installed_flavours()}
+    gpu = cuda.gpu_info()
+    installed = {f: None for f in ed.installed_flavours()}
     rows = []
     for d in sorted(p for p in model.engines_dir.glob("*") if p.is_dir()):
-        for side in rt.sidecars(d):
+        for side in ed.sidecars(d):
             row = {"dir": d.name, "sidecar": side.name, "problems": []}
             try:
-                sc = rt.read_sidecar(side, model.path)
+                sc = ed.read_sidecar(side, model.path)
             except ArtifactError as e:
                 row["problems"].append(str(e))
                 rows.append(row)
@@ -288,20 +289,20 @@ def check_engines(model_dir, flavour: str = "auto") -> list[dict]:
                 continue
             version = None
             if f in installed:
-                installed[f] = installed[f] or rt.trt_version(rt.import_trt(f))
+                installed[f] = installed[f] or ed.trt_version(ed.import_trt(f))
                 version = installed[f]
             else:
                 row["problems"].append(f"flavour: {f} is not installed here")
-            row["problems"] += rt.sidecar_problems(
+            row["problems"] += ed.sidecar_problems(
                 sc, model, flavour=f if f in installed else None, version=version, gpu=gpu
             )
-            problem = rt.engine_file_problem(rt.engine_path(side, sc), sc)
+            problem = ed.engine_file_problem(ed.engine_path(side, sc), sc)
             if problem:
                 row["problems"].append(problem)
             row.update(
                 engine=sc.get("engine_file"), network=sc.get("network"), flavour=f,
                 trt_version=sc.get("trt_version"), precision=sc.get("precision"),
-                rebuild=rt.rebuild_command(model.path, sc),
+                rebuild=ed.rebuild_command(model.path, sc),
             )  # fmt: skip
             rows.append(row)
     return rows

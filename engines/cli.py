@@ -105,7 +105,8 @@ def build(model, config_path, force, **options):  # fmt: skip
 )
 def check(model, flavour):
     """Check every engine's sidecar and file without loading it into TensorRT."""
-    from iap_rt.backends.trt import gpu_info, installed_flavours
+    from iap_rt.cuda import gpu_info
+    from iap_rt.enginedir import installed_flavours
     from iap_rt.engines.api import check_engines
 
     rows = check_engines(model, flavour)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from iap_rt.backends.trt import FLAVOURS, profile_label
 from iap_rt.config import opt
+from iap_rt.enginedir import FLAVOURS, profile_label
 from iap_rt.errors import ConfigError
 from iap_rt.specs import DERIVED_AXES, DYNAMIC_AXES, NETWORKS, ModelDims, NetworkSpec
 

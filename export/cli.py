@@ -60,7 +60,8 @@ def export(base, encoder, out, fp16, fp16_vae, opset, networks, force, model_id,
     Settings come from defaults < iap-rt.toml [export] (or --config) < these options.
     """
     from iap_rt.export.config import resolve_export_config
-    from iap_rt.export.modeldir import run_export
+    from iap_rt.export.stage import run_export
+    from iap_rt.extras import require
 
     cfg = resolve_export_config(
         config_path,
@@ -76,4 +77,6 @@ def export(base, encoder, out, fp16, fp16_vae, opset, networks, force, model_id,
         engines=engines,
         ort_unet=ort_unet,
     )
+    if cfg.engines != "only":  # --engines only builds from the ONNX already there
+        require("export", "export")
     run_export(cfg, echo=click.echo)

@@ -1,6 +1,6 @@
 """PyTorch module -> cleaned ONNX file (dynamo exporter), validated in ONNX Runtime.
 
-The steps for one network, in the order :func:`iap_rt.export.modeldir.export_model_dir` runs
+The steps for one network, in the order :func:`iap_rt.export.stage.export_model_dir` runs
 them (so the fp32 module, the exporter's copy and the ONNX Runtime session are never all in
 memory at once):
 
@@ -23,7 +23,6 @@ import numpy as np
 import torch
 
 from iap_rt.errors import ExportValidationError
-from iap_rt.export.configs import NetworkExportConfig
 from iap_rt.export.graph import (
     EXTERNAL_DATA_THRESHOLD,
     attention_summary,
@@ -35,6 +34,7 @@ from iap_rt.export.graph import (
     restore_external,
     save_model,
 )
+from iap_rt.export.networks import NetworkExportConfig
 from iap_rt.specs import ModelDims
 
 

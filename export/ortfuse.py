@@ -11,7 +11,7 @@ projections' outputs before the head split; ``num_heads`` from the Reshape's sha
 ``scale`` from the Mul), keeping the output name so the rest of the graph is untouched.
 
 The result is an ONNX Runtime-only graph (TensorRT cannot parse the contrib op), so it is
-written as a separate file (``unet.ort.onnx``, see :func:`iap_rt.export.modeldir.ort_variant`;
+written as a separate file (``unet.ort.onnx``, see :func:`write_ort_variant`;
 the ``ort`` backend prefers it on CPU and CUDA; the CUDA provider runs MultiHeadAttention with
 its flash / memory-efficient kernels, fp16 included). Only the graph is rewritten: a model whose weights live in
 external data keeps pointing at the same data file, so the rewritten file must sit beside
@@ -22,9 +22,14 @@ from __future__ import annotations
 
 import collections
 import os
+import time
 from pathlib import Path
 
 from iap_rt.errors import ArtifactMismatchError
+from iap_rt.export.config import ExportConfig
+from iap_rt.fileio import sha256_file
+from iap_rt.modeldir import ORT_UNET_FILE, ORT_VARIANT, drop_legacy_variant_keys
+from iap_rt.specs import NETWORKS, ModelDims
 
 
 def fuse_attention_for_ort(src: str | os.PathLike, dst: str | os.PathLike) -> int:
@@ -109,3 +114,79 @@ def fuse_attention_for_ort(src: str | os.PathLike, dst: str | os.PathLike) -> in
     onnx.save(m, str(tmp))
     os.replace(tmp, dst)
     return len(replace)
+
+
+# ---- the UNet's ONNX Runtime variant in a model directory ------------------------------------------
+# max |variant - unet.onnx| allowed, relative to max(1, max |output|), per precision
+ORT_VARIANT_TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2}
+
+
+def wants_ort_variant(cfg: ExportConfig, entry: dict) -> bool:
+    """UNets with fusable attention; ``auto`` only when the weights are external (big models,
+    where the unfused scores cost GBs; small models would duplicate their weights)."""
+    if cfg.ort_unet == "never":
+        return False
+    if not entry.get("attention", {}).get("fusable"):
+        return False
+    return cfg.ort_unet == "always" or "external_data" in entry
+
+
+def ort_variant_settled(previous: dict, cfg: ExportConfig) -> bool:
+    unet = previous.get("networks", {}).get("unet")
+    return unet is None or wants_ort_variant(cfg, unet) == (ORT_VARIANT in unet)
+
+
+def write_ort_variant(stage: Path, entry: dict, cfg: ExportConfig, dims: ModelDims, echo) -> None:
+    """Write, keep or drop ``unet.ort.onnx`` in ``stage`` and ``entry["ort"]``.
+
+    The variant is derived from ``unet.onnx`` alone (:func:`fuse_attention_for_ort`: the same
+    graph with ONNX Runtime's fused MultiHeadAttention; same weights file), so it is checked
+    against ``unet.onnx`` in ONNX Runtime, not against PyTorch."""
+    path = stage / ORT_UNET_FILE
+    if not wants_ort_variant(cfg, entry):
+        path.unlink(missing_ok=True)
+        entry.pop(ORT_VARIANT, None)
+        return
+    old = entry.get(ORT_VARIANT)
+    if old and old.get("unet_sha256") == entry["sha256"] and path.is_file():
+        if path.stat().st_size == old.get("bytes"):
+            return  # carried over with its UNet
+    t0 = time.perf_counter()
+    drop_legacy_variant_keys(entry, ORT_VARIANT)
+    fused = fuse_attention_for_ort(stage / entry["file"], path)
+    precision = entry["precision"]
+    diff, scale = _compare_in_ort(stage / entry["file"], path, dims, precision)
+    if diff > ORT_VARIANT_TOLERANCE[precision] * max(1.0, scale):
+        path.unlink(missing_ok=True)
+        raise ArtifactMismatchError(
+            f"{ORT_UNET_FILE} differs from {entry['file']} by {diff:.3g} (outputs up to "
+            f"{scale:.3g}) in ONNX Runtime",
+            fix="export with --ort-unet never and report the model.",
+        )
+    entry[ORT_VARIANT] = {
+        "file": ORT_UNET_FILE,
+        "bytes": path.stat().st_size,
+        "sha256": sha256_file(path),
+        "unet_sha256": entry["sha256"],
+        "attention_fused": fused,
+        "max_abs_diff": diff,
+        "s": round(time.perf_counter() - t0, 2),
+    }
+    echo(f"unet: {ORT_UNET_FILE} with {fused} fused attentions (max diff {diff:.2g})")
+
+
+def _compare_in_ort(a: Path, b: Path, dims: ModelDims, precision: str) -> tuple[float, float]:
+    """Max |a - b| of the two UNet graphs on the contract's seeded dummy input (CPU, the
+    validation session), and max |a|."""
+    import numpy as np
+
+    from iap_rt.export.exporter import ort_session
+
+    side = 2 * dims.latent_multiple  # the smallest size every level can take
+    feed = NETWORKS["unet"].dummy_inputs(dims, precision, {"N": 2, "h": side, "w": side})
+    outs = []
+    for path in (a, b):
+        sess = ort_session(path)
+        outs.append(sess.run(None, feed)[0].astype(np.float32))
+        del sess
+    return float(np.abs(outs[0] - outs[1]).max()), float(np.abs(outs[0]).max())

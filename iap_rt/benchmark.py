@@ -253,7 +253,7 @@ def build_arch(arch: str, root: str | os.PathLike, precision: str = "fp32") -> P
     Each part is written once: ``.complete`` markers for the PyTorch directories, the
     manifest (written last by export) for the model directory.
     """
-    from iap_rt.export.modeldir import export_model_dir
+    from iap_rt.export.stage import export_model_dir
     from iap_rt.fileio import write_text_atomic
 
     root = Path(root)

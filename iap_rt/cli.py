@@ -42,8 +42,7 @@ class LazyGroup(click.Group):
         try:
             mod = importlib.import_module(mod_name)
         except ModuleNotFoundError as e:
-            missing = e.name or "?"
-            return _unavailable(name, missing)
+            return _unavailable(name, e.name or "?")
         return getattr(mod, attr)
 
     def format_commands(self, ctx, formatter):
@@ -52,18 +51,39 @@ class LazyGroup(click.Group):
             formatter.write_dl(rows)
 
 
-def _unavailable(name: str, missing: str) -> click.Command:
-    extra = {"train": "train", "export": "export", "engines": "trt", "bench": "export"}.get(
-        name, "all"
+# command -> the extra it needs beyond the base install
+COMMAND_EXTRAS = {
+    "train": "train",
+    "export": "export",
+    "engines": "trt",
+    "toy": "train",
+    "bench": "export",
+}
+
+
+def missing_module_error(command: str, module: str) -> IapRtError:
+    """The one-line error for ``iap-rt COMMAND`` failing to import ``module``."""
+    from iap_rt.extras import install_hint, stage_not_installed
+
+    why = stage_not_installed(module)
+    if why:
+        return IapRtError(
+            f"`iap-rt {command}` cannot run: {why}",
+            fix="install the checkout: pip install -e '.[all]' (install torch==2.13.0 or your "
+            "CUDA build of torch first), or run the installed iap-rt.",
+        )
+    extra = COMMAND_EXTRAS.get(command, "all")
+    return IapRtError(
+        f"`iap-rt {command}` needs the Python package '{module}', which is not installed",
+        fix=install_hint(extra) + ".",
     )
 
-    @click.command(name, context_settings={"ignore_unknown_options": True})
+
+def _unavailable(name: str, missing: str) -> click.Command:
+    @click.command(name, add_help_option=False, context_settings={"ignore_unknown_options": True})
     @click.argument("args", nargs=-1, type=click.UNPROCESSED)
     def cmd(args):
-        raise IapRtError(
-            f"`iap-rt {name}` needs the Python package '{missing}', which is not installed",
-            fix=f"pip install 'iap-rt[{extra}]' (install torch==<version> first for torch extras).",
-        )
+        raise missing_module_error(name, missing)
 
     return cmd
 
@@ -99,6 +119,13 @@ def main(argv=None) -> None:
             raise
         click.echo(f"error: {e}", err=True)
         sys.exit(e.exit_code)
+    except ModuleNotFoundError as e:  # an optional dependency imported inside a command
+        if debug:
+            raise
+        args = argv if argv is not None else sys.argv[1:]
+        command = next((a for a in args if a in COMMANDS), "?")
+        click.echo(f"error: {missing_module_error(command, e.name or '?')}", err=True)
+        sys.exit(1)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)

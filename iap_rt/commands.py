@@ -75,8 +75,8 @@ def generate(prompt, as_json, config_path, prompts_file, no_progress, **options)
     """
     from iap_rt.backends import get_backend
     from iap_rt.images import plan_outputs, save_png
-    from iap_rt.modeldir import ModelDir
-    from iap_rt.pipeline import Pipeline, default_model_dir
+    from iap_rt.modeldir import ModelDir, default_model_dir
+    from iap_rt.pipeline import Pipeline
 
     cfg = resolve(GenerateConfig, "generate", config_path, options)
     if prompts_file:
@@ -126,26 +126,26 @@ def generate(prompt, as_json, config_path, prompts_file, no_progress, **options)
 @click.option("--model", type=click.Path(), help="Model directory (default: the embedded model).")
 def info(model):
     """Show installed backends, execution providers, TensorRT and the model manifest."""
-    import importlib.metadata as md
+    import importlib.metadata
 
     import onnxruntime as ort
 
-    from iap_rt.modeldir import ModelDir
-    from iap_rt.pipeline import default_model_dir
+    from iap_rt.modeldir import ModelDir, default_model_dir
 
-    click.echo(f"iap-rt {md.version('iap-rt')}  python {sys.version.split()[0]}")
+    version = importlib.metadata.version("iap-rt")
+    click.echo(f"iap-rt {version}  python {sys.version.split()[0]}")
     click.echo(
         f"onnxruntime {ort.__version__}: providers {', '.join(ort.get_available_providers())}"
     )
     trt = _tensorrt_flavours()
     click.echo("TensorRT: " + (", ".join(f"{k} {v}" for k, v in trt.items()) or "not installed"))
-    md_ = ModelDir.open(model or default_model_dir())
-    click.echo(f"model: {md_.path}")
-    click.echo(json.dumps(md_.manifest, indent=2, ensure_ascii=False))
+    opened = ModelDir.open(model or default_model_dir())
+    click.echo(f"model: {opened.path}")
+    click.echo(json.dumps(opened.manifest, indent=2, ensure_ascii=False))
 
 
 def _tensorrt_flavours() -> dict:
-    import importlib.metadata as md
+    import importlib.metadata
 
     found = {}
     for flavour, dists in (
@@ -154,9 +154,9 @@ def _tensorrt_flavours() -> dict:
     ):
         for d in dists:
             try:
-                found[flavour] = md.version(d)
+                found[flavour] = importlib.metadata.version(d)
                 break
-            except md.PackageNotFoundError:
+            except importlib.metadata.PackageNotFoundError:
                 continue
     return found
 

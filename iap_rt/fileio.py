@@ -150,3 +150,22 @@ def exclusive_lock(final: str | os.PathLike, what: str = "iap-rt export") -> Ite
         yield lock
     finally:
         os.close(fd)  # releases the flock
+
+
+def swap_in(stage: str | os.PathLike, out: str | os.PathLike) -> None:
+    """Replace the directory ``out`` by ``stage`` (two renames; the old one is removed after).
+
+    ``stage`` must be on the same file system, e.g. made by :func:`staging_dir`. If the second
+    rename fails the old directory is put back."""
+    stage, out = Path(stage), Path(out)
+    if not out.exists():
+        os.rename(stage, out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.rename(out, old)  # onto the empty directory mkdtemp made
+    try:
+        os.rename(stage, out)
+    except BaseException:
+        os.rename(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

@@ -6,10 +6,15 @@
     tokenizer/           tokenizer.json (HF tokenizers) + iap_tokenizer.json (max length, ids)
     scheduler.json       scheduler config (diffusers field names) + default scheduler
     text_encoder.onnx  unet.onnx  vae_decoder.onnx   (+ .onnx.data past 512 MiB of weights)
-    engines/<gpu-tag>/   TensorRT engines + sidecars (iap_rt.engines)
+    unet.ort.onnx        big UNets: the same graph with ONNX Runtime's fused attention, sharing
+                         unet.onnx.data (manifest: networks.unet.ort; "ort_cpu" before 0.2)
+    engines/<gpu-tag>/   TensorRT engines + sidecars (format: iap_rt.enginedir)
 
-:class:`ModelDir` opens and checks one; problems raise :class:`ArtifactError` subclasses
-that name the file and the command that fixes it.
+This module is the one owner of that format: file names, the manifest's fields and variants,
+where the embedded default model lives. :class:`ModelDir` opens and checks one; problems raise
+:class:`ArtifactError` subclasses that name the file and the command that fixes it. The export
+stage writes model directories with :func:`new_manifest`, :func:`write_manifest`,
+:func:`network_files` and :func:`read_manifest`.
 """
 
 from __future__ import annotations
@@ -29,8 +34,45 @@ FORMAT_VERSION = 1
 REEXPORT = "re-export it: iap-rt export --base SD_DIR --encoder ENCODER_DIR --out {path} --force"
 
 
+ORT_UNET_FILE = "unet.ort.onnx"  # the UNet's ONNX Runtime variant (fused attention)
+ORT_VARIANT = "ort"  # its manifest key, inside networks.unet
+TOKENIZER_DIR = "tokenizer"
+SCHEDULER_FILE = "scheduler.json"
+
+
 def network_file(network: str) -> str:
+    """The ONNX file of ``network`` (``unet`` -> ``unet.onnx``)."""
     return f"{network}.onnx"
+
+
+def network_files(network: str) -> tuple[str, ...]:
+    """Every file name that belongs to ``network``: the graph, its external data, and for the
+    UNet its ONNX Runtime variant."""
+    names = (network_file(network), network_file(network) + ".data")
+    return names + ((ORT_UNET_FILE,) if network == "unet" else ())
+
+
+def default_model_dir() -> Path:
+    """The model directory shipped inside the package (see README: embedded default)."""
+    from importlib import resources
+
+    return Path(str(resources.files("iap_rt") / "data" / "default_model"))
+
+
+def read_manifest(path: str | os.PathLike) -> dict | None:
+    """The manifest of the directory ``path`` without checking the model: None when there
+    is no manifest, ``{}`` when it is unreadable (ours but damaged); raises
+    :class:`ArtifactError` when it is valid JSON but not an iap-rt manifest."""
+    mpath = Path(path) / MANIFEST
+    if not mpath.is_file():
+        return None
+    try:
+        manifest = json.loads(mpath.read_text("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ArtifactError(f"{mpath} is not an iap-rt manifest")
+    return manifest
 
 
 @dataclass
@@ -102,7 +144,7 @@ class ModelDir:
                     f"expected one of {PRECISIONS}",
                     fix=fix,
                 )
-            alt = _variant(info, "ort")  # the UNet's ONNX Runtime variant, when exported
+            alt = _variant(info, ORT_VARIANT)  # the UNet's ONNX Runtime variant, when exported
             files = [(info["file"], info)] + ([(alt["file"], alt)] if alt else [])
             for name, rec in files:
                 f = self.path / name
@@ -140,14 +182,14 @@ class ModelDir:
 
     @property
     def tokenizer_dir(self) -> Path:
-        return self.path / "tokenizer"
+        return self.path / TOKENIZER_DIR
 
     @property
     def engines_dir(self) -> Path:
         return self.path / "engines"
 
     def scheduler_config(self) -> dict:
-        p = self.path / "scheduler.json"
+        p = self.path / SCHEDULER_FILE
         if not p.is_file():
             raise ArtifactNotFoundError(f"{p} is missing", fix=REEXPORT.format(path=self.path))
         return json.loads(p.read_text("utf-8"))
@@ -181,6 +223,12 @@ def write_manifest(path: str | os.PathLike, manifest: dict) -> Path:
 
 # manifest keys of network variants before they were renamed (read, never written)
 _LEGACY_VARIANT_KEYS = {"ort": ("ort_cpu",)}
+
+
+def drop_legacy_variant_keys(info: dict, name: str) -> None:
+    """Remove the pre-0.2 keys of ``name`` from a network's manifest record (before writing)."""
+    for key in _LEGACY_VARIANT_KEYS.get(name, ()):
+        info.pop(key, None)
 
 
 def _variant(info: dict, name: str) -> dict | None:

@@ -11,24 +11,16 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from iap_rt.errors import ConfigError, InputError
-from iap_rt.modeldir import ModelDir
+from iap_rt.modeldir import ModelDir, default_model_dir
 from iap_rt.schedulers import SCHEDULERS, SchedulerConfig, make_scheduler
 from iap_rt.specs import axis_values
 from iap_rt.tokenizer import PromptTokenizer
 
 MAX_STEPS = 1000
-
-
-def default_model_dir() -> Path:
-    """The model directory shipped inside the package (see README: embedded default)."""
-    from importlib import resources
-
-    return Path(str(resources.files("iap_rt") / "data" / "default_model"))
 
 
 def initial_noise(seed: int, batch_size: int, shape: tuple[int, ...]) -> np.ndarray:

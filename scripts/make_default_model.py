@@ -40,8 +40,7 @@ FULL_EVAL = {"combos": "heldout", "seeds": 4, "steps": 25, "guidance": 3.0}
 
 def _copy(src: Path, dest: Path) -> None:
     """Replace ``dest`` by a copy of ``src`` (without checkpoints and hidden files), whole."""
-    from iap_rt.export.modeldir import swap_in
-    from iap_rt.fileio import staging_dir
+    from iap_rt.fileio import staging_dir, swap_in
 
     with staging_dir(dest) as stage:
         shutil.copytree(src, stage, ignore=shutil.ignore_patterns("checkpoint", ".*"),
@@ -50,7 +49,7 @@ def _copy(src: Path, dest: Path) -> None:
 
 
 def _export(base: Path, encoder: Path) -> None:
-    from iap_rt.export.modeldir import export_model_dir
+    from iap_rt.export.stage import export_model_dir
     from iap_rt.modeldir import write_manifest
 
     with tempfile.TemporaryDirectory() as tmp:

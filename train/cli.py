@@ -37,6 +37,9 @@ def train(resume: bool, cache_only: bool, config_path: str | None, **options) ->
     iap-rt train ...same options... --resume  # continue after a kill
     """
     from iap_rt.config import resolve
+    from iap_rt.extras import require
+
+    require("train", "train")  # before anything imports torch
     from iap_rt.train.config import TrainConfig
     from iap_rt.train.trainer import run
 

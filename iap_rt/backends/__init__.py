@@ -15,13 +15,10 @@ def get_backend(name: str, model=None, **options):
     if name == "auto":
         name = "ort"
         if model is not None:
-            try:
-                from iap_rt.backends import trt
+            from iap_rt.enginedir import engines_usable
 
-                if trt.engines_usable(model):
-                    name = "trt"
-            except ImportError:
-                pass
+            if engines_usable(model):
+                name = "trt"
     if name == "trt":
         from iap_rt.backends.trt import TensorRTBackend
 

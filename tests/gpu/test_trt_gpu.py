@@ -11,14 +11,15 @@ import shutil
 import numpy as np
 import pytest
 
+from iap_rt import cuda as cudart
+from iap_rt import enginedir as ed
 from iap_rt.backends import trt as rt
-from iap_rt.modeldir import ModelDir
-from iap_rt.pipeline import default_model_dir
+from iap_rt.modeldir import ModelDir, default_model_dir
 from iap_rt.specs import NETWORKS
 
 pytestmark = pytest.mark.gpu
 
-if not rt.installed_flavours():
+if not ed.installed_flavours():
     pytest.skip("no TensorRT installed", allow_module_level=True)
 
 # what a fused multi-head-attention layer/kernel is called in TensorRT's engine inspector
@@ -27,7 +28,7 @@ FUSED_MHA = re.compile(r"mha|fmha|flash|attention", re.IGNORECASE)
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    if rt.gpu_info() is None:
+    if cudart.gpu_info() is None:
         pytest.skip("no CUDA GPU visible to TensorRT")
     from iap_rt.engines.api import build_engines
     from iap_rt.engines.config import EngineConfig

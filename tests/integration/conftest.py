@@ -32,7 +32,7 @@ def tiny_encoder_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tiny_sd_dir, tiny_encoder_dir, tmp_path_factory):
     """The tiny base + encoder exported (fp32) to an iap-rt model directory. Read-only!"""
-    from iap_rt.export.modeldir import export_model_dir
+    from iap_rt.export.stage import export_model_dir
 
     return export_model_dir(
         tiny_sd_dir, tiny_encoder_dir, tmp_path_factory.mktemp("tiny") / "model", model_id="tiny"

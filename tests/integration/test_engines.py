@@ -13,7 +13,8 @@ import pytest
 
 trt = pytest.importorskip("tensorrt_rtx", reason="engine builds need tensorrt-rtx-cu13")
 
-from iap_rt.backends import trt as rt  # noqa: E402
+from iap_rt import cuda as cudart  # noqa: E402
+from iap_rt import enginedir as ed  # noqa: E402
 from iap_rt.engines.api import build_engines, check_engines, maybe_build_engines  # noqa: E402
 from iap_rt.engines.build import BuildOptions, build_engine, contract_problems  # noqa: E402
 from iap_rt.engines.config import EngineConfig  # noqa: E402
@@ -128,7 +129,7 @@ def test_fp32_engines_and_sidecars(fp32_model):
         assert sc["engine_sha256"] == hashlib.sha256(plan.read_bytes()).hexdigest()
         assert sc["build_s"] > 0 and sc["built_at"]
         assert sc["build_options"]["strongly_typed"] is True
-        assert rt.sidecar_problems(sc, md, flavour="tensorrt_rtx", version=trt.__version__,
+        assert ed.sidecar_problems(sc, md, flavour="tensorrt_rtx", version=trt.__version__,
                                    gpu=None) == []  # fmt: skip
     assert sidecar_of(paths[1])["profile"]["shapes"]["sample"] == [[2, 4, 8, 8]] * 3
     assert sum("building" in m for m in msgs) == 3
@@ -223,7 +224,7 @@ def test_changed_onnx_or_options_rebuild_only_what_changed(tiny_model_dir, tmp_p
     # the stale engine is refused at load time, naming the field
     md = ModelDir.open(model)
     side = model / "engines" / TAG / "unet.N2_h8_w8.json"
-    problems = rt.sidecar_problems(json.loads(side.read_text()), md, flavour=None, version=None,
+    problems = ed.sidecar_problems(json.loads(side.read_text()), md, flavour=None, version=None,
                                    gpu=None)  # fmt: skip
     assert len(problems) == 1 and problems[0].startswith("onnx_sha256")
     msgs = []
@@ -274,10 +275,10 @@ def test_full_tensorrt_path_tags_by_gpu_and_keeps_a_timing_cache(
     """Full TensorRT needs a GPU to build, so here TensorRT-RTX (the same Python API) stands
     in for it on a pretend RTX 4090: the GPU-specific tag, the target record and the
     per-GPU timing cache written by one build and read by the next."""
-    gpu = rt.GpuInfo(0, "NVIDIA GeForce RTX 4090", (8, 9))
-    monkeypatch.setattr(rt, "gpu_info", lambda index=0: gpu)
-    monkeypatch.setattr(rt, "installed_flavours", lambda: ["tensorrt"])
-    monkeypatch.setattr(rt, "import_trt", lambda flavour: trt)
+    gpu = cudart.GpuInfo(0, "NVIDIA GeForce RTX 4090", (8, 9))
+    monkeypatch.setattr(cudart, "gpu_info", lambda index=0: gpu)
+    monkeypatch.setattr(ed, "installed_flavours", lambda: ["tensorrt"])
+    monkeypatch.setattr(ed, "import_trt", lambda flavour: trt)
     model = copy_model(tiny_model_dir, tmp_path / "model")
     (plan,) = build_engines(model, EngineConfig(networks="vae_decoder"), echo=lambda m: None)
     tag = "tensorrt-sm89-nvidia-geforce-rtx-4090"
@@ -419,7 +420,7 @@ def test_corrupt_engine_is_detected_and_rebuilt(tiny_model_dir, tmp_path):
     assert "--networks unet" in rows["unet"]["rebuild"]
     md = ModelDir.open(model)
     with pytest.raises(ArtifactMismatchError, match="truncated"):
-        rt.read_verified_engine(unet.with_suffix(".json"), sidecar_of(unet), md)
+        ed.read_verified_engine(unet.with_suffix(".json"), sidecar_of(unet), md)
     msgs = []
     build_engines(model, EngineConfig(), echo=msgs.append)  # not reused: rebuilt
     assert [m.split(":")[0] for m in msgs if "building" in m] == ["unet"]
@@ -437,13 +438,13 @@ def test_maybe_build_engines_modes(tiny_model_dir, tmp_path, monkeypatch):
     assert maybe_build_engines(model, "only", echo=msgs.append) == paths  # reused
     with pytest.raises(ConfigError, match="unknown"):
         maybe_build_engines(model, "always")
-    monkeypatch.setattr(rt, "installed_flavours", lambda: [])
+    monkeypatch.setattr(ed, "installed_flavours", lambda: [])
     msgs = []
     assert maybe_build_engines(model, "auto", echo=msgs.append) == []
     assert "skipped" in msgs[0] and "pip install tensorrt-rtx-cu13" in msgs[0]
     with pytest.raises(BackendUnavailableError, match="no TensorRT is installed"):
         maybe_build_engines(model, "only")
-    monkeypatch.setattr(rt, "installed_flavours", lambda: ["tensorrt"])  # full TRT, no GPU
+    monkeypatch.setattr(ed, "installed_flavours", lambda: ["tensorrt"])  # full TRT, no GPU
     msgs = []
     assert maybe_build_engines(model, "auto", echo=msgs.append) == []
     assert "needs a GPU" in msgs[0]
@@ -484,8 +485,8 @@ def test_cli_build_then_check(tiny_model_dir, tmp_path, monkeypatch, capsys):
 
 def test_auto_backend_stays_on_onnx_runtime_without_gpu(fp32_model):
     model, _, _ = fp32_model
-    assert rt.gpu_info() is None  # this CI machine: no GPU
-    assert rt.engines_usable(ModelDir.open(model)) is False
+    assert cudart.gpu_info() is None  # this CI machine: no GPU
+    assert ed.engines_usable(ModelDir.open(model)) is False
     from iap_rt.backends import get_backend
 
     assert get_backend("auto", ModelDir.open(model)).name != "trt"

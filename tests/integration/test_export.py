@@ -18,10 +18,10 @@ import pytest
 import torch
 
 from iap_rt.errors import ArtifactNotFoundError, ConfigError, ExportValidationError, OutputError
-from iap_rt.export import configs as export_configs
+from iap_rt.export import networks as export_networks
 from iap_rt.export.exporter import ort_session
 from iap_rt.export.graph import find_attentions
-from iap_rt.export.modeldir import export_model_dir
+from iap_rt.export.stage import export_model_dir
 from iap_rt.fileio import sha256_file
 from iap_rt.modeldir import ModelDir
 from iap_rt.specs import NETWORKS
@@ -449,9 +449,9 @@ def test_validation_mismatches_are_collected_into_one_error(
 ):
     impossible = {"fp32": -1.0, "fp16": -1.0}
     for name in ("text_encoder", "vae_decoder"):
-        cfg = export_configs.EXPORT_CONFIGS[name]
+        cfg = export_networks.EXPORT_CONFIGS[name]
         monkeypatch.setitem(
-            export_configs.EXPORT_CONFIGS, name, dataclasses.replace(cfg, atol=impossible)
+            export_networks.EXPORT_CONFIGS, name, dataclasses.replace(cfg, atol=impossible)
         )
     before = snapshot(scratch)
     with pytest.raises(ExportValidationError) as e:
@@ -647,7 +647,7 @@ def test_sd15_fp32_unet_exports_on_this_machine(tmp_path):
 def test_validation_sizes_survive_deep_unets():
     """A UNet with 4 down-samplings (the toy base) must not be traced at 8x8, where its
     innermost level is 1x1 and torch.export specialises it (the ONNX then fails at 32x32)."""
-    from iap_rt.export.configs import EXPORT_CONFIGS
+    from iap_rt.export.networks import EXPORT_CONFIGS
 
     unet = EXPORT_CONFIGS["unet"]
     assert unet.for_downsamples(1) is unet  # tiny UNet: 8x8 is already deep enough

@@ -13,8 +13,7 @@ ort = pytest.importorskip("onnxruntime")
 from iap_rt.errors import ArtifactMismatchError  # noqa: E402
 from iap_rt.export.exporter import ort_session  # noqa: E402
 from iap_rt.export.ortfuse import fuse_attention_for_ort  # noqa: E402
-from iap_rt.modeldir import ModelDir  # noqa: E402
-from iap_rt.pipeline import default_model_dir  # noqa: E402
+from iap_rt.modeldir import ModelDir, default_model_dir  # noqa: E402
 from iap_rt.specs import NETWORKS  # noqa: E402
 
 

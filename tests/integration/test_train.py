@@ -118,7 +118,7 @@ def _metrics(out: Path) -> list[dict]:
 
 
 def test_pivot_training_lowers_the_loss_and_the_output_exports(trained, tiny_sd_dir, tmp_path):
-    from iap_rt.export.modeldir import export_model_dir
+    from iap_rt.export.stage import export_model_dir
 
     steps = [m for m in _metrics(trained) if "loss" in m]
     assert [m["step"] for m in steps] == list(range(1, 41))

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import pytest
 
 from iap_rt.cli import main
-from iap_rt.pipeline import default_model_dir
+from iap_rt.modeldir import default_model_dir
 
 
 @dataclass

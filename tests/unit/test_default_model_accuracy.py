@@ -9,8 +9,7 @@ recorded beside it (``bench/results/toy_default_eval.json``).
 import json
 from pathlib import Path
 
-from iap_rt.modeldir import ModelDir
-from iap_rt.pipeline import default_model_dir
+from iap_rt.modeldir import ModelDir, default_model_dir
 
 RESULT = Path(__file__).resolve().parents[2] / "bench" / "results" / "toy_default_eval.json"
 

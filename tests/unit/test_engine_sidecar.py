@@ -16,6 +16,8 @@ import types
 import numpy as np
 import pytest
 
+from iap_rt import cuda as cudart
+from iap_rt import enginedir as ed
 from iap_rt.backends import trt as rt
 from iap_rt.errors import (
     ArtifactError,
@@ -28,7 +30,7 @@ from iap_rt.modeldir import ModelDir
 from iap_rt.specs import DERIVED_AXES, NETWORKS, spec_hash
 
 RTX_VERSION = "1.7.1.116"
-RTX_4090 = rt.GpuInfo(0, "NVIDIA GeForce RTX 4090", (8, 9))
+RTX_4090 = cudart.GpuInfo(0, "NVIDIA GeForce RTX 4090", (8, 9))
 LABELS = {"text_encoder": "N1-2", "unet": "N2_h64_w64", "vae_decoder": "B1_h64_w64"}
 
 
@@ -41,8 +43,8 @@ def write_engine(model_dir, network, tag="tensorrt_rtx-portable", payload=None, 
     data = payload if payload is not None else f"engine bytes of {network}".encode() * 100
     (d / f"{stem}.plan").write_bytes(data)
     sc = {
-        "format": rt.SIDECAR_FORMAT,
-        "format_version": rt.SIDECAR_VERSION,
+        "format": ed.SIDECAR_FORMAT,
+        "format_version": ed.SIDECAR_VERSION,
         "network": network,
         "engine_file": f"{stem}.plan",
         "engine_bytes": len(data),
@@ -93,10 +95,10 @@ def fake_machine(monkeypatch):
 
     fake = FakeTrt(__version__=RTX_VERSION, Logger=Logger, Runtime=lambda logger: object())
     machine = types.SimpleNamespace(calls=[], result=object())
-    monkeypatch.setattr(rt, "gpu_info", lambda index=0: RTX_4090)
-    monkeypatch.setattr(rt, "installed_flavours", lambda: ["tensorrt_rtx"])
-    monkeypatch.setattr(rt, "import_trt", lambda flavour: fake)
-    monkeypatch.setattr(rt, "_Cudart", FakeCudart)
+    monkeypatch.setattr(cudart, "gpu_info", lambda index=0: RTX_4090)
+    monkeypatch.setattr(ed, "installed_flavours", lambda: ["tensorrt_rtx"])
+    monkeypatch.setattr(ed, "import_trt", lambda flavour: fake)
+    monkeypatch.setattr(cudart, "CudaRuntime", FakeCudart)
 
     def spy(runtime, data):
         machine.calls.append(bytes(data))
@@ -112,10 +114,10 @@ def test_consistent_sidecar_has_no_problems(engines):
     md = ModelDir.open(model_dir)
     for side, sc in paths.values():
         assert (
-            rt.sidecar_problems(sc, md, flavour="tensorrt_rtx", version=RTX_VERSION, gpu=RTX_4090)
+            ed.sidecar_problems(sc, md, flavour="tensorrt_rtx", version=RTX_VERSION, gpu=RTX_4090)
             == []
         )
-        assert rt.engine_file_problem(rt.engine_path(side, sc), sc) is None
+        assert ed.engine_file_problem(ed.engine_path(side, sc), sc) is None
 
 
 @pytest.mark.parametrize(
@@ -133,7 +135,7 @@ def test_consistent_sidecar_has_no_problems(engines):
             RTX_4090,
             ["compute_capability", "8.6", "8.9", "RTX 4090"],
         ),
-        (None, None, rt.GpuInfo(0, "NVIDIA GeForce RTX 2080 Ti", (7, 5)),
+        (None, None, cudart.GpuInfo(0, "NVIDIA GeForce RTX 2080 Ti", (7, 5)),
          ["compute_capability", "portable", "7.5"]),
     ],
 )  # fmt: skip
@@ -143,7 +145,7 @@ def test_mismatch_names_field_and_rebuild_command(engines, field, value, gpu, wo
     if field:
         sc = {**sc, field: value}
     with pytest.raises(ArtifactMismatchError) as e:
-        rt.check_sidecar(
+        ed.check_sidecar(
             sc, side, ModelDir.open(model_dir), flavour="tensorrt_rtx", version=RTX_VERSION,
             gpu=gpu,
         )  # fmt: skip
@@ -160,7 +162,7 @@ def test_every_differing_field_reported_at_once(engines):
     model_dir, paths = engines
     side, sc = paths["vae_decoder"]
     sc = {**sc, "trt_version": "9", "precision": "fp16", "onnx_sha256": "x"}
-    problems = rt.sidecar_problems(
+    problems = ed.sidecar_problems(
         sc, ModelDir.open(model_dir), flavour="tensorrt_rtx", version=RTX_VERSION, gpu=RTX_4090
     )
     assert [p.split(":")[0] for p in problems] == ["precision", "onnx_sha256", "trt_version"]
@@ -174,56 +176,56 @@ def test_changed_external_data_is_a_mismatch(engines):
     (model_dir / "manifest.json").write_text(json.dumps(manifest))
     md = ModelDir.open(model_dir)
     _, sc = paths["unet"]
-    problems = rt.sidecar_problems(
+    problems = ed.sidecar_problems(
         {**sc, "onnx_data_sha256": "b" * 64}, md, flavour=None, version=None, gpu=None
     )
     assert len(problems) == 1 and problems[0].startswith("onnx_data_sha256")
     assert "unet.onnx.data" in problems[0]
-    ok = rt.sidecar_problems({**sc, "onnx_data_sha256": "a" * 64}, md, flavour=None,
+    ok = ed.sidecar_problems({**sc, "onnx_data_sha256": "a" * 64}, md, flavour=None,
                              version=None, gpu=None)  # fmt: skip
     assert ok == []
 
 
 def test_full_tensorrt_engine_must_match_compute_capability(engines):
     model_dir, _ = engines
-    h100 = rt.GpuInfo(0, "NVIDIA H100 80GB HBM3", (9, 0))
-    tag = rt.gpu_tag("tensorrt", h100)
+    h100 = cudart.GpuInfo(0, "NVIDIA H100 80GB HBM3", (9, 0))
+    tag = ed.gpu_tag("tensorrt", h100)
     assert tag == "tensorrt-sm90-nvidia-h100-80gb-hbm3"
     side, sc = write_engine(
         model_dir, "unet", tag=tag, flavour="tensorrt", trt_version="10.13.0.35",
         target={"gpu_tag": tag, "compute_capabilities": ["9.0"], "gpu_name": h100.name},
     )  # fmt: skip
     md = ModelDir.open(model_dir)
-    ok = rt.sidecar_problems(sc, md, flavour="tensorrt", version="10.13.0.35", gpu=h100)
+    ok = ed.sidecar_problems(sc, md, flavour="tensorrt", version="10.13.0.35", gpu=h100)
     assert ok == []
-    a100 = rt.GpuInfo(0, "NVIDIA A100-SXM4-80GB", (8, 0))
-    bad = rt.sidecar_problems(sc, md, flavour="tensorrt", version="10.13.0.35", gpu=a100)
+    a100 = cudart.GpuInfo(0, "NVIDIA A100-SXM4-80GB", (8, 0))
+    bad = ed.sidecar_problems(sc, md, flavour="tensorrt", version="10.13.0.35", gpu=a100)
     assert len(bad) == 1 and bad[0].startswith("compute_capability")
 
 
 def test_gpu_tags_and_engine_dir_ranking(engines, model_copy):
-    assert rt.gpu_tag("tensorrt_rtx", None) == "tensorrt_rtx-portable"
-    assert rt.gpu_tag("tensorrt_rtx", None, ("8.6", "8.9")) == "tensorrt_rtx-sm86-sm89"
+    assert ed.gpu_tag("tensorrt_rtx", None) == "tensorrt_rtx-portable"
+    assert ed.gpu_tag("tensorrt_rtx", None, ("8.6", "8.9")) == "tensorrt_rtx-sm86-sm89"
     with pytest.raises(BackendUnavailableError, match="needs|only on a machine"):
-        rt.gpu_tag("tensorrt", None)
+        ed.gpu_tag("tensorrt", None)
     write_engine(model_copy, "unet", tag="tensorrt_rtx-sm86-sm89")
     md = ModelDir.open(model_copy)
-    assert rt.find_engine_dir(md, "tensorrt_rtx", RTX_4090).name == "tensorrt_rtx-sm86-sm89"
-    ada_less = rt.GpuInfo(0, "NVIDIA RTX A6000", (8, 6))
-    assert rt.find_engine_dir(md, "tensorrt_rtx", ada_less).name == "tensorrt_rtx-sm86-sm89"
-    blackwell = rt.GpuInfo(0, "NVIDIA GeForce RTX 5090", (12, 0))
-    assert rt.find_engine_dir(md, "tensorrt_rtx", blackwell).name == "tensorrt_rtx-portable"
-    turing = rt.GpuInfo(0, "NVIDIA GeForce RTX 2080", (7, 5))
-    assert rt.find_engine_dir(md, "tensorrt_rtx", turing) is None
-    assert rt.find_engine_dir(md, "tensorrt", RTX_4090) is None
+    assert ed.find_engine_dir(md, "tensorrt_rtx", RTX_4090).name == "tensorrt_rtx-sm86-sm89"
+    ada_less = cudart.GpuInfo(0, "NVIDIA RTX A6000", (8, 6))
+    assert ed.find_engine_dir(md, "tensorrt_rtx", ada_less).name == "tensorrt_rtx-sm86-sm89"
+    blackwell = cudart.GpuInfo(0, "NVIDIA GeForce RTX 5090", (12, 0))
+    assert ed.find_engine_dir(md, "tensorrt_rtx", blackwell).name == "tensorrt_rtx-portable"
+    turing = cudart.GpuInfo(0, "NVIDIA GeForce RTX 2080", (7, 5))
+    assert ed.find_engine_dir(md, "tensorrt_rtx", turing) is None
+    assert ed.find_engine_dir(md, "tensorrt", RTX_4090) is None
 
 
 def test_profile_labels_and_coverage():
     axes = {"N": [2, 2, 8], "h": [32, 64, 96], "w": [64, 64, 64]}
-    assert rt.profile_label(axes) == "N2-8_h32-96_w64"
-    assert rt.profile_covers(axes, {"N": 4, "h": 96, "w": 64})
-    assert not rt.profile_covers(axes, {"N": 4, "h": 97, "w": 64})
-    assert not rt.profile_covers(axes, {"N": 1, "h": 64, "w": 64})
+    assert ed.profile_label(axes) == "N2-8_h32-96_w64"
+    assert ed.profile_covers(axes, {"N": 4, "h": 96, "w": 64})
+    assert not ed.profile_covers(axes, {"N": 4, "h": 97, "w": 64})
+    assert not ed.profile_covers(axes, {"N": 1, "h": 64, "w": 64})
 
 
 # ---- engine files -----------------------------------------------------------------------
@@ -231,22 +233,22 @@ def test_truncated_corrupt_and_missing_engine_detected(engines):
     model_dir, paths = engines
     md = ModelDir.open(model_dir)
     side, sc = paths["unet"]
-    plan = rt.engine_path(side, sc)
+    plan = ed.engine_path(side, sc)
     good = plan.read_bytes()
-    assert rt.read_verified_engine(side, sc, md) == good
+    assert ed.read_verified_engine(side, sc, md) == good
 
     plan.write_bytes(good[:-10])  # truncated (a killed copy)
     with pytest.raises(ArtifactMismatchError, match="truncated or was replaced") as e:
-        rt.read_verified_engine(side, sc, md)
+        ed.read_verified_engine(side, sc, md)
     assert "engines build" in e.value.fix
 
     plan.write_bytes(good[:100] + bytes([good[100] ^ 1]) + good[101:])  # same size, bit flip
     with pytest.raises(ArtifactMismatchError, match="corrupt: its sha256 differs"):
-        rt.read_verified_engine(side, sc, md)
+        ed.read_verified_engine(side, sc, md)
 
     plan.unlink()
     with pytest.raises(ArtifactNotFoundError, match="is missing"):
-        rt.read_verified_engine(side, sc, md)
+        ed.read_verified_engine(side, sc, md)
 
 
 def test_corrupt_or_foreign_sidecar(engines):
@@ -254,17 +256,17 @@ def test_corrupt_or_foreign_sidecar(engines):
     side, _ = paths["text_encoder"]
     side.write_text("{half a json")
     with pytest.raises(ArtifactError, match="corrupt"):
-        rt.read_sidecar(side, model_dir)
+        ed.read_sidecar(side, model_dir)
     side.write_text(json.dumps({"format": "something-else"}))
     with pytest.raises(ArtifactError, match="not an iap-rt engine sidecar"):
-        rt.read_sidecar(side, model_dir)
+        ed.read_sidecar(side, model_dir)
 
 
 # ---- loading: checks first, TensorRT last --------------------------------------------------
 def test_load_refuses_corrupt_engine_before_deserializing(engines, fake_machine):
     model_dir, paths = engines
     side, sc = paths["vae_decoder"]
-    plan = rt.engine_path(side, sc)
+    plan = ed.engine_path(side, sc)
     data = plan.read_bytes()
     plan.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))
     with pytest.raises(ArtifactMismatchError, match="vae_decoder.B1_h64_w64.plan is corrupt"):
@@ -290,7 +292,7 @@ def test_load_hands_verified_bytes_to_tensorrt_and_reports_refusal(engines, fake
     with pytest.raises(ArtifactMismatchError, match="could not deserialize"):
         rt.TensorRTBackend().load(ModelDir.open(model_dir))
     side, sc = paths["text_encoder"]
-    assert fake_machine.calls == [rt.engine_path(side, sc).read_bytes()]
+    assert fake_machine.calls == [ed.engine_path(side, sc).read_bytes()]
 
 
 def test_load_without_engines_for_this_gpu(model_copy, fake_machine):
@@ -300,7 +302,7 @@ def test_load_without_engines_for_this_gpu(model_copy, fake_machine):
 
 
 def test_load_without_gpu(engines, monkeypatch):
-    monkeypatch.setattr(rt, "gpu_info", lambda index=0: None)
+    monkeypatch.setattr(cudart, "gpu_info", lambda index=0: None)
     with pytest.raises(BackendUnavailableError, match="no CUDA GPU"):
         rt.TensorRTBackend().load(ModelDir.open(engines[0]))
 
@@ -308,17 +310,17 @@ def test_load_without_gpu(engines, monkeypatch):
 def test_engines_usable(engines, fake_machine, monkeypatch):
     model_dir, paths = engines
     md = ModelDir.open(model_dir)
-    assert rt.engines_usable(md) is True
-    assert rt.engines_usable(model_dir) is True  # a path works too
+    assert ed.engines_usable(md) is True
+    assert ed.engines_usable(model_dir) is True  # a path works too
     write_engine(model_dir, "unet", trt_version="1.0.0.0")
-    assert rt.engines_usable(md) is False
+    assert ed.engines_usable(md) is False
     write_engine(model_dir, "unet")
     side, sc = paths["unet"]
-    rt.engine_path(side, sc).write_bytes(b"short")
-    assert rt.engines_usable(md) is False
-    monkeypatch.setattr(rt, "gpu_info", lambda index=0: None)
+    ed.engine_path(side, sc).write_bytes(b"short")
+    assert ed.engines_usable(md) is False
+    monkeypatch.setattr(cudart, "gpu_info", lambda index=0: None)
     write_engine(model_dir, "unet")
-    assert rt.engines_usable(md) is False
+    assert ed.engines_usable(md) is False
 
 
 def test_unknown_flavour_is_a_config_error():
@@ -496,7 +498,7 @@ class FakeEngine:
         return np.broadcast_to(x["latent_sample"].mean(axis=(1, 2, 3))[:, None, None, None], shape)
 
 
-FULL_TRT_TAG = rt.gpu_tag("tensorrt", RTX_4090)
+FULL_TRT_TAG = ed.gpu_tag("tensorrt", RTX_4090)
 
 
 @pytest.fixture
@@ -529,10 +531,10 @@ def sim(model_copy, monkeypatch):
         engines[net] = FakeEngine(net, md, cuda)
         return engines[net]
 
-    monkeypatch.setattr(rt, "gpu_info", lambda index=0: RTX_4090)
-    monkeypatch.setattr(rt, "installed_flavours", lambda: ["tensorrt_rtx"])
-    monkeypatch.setattr(rt, "import_trt", lambda flavour: fake_trt)
-    monkeypatch.setattr(rt, "_Cudart", lambda: cuda)
+    monkeypatch.setattr(cudart, "gpu_info", lambda index=0: RTX_4090)
+    monkeypatch.setattr(ed, "installed_flavours", lambda: ["tensorrt_rtx"])
+    monkeypatch.setattr(ed, "import_trt", lambda flavour: fake_trt)
+    monkeypatch.setattr(cudart, "CudaRuntime", lambda: cuda)
     monkeypatch.setattr(rt, "_deserialize", deserialize)
     return types.SimpleNamespace(md=md, cuda=cuda, engines=engines)
 
@@ -587,7 +589,7 @@ def test_rtx_cuda_graph_uses_its_built_in_capture(sim):
 
 
 def test_full_tensorrt_cuda_graph_captures_once_per_shape_and_replays(sim, monkeypatch):
-    monkeypatch.setattr(rt, "installed_flavours", lambda: ["tensorrt"])
+    monkeypatch.setattr(ed, "installed_flavours", lambda: ["tensorrt"])
     backend = rt.TensorRTBackend(cuda_graph=True)
     runners = backend.load(sim.md)
     assert backend.flavour == "tensorrt"

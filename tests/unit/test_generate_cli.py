@@ -189,8 +189,7 @@ def test_default_size_comes_from_the_manifest(tmp_path, run_cli, model_copy):
 
 
 def test_height_must_suit_the_unet_downsampling_not_only_the_vae(tmp_path, run_cli):
-    from iap_rt.modeldir import ModelDir
-    from iap_rt.pipeline import default_model_dir
+    from iap_rt.modeldir import ModelDir, default_model_dir
 
     dims = ModelDir.open(default_model_dir()).dims
     m = dims.pixel_multiple

@@ -9,8 +9,8 @@ import pytest
 
 from iap_rt.backends.ort import OrtBackend, OrtRunner
 from iap_rt.errors import BackendUnavailableError, ConfigError
-from iap_rt.modeldir import ModelDir
-from iap_rt.pipeline import Pipeline, default_model_dir
+from iap_rt.modeldir import ModelDir, default_model_dir
+from iap_rt.pipeline import Pipeline
 from iap_rt.specs import NETWORKS
 
 

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from iap_rt.backends.ort import OrtBackend
-from iap_rt.modeldir import ModelDir
-from iap_rt.pipeline import Pipeline, default_model_dir, initial_noise
+from iap_rt.modeldir import ModelDir, default_model_dir
+from iap_rt.pipeline import Pipeline, initial_noise
 
 
 class Recording:

@@ -1,4 +1,5 @@
-"""The runtime never imports torch (DESIGN.md dependency rule)."""
+"""The runtime never imports torch at run time (the dependency rule of the layout; the AST
+scan in test_layering.py pins it for every file, this checks what a real import pulls in)."""
 
 import subprocess
 import sys

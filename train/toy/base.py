@@ -261,41 +261,18 @@ def load_training_data(data_dir: str | os.PathLike, split: str = "train"):
     return x, [r["en"] for r in rows], rows
 
 
-# ---- EMA and checkpoints -------------------------------------------------------------------------
-class EMA:
-    """Exponential moving average of a list of modules' parameters."""
-
-    def __init__(self, modules, decay: float):
-        self.decay = decay
-        self.params = [p for m in modules for p in m.parameters()]
-        self.shadow = [p.detach().clone() for p in self.params]
-
-    def update(self, step: int) -> None:
-        import torch
-
-        d = min(self.decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1 - d)
-
-    def copy_to(self, modules) -> None:
-        import torch
-
-        with torch.no_grad():
-            for p, s in zip([p for m in modules for p in m.parameters()], self.shadow):
-                p.copy_(s)
-
-
-def _save_checkpoint(ckpt: Path, unet, text, ema: EMA, opt, state: dict) -> None:
+# ---- checkpoints ---------------------------------------------------------------------------------
+def _save_checkpoint(ckpt: Path, both, ema, opt, state: dict) -> None:
+    """Weights of ``both`` (ModuleDict unet + text), their EMA, AdamW moments, RNG, ``state``."""
     import torch
     from safetensors.torch import save_file
 
     from iap_rt.fileio import atomic_path
 
     ensure_dir(ckpt)
-    tensors = {f"unet.{k}": v for k, v in unet.state_dict().items()}
-    tensors.update({f"text.{k}": v for k, v in text.state_dict().items()})
-    tensors.update({f"ema.{i}": s for i, s in enumerate(ema.shadow)})
-    for i, p in enumerate(ema.params):
+    tensors = dict(both.state_dict())  # unet.* and text.*
+    tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
+    for i, p in enumerate(both.parameters()):
         st = opt.state.get(p)
         if st:
             tensors[f"opt.exp_avg.{i}"] = st["exp_avg"]
@@ -308,16 +285,14 @@ def _save_checkpoint(ckpt: Path, unet, text, ema: EMA, opt, state: dict) -> None
     write_json_atomic(ckpt / "state.json", state)
 
 
-def _load_checkpoint(ckpt: Path, unet, text, ema: EMA, opt) -> dict:
+def _load_checkpoint(ckpt: Path, both, ema, opt) -> dict:
     import torch
     from safetensors.torch import load_file
 
     t = load_file(str(ckpt / "checkpoint.safetensors"))
-    unet.load_state_dict({k[5:]: v for k, v in t.items() if k.startswith("unet.")})
-    text.load_state_dict({k[5:]: v for k, v in t.items() if k.startswith("text.")})
-    for i, s in enumerate(ema.shadow):
-        s.copy_(t[f"ema.{i}"])
-    for i, p in enumerate(ema.params):
+    both.load_state_dict({k: v for k, v in t.items() if k.startswith(("unet.", "text."))})
+    ema.load_state_dict({k[4:]: v for k, v in t.items() if k.startswith("ema.")})
+    for i, p in enumerate(both.parameters()):
         if f"opt.exp_avg.{i}" in t:
             opt.state[p] = {
                 "step": torch.tensor(float(t[f"opt.step.{i}"][0])),
@@ -343,6 +318,7 @@ def train_base(
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    from iap_rt.train.ema import EMA
     from iap_rt.train.toy.vae import build_pixel_vae, roundtrip_error
 
     cfg = cfg or BaseConfig()
@@ -379,7 +355,8 @@ def train_base(
     text.train()
     params = list(unet.parameters()) + list(text.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    ema = EMA([unet, text], cfg.ema_decay)
+    both = torch.nn.ModuleDict({"unet": unet, "text": text})  # one EMA and checkpoint for both
+    ema = EMA(both, cfg.ema_decay)
     noise_sched = DDPMScheduler.from_config(scheduler_config(cfg))
     alphas_cumprod = noise_sched.alphas_cumprod.float()  # (T,)
     snr = alphas_cumprod / (1 - alphas_cumprod)
@@ -391,7 +368,7 @@ def train_base(
 
     state = {"step": 0, "seconds": 0.0, "samples": 0}
     if resume and (ckpt / "checkpoint.safetensors").is_file():
-        state = _load_checkpoint(ckpt, unet, text, ema, opt)
+        state = _load_checkpoint(ckpt, both, ema, opt)
         progress(f"resumed at step {state['step']} ({state['seconds'] / 60:.1f} cpu min trained)")
     n_unet = sum(p.numel() for p in unet.parameters())
     n_text = sum(p.numel() for p in text.parameters())
@@ -436,7 +413,7 @@ def train_base(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        ema.update(step)
+        ema.update(both, step)
         state["step"] = step + 1
         state["samples"] += cfg.batch_size
         running = 0.98 * running + 0.02 * loss.item() if step else loss.item()
@@ -450,14 +427,14 @@ def train_base(
         if time.time() - t_last_ckpt > cfg.checkpoint_minutes * 60:
             state["seconds"] = time.process_time() - cpu_start
             state["wall_seconds"] = time.time() - wall_start
-            _save_checkpoint(ckpt, unet, text, ema, opt, state)
+            _save_checkpoint(ckpt, both, ema, opt, state)
             t_last_ckpt = time.time()
     state["seconds"] = time.process_time() - cpu_start
     state["wall_seconds"] = time.time() - wall_start
-    _save_checkpoint(ckpt, unet, text, ema, opt, state)
+    _save_checkpoint(ckpt, both, ema, opt, state)
 
     # the shipped weights are the EMA weights
-    ema.copy_to([unet, text])
+    ema.copy_to(both)
     unet.eval()
     text.eval()
     unet.save_pretrained(out / "unet", safe_serialization=True)

@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from iap_rt.errors import ArtifactNotFoundError
+from iap_rt.extras import require
 
 
 @click.group("toy")
@@ -56,6 +57,8 @@ def unpack_cmd(out, n):
     checkpoint of your own. The dataset is regenerated from its seed."""
     import shutil
 
+    require("train", "toy unpack")
+
     from iap_rt.fileio import staging_dir, write_json_atomic
     from iap_rt.tokenizer import bert_chinese_vocab_path, build_wordpiece_tokenizer
     from iap_rt.train.toy.base import shipped_base_dir
@@ -96,6 +99,8 @@ def base_cmd(data_dir, out, minutes, max_steps, seed, batch_size, threads, fresh
     """Train the English base model (diffusers format) from scratch; resumes from OUT."""
     import dataclasses
 
+    require("train", "toy base")
+
     from iap_rt.train.toy.base import BaseConfig, train_base
 
     cfg = BaseConfig(seed=seed, threads=threads)
@@ -117,6 +122,7 @@ def base_cmd(data_dir, out, minutes, max_steps, seed, batch_size, threads, fresh
 @click.option("--seed", default=0, show_default=True)
 def checker_cmd(out, seed):
     """Train the attribute checker (small CNN) and print its accuracy on fresh images."""
+    require("train", "toy checker")
     from iap_rt.train.toy.checker import train_checker
 
     res = train_checker(out, seed=seed, progress=lambda m: click.echo(m, err=True))
@@ -150,6 +156,7 @@ def eval_cmd(model, lang, combos, max_combos, seeds, steps, guidance, checker_pa
             raise click.UsageError(
                 "a diffusers base directory has only the English text encoder: use --lang en"
             )
+        require("train", "toy eval (of a diffusers base)")
         from iap_rt.train.toy.evaluate import diffusers_generator
 
         generate = diffusers_generator(model, steps=steps, guidance=guidance)
@@ -242,6 +249,7 @@ def transfer_cmd(
 
     Every Chinese row trains a fresh encoder for the same time on the same data fraction, for
     every seed; finished cells are kept in WORK, so an interrupted run resumes."""
+    require("train", "toy transfer")
     from iap_rt.train.toy.transfer import default_eval, run_grid
 
     try:

@@ -112,7 +112,7 @@ def export(base: Path, encoder: Path, out: Path, like: Path | None = None) -> No
     import shutil
 
     from iap_rt.export.config import resolve_export_config
-    from iap_rt.export.modeldir import run_export
+    from iap_rt.export.stage import run_export
 
     if like is not None and not out.exists():
         shutil.copytree(like, out)

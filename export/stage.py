@@ -1,16 +1,18 @@
-"""SD pipeline directory + Chinese encoder directory -> iap-rt model directory.
+"""The export stage: SD pipeline directory + Chinese encoder directory -> iap-rt model directory.
 
 :func:`run_export` is the stage; :func:`export_model_dir` is its Python entry point. In order:
 
-1. check every input before loading anything heavy (base is a diffusers SD directory, the
-   encoder's width fits the UNet, the output is not a file nor a foreign directory);
+1. check every input before loading anything heavy (:mod:`iap_rt.export.inputs`: base is a
+   diffusers SD directory, the encoder's width fits the UNet, the output is not a file nor a
+   foreign directory);
 2. plan: a network is exported when it is selected (``networks``) and ``force`` is set or its
    key (sha256 of its source files + dims + precision + opset + spec + tool versions) differs
    from the one the previous manifest recorded; every other network is kept as it is;
 3. export each planned network into a staging directory beside ``out`` (reference outputs,
    dynamo export, cleanup, validation in ONNX Runtime); all mismatches raise together;
 4. link the kept files (networks, ``engines/``) from the previous directory into the staging
-   one, write tokenizer, scheduler and, last, the manifest;
+   one, write the UNet's ONNX Runtime variant (:mod:`iap_rt.export.ortfuse`), tokenizer,
+   scheduler and, last, the manifest (the format is :mod:`iap_rt.modeldir`'s);
 5. swap the staging directory in for ``out``.
 
 A failure or interruption before step 5 leaves the previous model directory untouched.
@@ -26,167 +28,37 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from iap_rt.errors import (
-    ArtifactMismatchError,
-    ArtifactNotFoundError,
     BackendUnavailableError,
     ConfigError,
     OutputError,
 )
 from iap_rt.export.config import DEFAULT_OPSET, ExportConfig
-from iap_rt.fileio import exclusive_lock, sha256_file, staging_dir, write_json_atomic
-from iap_rt.modeldir import FORMAT, MANIFEST, ModelDir, network_file, new_manifest, write_manifest
-from iap_rt.specs import NETWORKS, ModelDims, spec_hash
+from iap_rt.export.inputs import ExportInputs, read_inputs, read_previous
+from iap_rt.export.ortfuse import ort_variant_settled, write_ort_variant
+from iap_rt.fileio import exclusive_lock, sha256_file, staging_dir, swap_in, write_json_atomic
+from iap_rt.modeldir import (
+    MANIFEST,
+    SCHEDULER_FILE,
+    TOKENIZER_DIR,
+    ModelDir,
+    network_file,
+    network_files,
+    new_manifest,
+    write_manifest,
+)
+from iap_rt.specs import NETWORKS, spec_hash
 
 log = logging.getLogger("iap_rt.export")
 
 # bump when a change to the export code changes the ONNX it writes (re-exports everything)
 EXPORT_VERSION = 2
-SCHEDULER_KEYS = (
-    "num_train_timesteps",
-    "beta_start",
-    "beta_end",
-    "beta_schedule",
-    "steps_offset",
-    "prediction_type",
-    "set_alpha_to_one",
-    "clip_sample",
-    "timestep_spacing",
-)
-SD_PARTS = {"unet": "config.json", "vae": "config.json", "scheduler": "scheduler_config.json"}
 Echo = Callable[[str], None]
-
-
-# ---- 1. checks ----------------------------------------------------------------------------------
-
-
-def check_sd_dir(base: Path) -> None:
-    """Raise a clear error unless ``base`` is a diffusers SD pipeline directory."""
-    if not base.is_dir():
-        raise ArtifactNotFoundError(
-            f"base model directory {base} does not exist"
-            + (" (it is a file)" if base.exists() else ""),
-            fix="pass --base a local diffusers-format Stable Diffusion directory.",
-        )
-    missing = [f"{d}/{f}" for d, f in SD_PARTS.items() if not (base / d / f).is_file()]
-    if missing:
-        raise ArtifactNotFoundError(
-            f"{base} is not a diffusers Stable Diffusion pipeline directory: "
-            f"missing {', '.join(missing)}",
-            fix="pass the directory that holds model_index.json, unet/, vae/, scheduler/ "
-            "(e.g. a `StableDiffusionPipeline.save_pretrained` output).",
-        )
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text("utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ArtifactNotFoundError(f"cannot read {path}: {e}") from e
-
-
-@dataclass
-class Sources:
-    """What the export reads, from configs only (no weights loaded)."""
-
-    base: Path
-    encoder: Path
-    dims: ModelDims
-    vocab_size: int
-    scheduler: dict
-    vae_scaling_factor: float
-    image_size: int  # the UNet's native sample_size in pixels (generate's default)
-
-
-def read_sources(base: Path, encoder: Path) -> Sources:
-    """Check base and encoder and derive the model's dims from their configs."""
-    from iap_rt.train.encoder import META, load_encoder_config
-
-    check_sd_dir(base)
-    for name in ("config.json", "tokenizer.json"):
-        if not (encoder / name).is_file():
-            raise ArtifactNotFoundError(
-                f"{encoder / name} is missing: {encoder} is not a Chinese encoder directory",
-                fix="pass --encoder the chinese_encoder/ directory written by `iap-rt train`.",
-            )
-    unet_cfg = _read_json(base / "unet" / "config.json")
-    vae_cfg = _read_json(base / "vae" / "config.json")
-    enc_cfg = load_encoder_config(encoder / "config.json")
-    meta = _read_json(encoder / META) if (encoder / META).is_file() else {}
-    d = int(unet_cfg["cross_attention_dim"])
-    width = meta.get("projection_dim") or enc_cfg.hidden_size
-    if width != d:
-        raise ConfigError(
-            f"the Chinese encoder in {encoder} outputs width {width} but the UNet's "
-            f"cross_attention_dim is {d}, and the encoder has no projection to {d}",
-            fix=f"train the encoder against this base (iap-rt train --base {base}), which "
-            "adds the projection.",
-        )
-    max_length = int(meta.get("max_length") or 77)
-    if max_length > enc_cfg.max_position_embeddings:
-        raise ConfigError(
-            f"{encoder / META}: max_length {max_length} exceeds the encoder's "
-            f"max_position_embeddings {enc_cfg.max_position_embeddings}",
-            fix="re-train or edit max_length to at most max_position_embeddings.",
-        )
-    sched = _read_json(base / "scheduler" / "scheduler_config.json")
-    dims = ModelDims(
-        text_max_length=max_length,
-        cross_attention_dim=d,
-        latent_channels=int(unet_cfg.get("in_channels", 4)),
-        vae_scale_factor=2 ** (len(vae_cfg.get("block_out_channels", (0,) * 4)) - 1),
-        latent_multiple=2 ** (len(unet_cfg.get("block_out_channels", (0,) * 4)) - 1),
-    )
-    return Sources(
-        base,
-        encoder,
-        dims,
-        int(enc_cfg.vocab_size),
-        {k: sched[k] for k in SCHEDULER_KEYS if k in sched},
-        float(vae_cfg.get("scaling_factor", 0.18215)),
-        int(unet_cfg.get("sample_size", 64)) * dims.vae_scale_factor,
-    )
-
-
-def read_previous(out: Path) -> dict | None:
-    """The manifest of the model directory at ``out``, or None when there is none to build on.
-
-    Refuses to touch a path that is a file or a non-empty directory that is not an iap-rt model
-    directory (the swap in step 5 would replace it).
-    """
-    if out.exists() and not out.is_dir():
-        raise OutputError(
-            f"output directory {out} exists and is a file",
-            fix="remove the file or pass another --out.",
-        )
-    if not out.is_dir():
-        return None
-    mpath = out / MANIFEST
-    if not mpath.is_file():
-        if any(out.iterdir()):
-            raise OutputError(
-                f"output directory {out} is not empty and is not an iap-rt model directory "
-                f"(no {MANIFEST}); export replaces the whole directory",
-                fix="pass --out a new or empty directory, or a model directory written by "
-                "`iap-rt export`.",
-            )
-        return None
-    try:
-        manifest = json.loads(mpath.read_text("utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return {}  # ours but damaged: everything is re-exported
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise OutputError(
-            f"{mpath} is not an iap-rt manifest; refusing to replace {out}",
-            fix="pass --out a new or empty directory.",
-        )
-    return manifest
 
 
 # ---- 2. plan ------------------------------------------------------------------------------------
@@ -205,9 +77,11 @@ def _tool_versions() -> dict:
     return out
 
 
-def network_key(name: str, cfg: ExportConfig, src: Sources, versions: dict) -> tuple[str, dict]:
+def network_key(
+    name: str, cfg: ExportConfig, src: ExportInputs, versions: dict
+) -> tuple[str, dict]:
     """The incremental-export key of one network and the source hashes that went into it."""
-    from iap_rt.export.configs import EXPORT_CONFIGS
+    from iap_rt.export.networks import EXPORT_CONFIGS
 
     files = EXPORT_CONFIGS[name].sources(src.base, src.encoder)
     # labels relative to base / encoder, so moving either directory does not re-export
@@ -248,7 +122,7 @@ class Plan:
     keep: dict[str, dict] = field(default_factory=dict)  # name -> previous manifest entry
 
 
-def plan_export(cfg: ExportConfig, src: Sources, out: Path, previous: dict | None, echo: Echo):
+def plan_export(cfg: ExportConfig, src: ExportInputs, out: Path, previous: dict | None, echo: Echo):
     versions = _tool_versions()
     prev_nets = (previous or {}).get("networks", {}) if previous else {}
     same_contract = bool(previous) and previous.get("spec_hash") == spec_hash()
@@ -280,18 +154,18 @@ def plan_export(cfg: ExportConfig, src: Sources, out: Path, previous: dict | Non
 
 
 def export_network(
-    name: str, cfg: ExportConfig, src: Sources, stage: Path, key: str, hashes: dict, echo: Echo
+    name: str, cfg: ExportConfig, src: ExportInputs, stage: Path, key: str, hashes: dict, echo: Echo
 ) -> tuple[dict, list[dict]]:
     """Export, clean and validate one network into ``stage``; return (manifest entry,
     mismatches)."""
     from iap_rt.export.attention import make_attention_fusable
-    from iap_rt.export.configs import EXPORT_CONFIGS
     from iap_rt.export.exporter import (
         dynamo_export,
         finish_onnx,
         reference_outputs,
         validate_onnx,
     )
+    from iap_rt.export.networks import EXPORT_CONFIGS
 
     ncfg = EXPORT_CONFIGS[name].for_downsamples(src.dims.unet_downsamples)
     precision = cfg.precision(name)
@@ -353,12 +227,10 @@ def _link_or_copy(src: str, dst: str) -> str:
 def carry_over(previous_dir: Path, stage: Path, kept: list[str]) -> None:
     """Hard-link (or copy) everything of the previous directory that this export neither
     rewrites nor drops: kept networks, ``engines/``, files the user put there."""
-    rewritten = {MANIFEST, "scheduler.json", "tokenizer"}
+    rewritten = {MANIFEST, SCHEDULER_FILE, TOKENIZER_DIR}
     for name in NETWORKS:
         if name not in kept:
-            rewritten |= {network_file(name), network_file(name) + ".data"}
-    if "unet" not in kept:
-        rewritten.add(ORT_FILE)
+            rewritten.update(network_files(name))
     for entry in previous_dir.iterdir():
         if entry.name in rewritten or entry.name.startswith("."):
             continue
@@ -367,21 +239,6 @@ def carry_over(previous_dir: Path, stage: Path, kept: list[str]) -> None:
             shutil.copytree(entry, target, copy_function=_link_or_copy, symlinks=True)
         else:
             _link_or_copy(str(entry), str(target))
-
-
-def swap_in(stage: Path, out: Path) -> None:
-    """Replace ``out`` by ``stage`` (two renames; the old directory is removed after)."""
-    if not out.exists():
-        os.rename(stage, out)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    os.rename(out, old)  # onto the empty directory mkdtemp made
-    try:
-        os.rename(stage, out)
-    except BaseException:
-        os.rename(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_tokenizer(encoder: Path, out: Path, max_length: int) -> None:
@@ -393,7 +250,7 @@ def _write_tokenizer(encoder: Path, out: Path, max_length: int) -> None:
         tok = PromptTokenizer.from_dir(encoder).tokenizer
     else:
         tok = Tokenizer.from_file(str(encoder / "tokenizer.json"))
-    save_tokenizer_dir(out / "tokenizer", tok, max_length)
+    save_tokenizer_dir(out / TOKENIZER_DIR, tok, max_length)
 
 
 # ---- the stage ----------------------------------------------------------------------------------
@@ -424,7 +281,7 @@ def _run_export_locked(cfg: ExportConfig, out: Path, echo: Echo) -> Path:
         return out
 
     # 1. checks (cheap: configs only)
-    src = read_sources(Path(cfg.base), Path(cfg.encoder))
+    src = read_inputs(Path(cfg.base), Path(cfg.encoder))
     previous = read_previous(out)
     # 2. plan
     plan, versions = plan_export(cfg, src, out, previous, echo)
@@ -432,7 +289,7 @@ def _run_export_locked(cfg: ExportConfig, out: Path, echo: Echo) -> Path:
         not plan.export
         and previous
         and _same_top_level(previous, cfg, src, out)
-        and _ort_variant_settled(previous, cfg)
+        and ort_variant_settled(previous, cfg)
     ):
         echo(f"{out}: up to date")
         build_engines(out, cfg.engines, echo)
@@ -467,9 +324,9 @@ def _run_export_locked(cfg: ExportConfig, out: Path, echo: Echo) -> Path:
                 if n in entries or n in plan.keep
             }
             if "unet" in manifest["networks"]:
-                ort_variant(stage, manifest["networks"]["unet"], cfg, src, echo)
+                write_ort_variant(stage, manifest["networks"]["unet"], cfg, src.dims, echo)
             _write_tokenizer(src.encoder, stage, src.dims.text_max_length)
-            write_json_atomic(stage / "scheduler.json", src.scheduler)
+            write_json_atomic(stage / SCHEDULER_FILE, src.scheduler)
             write_manifest(stage, manifest)  # last: no manifest, no model
             swap_in(stage, out)
     except OSError as e:
@@ -493,94 +350,14 @@ def _run_export_locked(cfg: ExportConfig, out: Path, echo: Echo) -> Path:
     return out
 
 
-# ---- the ONNX Runtime variant of the UNet (fused attention) ---------------------------------------
-ORT_FILE = "unet.ort.onnx"
-ORT_VARIANT = "ort"  # the manifest key of the variant (in networks.unet); "ort_cpu" before 0.2
-# max |variant - unet.onnx| allowed, relative to max(1, max |output|), per precision
-ORT_VARIANT_TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2}
-
-
-def _wants_ort_variant(cfg: ExportConfig, entry: dict) -> bool:
-    """UNets with fusable attention; ``auto`` only when the weights are external (big models,
-    where the unfused scores cost GBs; small models would duplicate their weights)."""
-    if cfg.ort_unet == "never":
-        return False
-    if not entry.get("attention", {}).get("fusable"):
-        return False
-    return cfg.ort_unet == "always" or "external_data" in entry
-
-
-def _ort_variant_settled(previous: dict, cfg: ExportConfig) -> bool:
-    unet = previous.get("networks", {}).get("unet")
-    return unet is None or _wants_ort_variant(cfg, unet) == (ORT_VARIANT in unet)
-
-
-def ort_variant(stage: Path, entry: dict, cfg: ExportConfig, src: Sources, echo: Echo) -> None:
-    """Write, keep or drop ``unet.ort.onnx`` in ``stage`` and ``entry["ort"]``.
-
-    The variant is derived from ``unet.onnx`` alone (:mod:`iap_rt.export.ortfuse`: the same
-    graph with ONNX Runtime's fused MultiHeadAttention; same weights file), so it is checked
-    against ``unet.onnx`` in ONNX Runtime, not against PyTorch."""
-    from iap_rt.export.ortfuse import fuse_attention_for_ort
-
-    path = stage / ORT_FILE
-    if not _wants_ort_variant(cfg, entry):
-        path.unlink(missing_ok=True)
-        entry.pop(ORT_VARIANT, None)
-        return
-    old = entry.get(ORT_VARIANT)
-    if old and old.get("unet_sha256") == entry["sha256"] and path.is_file():
-        if path.stat().st_size == old.get("bytes"):
-            return  # carried over with its UNet
-    t0 = time.perf_counter()
-    entry.pop("ort_cpu", None)  # the key's name before 0.2
-    fused = fuse_attention_for_ort(stage / entry["file"], path)
-    precision = entry["precision"]
-    diff, scale = _compare_in_ort(stage / entry["file"], path, src, precision)
-    if diff > ORT_VARIANT_TOLERANCE[precision] * max(1.0, scale):
-        path.unlink(missing_ok=True)
-        raise ArtifactMismatchError(
-            f"{ORT_FILE} differs from {entry['file']} by {diff:.3g} (outputs up to "
-            f"{scale:.3g}) in ONNX Runtime",
-            fix="export with --ort-unet never and report the model.",
-        )
-    entry[ORT_VARIANT] = {
-        "file": ORT_FILE,
-        "bytes": path.stat().st_size,
-        "sha256": sha256_file(path),
-        "unet_sha256": entry["sha256"],
-        "attention_fused": fused,
-        "max_abs_diff": diff,
-        "s": round(time.perf_counter() - t0, 2),
-    }
-    echo(f"unet: {ORT_FILE} with {fused} fused attentions (max diff {diff:.2g})")
-
-
-def _compare_in_ort(a: Path, b: Path, src: Sources, precision: str) -> tuple[float, float]:
-    """Max |a - b| of the two UNet graphs on the contract's seeded dummy input (CPU, the
-    validation session), and max |a|."""
-    import numpy as np
-
-    from iap_rt.export.exporter import ort_session
-
-    side = 2 * src.dims.latent_multiple  # the smallest size every level can take
-    feed = NETWORKS["unet"].dummy_inputs(src.dims, precision, {"N": 2, "h": side, "w": side})
-    outs = []
-    for path in (a, b):
-        sess = ort_session(path)
-        outs.append(sess.run(None, feed)[0].astype(np.float32))
-        del sess
-    return float(np.abs(outs[0] - outs[1]).max()), float(np.abs(outs[0]).max())
-
-
-def _same_top_level(previous: dict, cfg: ExportConfig, src: Sources, out: Path) -> bool:
+def _same_top_level(previous: dict, cfg: ExportConfig, src: ExportInputs, out: Path) -> bool:
     """Nothing outside the networks changed either (dims, scheduler default, model id)."""
     return (
         previous.get("dims") == src.dims.to_dict()
         and previous.get("default_scheduler") == cfg.default_scheduler
         and previous.get("model_id") == (cfg.model_id or previous.get("model_id"))
         and all(n in previous.get("networks", {}) for n in cfg.networks)
-        and (out / "tokenizer" / "tokenizer.json").is_file()
+        and (out / TOKENIZER_DIR / "tokenizer.json").is_file()
     )
 
 

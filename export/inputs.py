@@ -1,0 +1,148 @@
+"""Step 1 of the export stage: check its inputs and read what it needs from their configs.
+
+:func:`read_inputs` checks the base (a diffusers SD pipeline directory) and the Chinese
+encoder directory and derives the model's dims, scheduler and image size from their configs
+without loading any weights; :func:`read_previous` reads the model directory being updated
+and refuses to replace anything that is not one.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from iap_rt.errors import ArtifactError, ArtifactNotFoundError, ConfigError, OutputError
+from iap_rt.modeldir import MANIFEST, read_manifest
+from iap_rt.specs import ModelDims
+
+SCHEDULER_KEYS = (
+    "num_train_timesteps",
+    "beta_start",
+    "beta_end",
+    "beta_schedule",
+    "steps_offset",
+    "prediction_type",
+    "set_alpha_to_one",
+    "clip_sample",
+    "timestep_spacing",
+)
+SD_PARTS = {"unet": "config.json", "vae": "config.json", "scheduler": "scheduler_config.json"}
+
+
+def check_sd_dir(base: Path) -> None:
+    """Raise a clear error unless ``base`` is a diffusers SD pipeline directory."""
+    if not base.is_dir():
+        raise ArtifactNotFoundError(
+            f"base model directory {base} does not exist"
+            + (" (it is a file)" if base.exists() else ""),
+            fix="pass --base a local diffusers-format Stable Diffusion directory.",
+        )
+    missing = [f"{d}/{f}" for d, f in SD_PARTS.items() if not (base / d / f).is_file()]
+    if missing:
+        raise ArtifactNotFoundError(
+            f"{base} is not a diffusers Stable Diffusion pipeline directory: "
+            f"missing {', '.join(missing)}",
+            fix="pass the directory that holds model_index.json, unet/, vae/, scheduler/ "
+            "(e.g. a `StableDiffusionPipeline.save_pretrained` output).",
+        )
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArtifactNotFoundError(f"cannot read {path}: {e}") from e
+
+
+@dataclass
+class ExportInputs:
+    """What the export reads, from configs only (no weights loaded)."""
+
+    base: Path
+    encoder: Path
+    dims: ModelDims
+    vocab_size: int
+    scheduler: dict
+    vae_scaling_factor: float
+    image_size: int  # the UNet's native sample_size in pixels (generate's default)
+
+
+def read_inputs(base: Path, encoder: Path) -> ExportInputs:
+    """Check base and encoder and derive the model's dims from their configs."""
+    from iap_rt.train.encoder import META, load_encoder_config
+
+    check_sd_dir(base)
+    for name in ("config.json", "tokenizer.json"):
+        if not (encoder / name).is_file():
+            raise ArtifactNotFoundError(
+                f"{encoder / name} is missing: {encoder} is not a Chinese encoder directory",
+                fix="pass --encoder the chinese_encoder/ directory written by `iap-rt train`.",
+            )
+    unet_cfg = _read_json(base / "unet" / "config.json")
+    vae_cfg = _read_json(base / "vae" / "config.json")
+    enc_cfg = load_encoder_config(encoder / "config.json")
+    meta = _read_json(encoder / META) if (encoder / META).is_file() else {}
+    d = int(unet_cfg["cross_attention_dim"])
+    width = meta.get("projection_dim") or enc_cfg.hidden_size
+    if width != d:
+        raise ConfigError(
+            f"the Chinese encoder in {encoder} outputs width {width} but the UNet's "
+            f"cross_attention_dim is {d}, and the encoder has no projection to {d}",
+            fix=f"train the encoder against this base (iap-rt train --base {base}), which "
+            "adds the projection.",
+        )
+    max_length = int(meta.get("max_length") or 77)
+    if max_length > enc_cfg.max_position_embeddings:
+        raise ConfigError(
+            f"{encoder / META}: max_length {max_length} exceeds the encoder's "
+            f"max_position_embeddings {enc_cfg.max_position_embeddings}",
+            fix="re-train or edit max_length to at most max_position_embeddings.",
+        )
+    sched = _read_json(base / "scheduler" / "scheduler_config.json")
+    dims = ModelDims(
+        text_max_length=max_length,
+        cross_attention_dim=d,
+        latent_channels=int(unet_cfg.get("in_channels", 4)),
+        vae_scale_factor=2 ** (len(vae_cfg.get("block_out_channels", (0,) * 4)) - 1),
+        latent_multiple=2 ** (len(unet_cfg.get("block_out_channels", (0,) * 4)) - 1),
+    )
+    return ExportInputs(
+        base,
+        encoder,
+        dims,
+        int(enc_cfg.vocab_size),
+        {k: sched[k] for k in SCHEDULER_KEYS if k in sched},
+        float(vae_cfg.get("scaling_factor", 0.18215)),
+        int(unet_cfg.get("sample_size", 64)) * dims.vae_scale_factor,
+    )
+
+
+def read_previous(out: Path) -> dict | None:
+    """The manifest of the model directory at ``out``, or None when there is none to build on.
+
+    Refuses to touch a path that is a file or a non-empty directory that is not an iap-rt model
+    directory (the swap in step 5 would replace it).
+    """
+    if out.exists() and not out.is_dir():
+        raise OutputError(
+            f"output directory {out} exists and is a file",
+            fix="remove the file or pass another --out.",
+        )
+    if not out.is_dir():
+        return None
+    try:
+        manifest = read_manifest(out)
+    except ArtifactError:
+        raise OutputError(
+            f"{out / MANIFEST} is not an iap-rt manifest; refusing to replace {out}",
+            fix="pass --out a new or empty directory.",
+        ) from None
+    if manifest is None and any(out.iterdir()):
+        raise OutputError(
+            f"output directory {out} is not empty and is not an iap-rt model directory "
+            f"(no {MANIFEST}); export replaces the whole directory",
+            fix="pass --out a new or empty directory, or a model directory written by "
+            "`iap-rt export`.",
+        )
+    return manifest  # None: nothing to build on; {}: ours but damaged, re-export everything
