@@ -3,13 +3,23 @@
 tokenizer -> text encoder -> denoising loop with classifier-free guidance -> VAE decode ->
 uint8 images, on any backend (ONNX Runtime, TensorRT). Modelled on diffusers'
 ``StableDiffusionPipeline``: :meth:`Pipeline.check_inputs` validates everything up front;
-:meth:`Pipeline.__call__` reads as numbered steps.
+:meth:`Pipeline.generate` reads as numbered steps.
+
+One call can serve several prompts (:class:`PromptRequest`), each with its own negative prompt,
+seed(s) and guidance scale, in one UNet batch: what a server does with queued requests that
+share steps, size and scheduler. The UNet batch is laid out as ``[uncond rows of the images with
+guidance] + [cond rows of every image]``; every image is computed exactly as it would be alone
+(the networks treat batch rows independently), so image i of a call equals the same prompt and
+seed generated alone, byte for byte. Calls with more images than ``chunk_size`` run as several
+UNet batches one after the other, which bounds the memory a call needs.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,10 +27,12 @@ import numpy as np
 from iap_rt.errors import ConfigError, InputError
 from iap_rt.modeldir import ModelDir, default_model_dir
 from iap_rt.schedulers import SCHEDULERS, SchedulerConfig, make_scheduler
-from iap_rt.specs import axis_values
 from iap_rt.tokenizer import PromptTokenizer
 
 MAX_STEPS = 1000
+MAX_GUIDANCE = 100.0  # beyond this classifier-free guidance only saturates the image
+MAX_SEED = 2**63 - 1  # every image's seed (seed + i) must stay within this
+DEFAULT_CHUNK = 8  # images per UNet batch (the UNet runs 2x this under guidance)
 
 
 def initial_noise(seed: int, batch_size: int, shape: tuple[int, ...]) -> np.ndarray:
@@ -37,7 +49,7 @@ def initial_noise(seed: int, batch_size: int, shape: tuple[int, ...]) -> np.ndar
 @dataclass
 class Timings:
     text_encoder_s: float = 0.0
-    unet_s: list[float] = field(default_factory=list)  # per step, network time only
+    unet_s: list[float] = field(default_factory=list)  # per step (and chunk), network time only
     loop_s: float = 0.0  # whole denoising loop (network + scheduler + copies + Python)
     vae_decode_s: float = 0.0
     total_s: float = 0.0
@@ -54,7 +66,36 @@ class GenerationResult:
     latents: np.ndarray  # (B, C, h, w) float32, final latents before VAE scaling
     seeds: list[int]
     params: dict
-    timings: Timings
+    timings: Timings  # of the whole call (shared by the results of a multi-prompt call)
+
+
+@dataclass(frozen=True)
+class PromptRequest:
+    """One prompt's share of a :meth:`Pipeline.generate` call: ``batch_size`` images with seeds
+    ``seed, seed + 1, ...``; guidance <= 1 turns classifier-free guidance off for them."""
+
+    prompt: str
+    negative_prompt: str = ""
+    seed: int = 0
+    guidance: float = 7.5
+    batch_size: int = 1
+    latents: np.ndarray | None = None  # (batch_size, C, h, w) initial noise; None: from seed
+
+
+@dataclass
+class _Image:
+    """One image of a call: which request, its seed, texts, guidance and initial noise."""
+
+    request: int
+    seed: int
+    prompt: str
+    negative_prompt: str
+    guidance: float
+    noise: np.ndarray  # (C, h, w) float32, N(0, 1)
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance > 1.0
 
 
 class Pipeline:
@@ -63,9 +104,15 @@ class Pipeline:
     >>> pipe = Pipeline.from_dir("model/")            # doctest: +SKIP
     >>> pipe("山水画", steps=25, seed=1).images.shape  # doctest: +SKIP
     (1, 512, 512, 3)
+
+    ``chunk_size``: at most this many images share one UNet batch; larger calls run in chunks.
     """
 
-    def __init__(self, model: ModelDir, backend, progress: bool = True):
+    def __init__(
+        self, model: ModelDir, backend, progress: bool = True, chunk_size: int = DEFAULT_CHUNK
+    ):
+        if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+            raise ConfigError(f"chunk size must be an integer >= 1, got {chunk_size!r}")
         self.model = model
         self.backend = backend
         self._runners = None
@@ -73,6 +120,7 @@ class Pipeline:
         self.scheduler_config = SchedulerConfig.from_dict(model.scheduler_config())
         self.dims = model.dims
         self.progress = progress
+        self.chunk_size = chunk_size
         self._embed_cache: dict[str, np.ndarray] = {}
 
     @classmethod
@@ -116,16 +164,40 @@ class Pipeline:
             raise InputError(
                 f"negative prompt must be a string, got {type(negative_prompt).__name__}"
             )
+        self.check_settings(steps, height, width, scheduler)
+        if (
+            isinstance(guidance, bool)
+            or not isinstance(guidance, (int, float))
+            or not math.isfinite(guidance)
+            or not 0 <= guidance <= MAX_GUIDANCE
+        ):
+            raise InputError(
+                f"guidance must be a number from 0 to {MAX_GUIDANCE:g}, got {guidance!r}",
+                fix="use e.g. --guidance 7.5 (<= 1 turns classifier-free guidance off).",
+            )
+        if not _is_int(batch_size) or batch_size < 1:
+            raise InputError(f"batch size must be an integer >= 1, got {batch_size!r}")
+        if not _is_int(seed) or not 0 <= seed <= MAX_SEED:
+            raise InputError(f"seed must be an integer from 0 to 2**63-1, got {seed!r}")
+        if seed + batch_size - 1 > MAX_SEED:
+            raise InputError(
+                f"seed {seed} with batch size {batch_size}: image {batch_size - 1} would use "
+                f"seed {seed + batch_size - 1}, past 2**63-1",
+                fix=f"use a seed of at most {MAX_SEED - batch_size + 1}.",
+            )
+
+    def check_settings(self, steps, height, width, scheduler) -> None:
+        """The settings every image of a call shares: steps, size, scheduler."""
         f = self.dims.pixel_multiple
         for name, v in (("height", height), ("width", width)):
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0 or v % f:
+            if not _is_int(v) or v <= 0 or v % f:
                 raise InputError(
                     f"{name} must be a positive multiple of {f}, got {v!r}",
-                    fix=f"use e.g. --{name} {max(f, (int(v) // f) * f if isinstance(v, int) else 512)} "
+                    fix=f"use e.g. --{name} {max(f, (int(v) // f) * f if _is_int(v) else 512)} "
                     f"(the UNet halves the latents {self.dims.unet_downsamples} "
                     f"times; the VAE scales by {self.dims.vae_scale_factor}).",
                 )
-        if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= MAX_STEPS:
+        if not _is_int(steps) or not 1 <= steps <= MAX_STEPS:
             raise InputError(
                 f"steps must be an integer from 1 to {MAX_STEPS}, got {steps!r}",
                 fix="use e.g. --steps 25.",
@@ -135,15 +207,6 @@ class Pipeline:
                 f"steps {steps} exceeds the model's {self.scheduler_config.num_train_timesteps} "
                 "training timesteps"
             )
-        if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or guidance < 0:
-            raise InputError(
-                f"guidance must be a number >= 0, got {guidance!r}",
-                fix="use e.g. --guidance 7.5 (<= 1 turns classifier-free guidance off).",
-            )
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise InputError(f"batch size must be an integer >= 1, got {batch_size!r}")
-        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
-            raise InputError(f"seed must be an integer from 0 to 2**63-1, got {seed!r}")
         if scheduler not in SCHEDULERS:
             raise ConfigError(
                 f"unknown scheduler {scheduler!r}", fix=f"use one of {', '.join(SCHEDULERS)}."
@@ -181,73 +244,157 @@ class Pipeline:
         latents: np.ndarray | None = None,
     ) -> GenerationResult:
         """Generate ``batch_size`` images for ``prompt``; image i uses seed ``seed + i``."""
+        request = PromptRequest(prompt, negative_prompt, seed, guidance, batch_size, latents)
+        return self.generate(
+            [request], steps=steps, height=height, width=width, scheduler=scheduler
+        )[0]
+
+    def generate(
+        self,
+        requests: Sequence[PromptRequest],
+        steps: int = 25,
+        height: int | None = None,
+        width: int | None = None,
+        scheduler: str | None = None,
+    ) -> list[GenerationResult]:
+        """Generate every request's images in shared UNet batches; one result per request.
+
+        Each image equals the same prompt, negative prompt, seed and guidance generated alone
+        with :meth:`__call__` (same steps, size and scheduler)."""
         height = self.default_size if height is None else height
         width = self.default_size if width is None else width
         scheduler = scheduler or self.model.default_scheduler
-        self.check_inputs(
-            prompt, negative_prompt, steps, guidance, seed, height, width, batch_size, scheduler
-        )
+        if not requests:
+            raise InputError("no prompt given", fix="pass at least one PromptRequest.")
+        for r in requests:
+            self.check_inputs(
+                r.prompt, r.negative_prompt, steps, r.guidance, r.seed, height, width,
+                r.batch_size, scheduler,
+            )  # fmt: skip
         t_start = time.perf_counter()
         timings = Timings()
-        do_cfg = guidance > 1.0
-        dims = self.dims
-        ax = axis_values(batch_size, height, width, do_cfg, dims)
-        unet_dtype = np.float16 if self.model.precision("unet") == "fp16" else np.float32
-        vae_dtype = np.float16 if self.model.precision("vae_decoder") == "fp16" else np.float32
+        shape = (self.dims.latent_channels, *_latent_hw(height, width, self.dims))
+        images = _flatten(requests, shape)
+        chunks = [images[i : i + self.chunk_size] for i in range(0, len(images), self.chunk_size)]
+        bar = _progress(steps * len(chunks), self.progress, "denoising")
 
-        # 1. encode prompt (+ negative prompt under guidance): UNet batch N = 2B or B
+        # 1. encode every prompt (+ negative prompts of guided images) once
         t0 = time.perf_counter()
-        texts = [prompt] if not do_cfg else [negative_prompt, prompt]
-        emb = self.encode(texts).astype(unet_dtype)  # (1 or 2, S, D)
-        emb = np.repeat(emb, batch_size, axis=0)  # (N, S, D): [neg]*B + [pos]*B
+        self.encode(
+            [im.negative_prompt for im in images if im.guided] + [im.prompt for im in images]
+        )
         timings.text_encoder_s = time.perf_counter() - t0
 
-        # 2. scheduler and initial noise
+        # 2.-4. per chunk: denoising loop, then VAE decode
+        latents, pixels = [], []
+        for chunk in chunks:
+            z = self._denoise(chunk, steps, scheduler, timings, bar)
+            latents.append(z)
+            t0 = time.perf_counter()
+            pixels.append(self._decode(z))
+            timings.vae_decode_s += time.perf_counter() - t0
+        if bar is not None:
+            bar.close()
+        latents_all, images_all = np.concatenate(latents), np.concatenate(pixels)
+        timings.total_s = time.perf_counter() - t_start
+
+        # 5. one result per request
+        results, start = [], 0
+        for r in requests:
+            end = start + r.batch_size
+            params = {
+                "prompt": r.prompt,
+                "negative_prompt": r.negative_prompt,
+                "steps": steps,
+                "guidance": float(r.guidance),
+                "scheduler": scheduler,
+                "height": height,
+                "width": width,
+                "model_id": self.model.model_id,
+                "backend": f"{self.backend.name}:{self.backend.device}",
+            }
+            seeds = [r.seed + i for i in range(r.batch_size)]
+            results.append(
+                GenerationResult(
+                    images_all[start:end], latents_all[start:end], seeds, params, timings
+                )
+            )
+            start = end
+        return results
+
+    def _denoise(self, chunk, steps, scheduler, timings, bar) -> np.ndarray:
+        """The denoising loop of one chunk of images -> their final latents (n, C, h, w)."""
+        n, guided = len(chunk), [i for i, im in enumerate(chunk) if im.guided]
+        unet_dtype = np.float16 if self.model.precision("unet") == "fp16" else np.float32
+        texts = [chunk[i].negative_prompt for i in guided] + [im.prompt for im in chunk]
+        emb = self.encode(texts).astype(unet_dtype)  # (N, S, D): [uncond of guided] + [cond]
+        g = np.array([chunk[i].guidance for i in guided], np.float32).reshape(-1, 1, 1, 1)
+        every_image_guided = len(guided) == n
+        N = len(guided) + n  # the UNet batch
+
         sched = make_scheduler(scheduler, self.scheduler_config)
         sched.set_timesteps(steps)
-        shape = (dims.latent_channels, ax["h"], ax["w"])
-        if latents is None:
-            latents = initial_noise(seed, batch_size, shape)
-        latents = latents.astype(np.float32) * np.float32(sched.init_noise_sigma)  # (B, C, h, w)
+        latents = np.stack([im.noise for im in chunk])  # (n, C, h, w)
+        latents = latents.astype(np.float32) * np.float32(sched.init_noise_sigma)
 
-        # 3. denoising loop
         unet = self.runners["unet"]
         t_loop = time.perf_counter()
-        for t in _progress(sched.timesteps, self.progress, "denoising"):
-            x = np.concatenate([latents, latents]) if do_cfg else latents  # (N, C, h, w)
+        for t in sched.timesteps:
+            x = np.concatenate([latents[guided], latents]) if guided else latents  # (N, ...)
             x = sched.scale_model_input(x, t).astype(unet_dtype, copy=False)
-            ts = np.full((ax["N"],), sched.timestep_input(t), dtype=np.float32)
+            ts = np.full((N,), sched.timestep_input(t), dtype=np.float32)
             t0 = time.perf_counter()
-            noise = unet.run({"sample": x, "timestep": ts, "encoder_hidden_states": emb})[
+            out = unet.run({"sample": x, "timestep": ts, "encoder_hidden_states": emb})[
                 "noise_pred"
             ].astype(np.float32, copy=False)  # (N, C, h, w)
             timings.unet_s.append(time.perf_counter() - t0)
-            if do_cfg:
-                uncond, cond = noise[:batch_size], noise[batch_size:]
-                noise = uncond + np.float32(guidance) * (cond - uncond)  # (B, C, h, w)
+            if not guided:
+                noise = out
+            elif every_image_guided:
+                uncond, cond = out[:n], out[n:]
+                noise = uncond + g * (cond - uncond)  # (n, C, h, w)
+            else:
+                uncond, noise = out[: len(guided)], out[len(guided) :].copy()
+                noise[guided] = uncond + g * (noise[guided] - uncond)
             latents = sched.step(noise, t, latents).astype(np.float32, copy=False)
-        timings.loop_s = time.perf_counter() - t_loop
+            if bar is not None:
+                bar.update(1)
+        timings.loop_s += time.perf_counter() - t_loop
+        return latents
 
-        # 4. VAE decode -> uint8 (B, H, W, 3)
-        t0 = time.perf_counter()
+    def _decode(self, latents: np.ndarray) -> np.ndarray:
+        """Final latents (n, C, h, w) -> (n, H, W, 3) uint8."""
+        vae_dtype = np.float16 if self.model.precision("vae_decoder") == "fp16" else np.float32
         z = (latents / np.float32(self.model.vae_scaling_factor)).astype(vae_dtype)
-        image = self.runners["vae_decoder"].run({"latent_sample": z})["image"]
-        timings.vae_decode_s = time.perf_counter() - t0
-        images = to_uint8(image)
-        timings.total_s = time.perf_counter() - t_start
-        params = {
-            "prompt": prompt,
-            "negative_prompt": negative_prompt,
-            "steps": steps,
-            "guidance": float(guidance),
-            "scheduler": scheduler,
-            "height": height,
-            "width": width,
-            "model_id": self.model.model_id,
-            "backend": f"{self.backend.name}:{self.backend.device}",
-        }
-        seeds = [seed + i for i in range(batch_size)]
-        return GenerationResult(images, latents, seeds, params, timings)
+        return to_uint8(self.runners["vae_decoder"].run({"latent_sample": z})["image"])
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _latent_hw(height: int, width: int, dims) -> tuple[int, int]:
+    f = dims.vae_scale_factor
+    return height // f, width // f
+
+
+def _flatten(requests: Sequence[PromptRequest], shape: tuple[int, ...]) -> list[_Image]:
+    """Every image of every request, in order, with its initial noise."""
+    images = []
+    for k, r in enumerate(requests):
+        if r.latents is not None:
+            noise = np.asarray(r.latents, dtype=np.float32)
+            if noise.shape != (r.batch_size, *shape):
+                raise InputError(
+                    f"latents of shape {noise.shape}, expected {(r.batch_size, *shape)}"
+                )
+        else:
+            noise = initial_noise(r.seed, r.batch_size, shape)
+        for i in range(r.batch_size):
+            images.append(
+                _Image(k, r.seed + i, r.prompt, r.negative_prompt, float(r.guidance), noise[i])
+            )
+    return images
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:
@@ -256,9 +403,9 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
     return (x.transpose(0, 2, 3, 1) * 255).round().astype(np.uint8)
 
 
-def _progress(items, enabled: bool, desc: str):
+def _progress(total: int, enabled: bool, desc: str):
     if not enabled:
-        return items
+        return None
     from tqdm.auto import tqdm
 
-    return tqdm(items, desc=desc, unit="step", leave=False)
+    return tqdm(total=total, desc=desc, unit="step", leave=False)

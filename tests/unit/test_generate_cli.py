@@ -90,7 +90,7 @@ def _assert_fails(r, *needles):
         (("--backend", "cuda"), ("unknown backend 'cuda'", "ort")),
         (("--height", "63"), ("height must be a positive multiple of", "got 63")),
         (("--steps", "0"), ("steps must be an integer from 1 to 1000, got 0",)),
-        (("--guidance", "-1"), ("guidance must be a number >= 0",)),
+        (("--guidance", "-1"), ("guidance must be a number from 0 to 100",)),
         (("--batch-size", "0"), ("batch size must be an integer >= 1",)),
     ],
 )

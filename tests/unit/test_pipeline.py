@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 
 from iap_rt.backends.ort import OrtBackend
+from iap_rt.errors import ConfigError, InputError
 from iap_rt.modeldir import ModelDir, default_model_dir
-from iap_rt.pipeline import Pipeline, initial_noise
+from iap_rt.pipeline import Pipeline, PromptRequest, initial_noise
 
 
 class Recording:
@@ -98,3 +99,72 @@ def test_timings_are_recorded(pipe):
     t = pipe("山水画", **KW).timings
     assert len(t.unet_s) == 3 and t.loop_s >= sum(t.unet_s) and t.total_s >= t.loop_s
     assert t.overhead_step_s >= 0
+
+
+# ---- several prompts in one call ---------------------------------------------------------------
+REQUESTS = [
+    PromptRequest("左边有一个红色的圆", "", seed=5, guidance=7.5, batch_size=2),
+    PromptRequest("一个蓝色的正方形，位于右边", "模糊", seed=9, guidance=0.0),
+    PromptRequest("上方画着一个绿十字", "模糊", seed=11, guidance=3.0, batch_size=3),
+]
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "euler", "dpm++"])
+@pytest.mark.parametrize("chunk_size", [8, 2])
+def test_each_image_of_a_multi_prompt_call_equals_it_alone(pipe, scheduler, chunk_size):
+    pipe.chunk_size = chunk_size
+    try:
+        results = pipe.generate(REQUESTS, steps=3, height=64, width=64, scheduler=scheduler)
+    finally:
+        pipe.chunk_size = 8
+    assert len(results) == len(REQUESTS)
+    for got, r in zip(results, REQUESTS):
+        alone = pipe(
+            r.prompt, r.negative_prompt, steps=3, guidance=r.guidance, seed=r.seed,
+            height=64, width=64, batch_size=r.batch_size, scheduler=scheduler,
+        )  # fmt: skip
+        assert got.seeds == alone.seeds == [r.seed + i for i in range(r.batch_size)]
+        assert np.array_equal(got.images, alone.images)  # byte for byte
+        assert np.array_equal(got.latents, alone.latents)
+        assert got.params == alone.params
+
+
+def test_multi_prompt_unet_batch_is_uncond_of_guided_plus_cond_of_all(pipe):
+    unet, _ = _record(pipe)
+    pipe.generate(REQUESTS, **KW)
+    n, guided = 6, 5  # 2 + 1 + 3 images, the middle request unguided
+    assert [c["sample"] for c in unet.calls] == [_latent(pipe, guided + n)] * KW["steps"]
+
+
+def test_large_calls_run_in_chunks_of_chunk_size(pipe):
+    unet, _ = _record(pipe)
+    pipe.chunk_size = 2
+    try:
+        r = pipe("山水画", guidance=7.5, batch_size=5, **KW)
+    finally:
+        pipe.chunk_size = 8
+    batches = [c["sample"][0] for c in unet.calls]
+    assert batches == [4] * 3 + [4] * 3 + [2] * 3  # chunks of 2, 2, 1 images, guided
+    assert r.images.shape[0] == 5 and r.seeds == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("g", [float("nan"), float("inf"), -0.5, 1e30, 101.0, True])
+def test_guidance_must_be_finite_and_in_range(pipe, g):
+    with pytest.raises(InputError, match="guidance must be a number from 0 to 100"):
+        pipe("山水画", guidance=g, **KW)
+
+
+def test_every_image_seed_stays_in_range(pipe):
+    pipe("山水画", seed=2**63 - 1, batch_size=1, **KW)  # the last seed itself is fine
+    with pytest.raises(InputError, match=r"image 1 would use seed 9223372036854775808"):
+        pipe("山水画", seed=2**63 - 1, batch_size=2, **KW)
+
+
+def test_custom_latents_are_checked(pipe):
+    with pytest.raises(InputError, match="latents of shape"):
+        pipe("山水画", latents=np.zeros((1, 1, 2, 2), np.float32), **KW)
+
+
+def test_chunk_size_is_checked():
+    with pytest.raises(ConfigError, match="chunk size"):
+        Pipeline(ModelDir.open(default_model_dir()), OrtBackend("cpu"), chunk_size=0)
