@@ -1,10 +1,10 @@
 """``iap-rt toy eval``: generate for every held-out combination and check what was drawn.
 
 The "generate images" step is a swappable function ``(prompts, seeds) -> (N, 32, 32, 3)
-uint8``: :func:`diffusers_generator` samples a diffusers-format base (English prompts) with a
-minimal torch DDIM loop and classifier-free guidance; a generator over the torch-free runtime
-pipeline (exported model directories, Chinese prompts) plugs into the same
-:func:`evaluate` / :func:`agreement`.
+uint8``: :func:`diffusers_generator` samples a diffusers-format base (English prompts) with the
+PyTorch twin of the runtime (:mod:`iap_rt.train.reference`, DDIM, classifier-free guidance); a
+generator over the torch-free runtime pipeline (exported model directories, Chinese prompts)
+plugs into the same :func:`evaluate` / :func:`agreement`.
 
 Prompts: for combination ``k`` and seed index ``j`` the caption is drawn with the dataset's
 own caption functions from ``rng([EVAL_SEED, k, j, lang])``, so the seeds of one combination
@@ -131,19 +131,21 @@ def diffusers_generator(
     threads: int = 1,
     numpy_noise: bool = False,
 ) -> GenerateFn:
-    """Sample a diffusers-format toy base: DDIM (eta 0), classifier-free guidance.
+    """Sample a diffusers-format toy base: DDIM (eta 0), classifier-free guidance, run by the
+    PyTorch twin of the runtime (:class:`iap_rt.train.reference.TorchPipeline`) on the base's
+    CLIP embeddings (``""`` as the unconditional prompt), ``batch`` prompts per UNet call.
 
     ``numpy_noise``: draw image noise with :func:`iap_rt.pipeline.initial_noise` (the runtime's),
     so images match :func:`runtime_generator`'s for the same seed; else torch's generator."""
     import torch
-    from diffusers import DDIMScheduler
 
     from iap_rt.pipeline import initial_noise as noise
+    from iap_rt.train.reference import TorchPipeline
     from iap_rt.train.toy.base import load_base, tokenize
 
     torch.set_num_threads(threads)
     tok, text, unet, vae, sched_cfg = load_base(model_dir)
-    scale = float(vae.config.scaling_factor)
+    ref = TorchPipeline(unet, vae, sched_cfg, default_scheduler="ddim")
     channels = unet.config.in_channels
     size = unet.config.sample_size
 
@@ -168,14 +170,8 @@ def diffusers_generator(
                         for x in s
                     ]
                 )  # (b, C, h, w)
-            sched = DDIMScheduler.from_config(sched_cfg)
-            sched.set_timesteps(steps)
-            z = z * sched.init_noise_sigma
-            for t in sched.timesteps:
-                eps_u, eps_c = unet(torch.cat([z, z]), t, ctx).sample.chunk(2)
-                eps = eps_u + guidance * (eps_c - eps_u)
-                z = sched.step(eps, t, z).prev_sample
-            x = vae.decode(z / scale).sample  # (b, 3, H, W) in [-1, 1]
+            z = ref.denoise(ctx, z, steps, guidance, "ddim")  # (b, C, h, w)
+            x = ref.decode(z)  # (b, 3, H, W) in [-1, 1]
             img = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
             out.append(img.permute(0, 2, 3, 1).numpy())
         return np.concatenate(out)
