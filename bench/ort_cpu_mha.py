@@ -44,9 +44,11 @@ print(json.dumps({"load_s": load, "first_s": times[0], "steps_s": times[1:],
 """
 
 
-def main() -> int:
-    from iap_rt.benchmark import BUILD_SEED, default_cache_dir, machine_info
+def main(argv: list[str] | None = None) -> int:
+    from iap_rt.bench.machine import machine_info
+    from iap_rt.bench.sources import cache_root
     from iap_rt.export.ortfuse import fuse_attention_for_ort
+    from iap_rt.fileio import write_text_atomic
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, default=None)
@@ -55,8 +57,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--side", type=int, default=64, help="latent side (64 = 512x512 SD)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/ort_cpu_mha_sd15.json")
-    a = ap.parse_args()
-    model = a.model or default_cache_dir() / f"sd15-seed{BUILD_SEED}" / "model-fp32"
+    a = ap.parse_args(argv)
+    model = a.model or cache_root(None, "sd15") / "model-fp32"
     src, dst = model / "unet.onnx", model / "unet.ort.onnx"
     if not src.is_file():
         print(f"{src} is missing: run `iap-rt bench --arch sd15` once, or pass --model DIR")
@@ -103,9 +105,10 @@ def main() -> int:
         "speedup": res["as_exported"]["unet_step_median_s"]
         / res["fused_mha"]["unet_step_median_s"],
         "peak_rss_saved_mb": res["as_exported"]["peak_rss_mb"] - res["fused_mha"]["peak_rss_mb"],
-        "command": "python bench/ort_cpu_mha.py " + " ".join(sys.argv[1:]),
+        "command": "python bench/ort_cpu_mha.py "
+        + " ".join(sys.argv[1:] if argv is None else argv),
     }
-    a.out.write_text(json.dumps(doc, indent=2) + "\n", "utf-8")
+    write_text_atomic(a.out, json.dumps(doc, indent=2) + "\n")
     print(json.dumps({k: doc[k] for k in ("attentions_fused", "speedup", "peak_rss_saved_mb")}))
     return 0
 

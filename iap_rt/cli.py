@@ -23,7 +23,7 @@ COMMANDS = {
     "train": ("iap_rt.train.cli:train", "IAP-train a Chinese text encoder against a frozen SD."),
     "export": ("iap_rt.export.cli:export", "Export encoder, UNet and VAE to a model directory."),
     "engines": ("iap_rt.engines.cli:engines", "Build TensorRT engines from a model directory."),
-    "bench": ("iap_rt.bench:bench", "Benchmark backends side by side (JSON results)."),
+    "bench": ("iap_rt.bench.command:bench", "Benchmark backends side by side (JSON results)."),
     "toy": ("iap_rt.train.toy.cli:toy", "The toy world: data, base model, evaluation."),
 }
 

@@ -2,7 +2,9 @@
 subprocesses, JSON layout as issue 7 specifies, every figure positive and finite.
 
 The cache is pre-filled from the session's tiny model (so the three exports are not paid a
-second time); everything after that is the real command.
+second time) except the diffusers base, which the bench's torch build process
+(``python -m iap_rt.train.bench_torch build``) writes; everything after that is the real
+command. The export step of a cold cache is ``iap-rt export`` with :func:`export_args`.
 """
 
 from __future__ import annotations
@@ -13,17 +15,19 @@ import shutil
 
 import pytest
 
-from iap_rt.benchmark import RESULT_FIELDS, TIMING_FIELDS, check_document
+from iap_rt.bench.config import BenchConfig
+from iap_rt.bench.report import RESULT_FIELDS, TIMING_FIELDS, check_document
+from iap_rt.bench.sources import Sources, cache_root, export_args
 from iap_rt.cli import main
 
 
 @pytest.fixture
-def bench_cache(tmp_path, tiny_sd_dir, tiny_encoder_dir, tiny_model_dir):
-    """A bench cache holding the session's tiny model, laid out as ``build_arch`` writes it."""
-    root = tmp_path / "cache" / "tiny-seed0"
-    for src, sub in ((tiny_sd_dir, "sd"), (tiny_encoder_dir, "encoder")):
-        shutil.copytree(src, root / sub)
-        (root / sub / ".complete").write_text("layout 1\n")
+def bench_cache(tmp_path, tiny_encoder_dir, tiny_model_dir):
+    """A bench cache holding the session's tiny encoder and model, laid out as the bench
+    writes them, without the diffusers base ``sd/``."""
+    root = cache_root(tmp_path / "cache", "tiny")
+    shutil.copytree(tiny_encoder_dir, root / "encoder")
+    (root / "encoder" / ".complete").write_text("layout 1\n")
     shutil.copytree(tiny_model_dir, root / "model-fp32")
     return tmp_path / "cache"
 
@@ -75,7 +79,8 @@ def test_bench_tiny_json(bench_cache, tmp_path, capsys):
         1,
     )
     assert c["unet_batch"] == 2  # guidance on: negative + positive prompt
-    assert c["model_build_s"] is None  # the cache was used, nothing rebuilt
+    assert c["model_build_s"] > 0  # sd/ was built; the model directory was used
+    assert (cache_root(bench_cache, "tiny") / "sd" / ".complete").is_file()
     m = doc["machine"]
     assert m["cpu"] and m["cores"] >= 1 and "onnxruntime" in m["versions"]
 
@@ -109,3 +114,19 @@ def test_bench_tiny_json(bench_cache, tmp_path, capsys):
         assert "CUDA execution provider" in skipped["ort-graph"]["reason"]
         assert not skipped["ort-graph"]["error"]
     assert "UNet/step" in table and "ort" in table
+
+
+def test_bench_export_step_is_a_valid_export_command(tmp_path):
+    """The export a cold cache runs parses as ``iap-rt export`` options with these values."""
+    from iap_rt.export.cli import export
+
+    sources = Sources(tmp_path / "model-fp16", tmp_path / "sd", tmp_path / "encoder")
+    args = export_args(BenchConfig(arch="sd15", fp16=True), sources)
+    assert args[0] == "export"
+    params = export.make_context("export", args[1:]).params
+    assert params["base"] == str(tmp_path / "sd") and params["out"] == str(tmp_path / "model-fp16")
+    assert (params["fp16"], params["engines"], params["model_id"]) == (
+        True,
+        "none",
+        "sd15-random-seed0",
+    )

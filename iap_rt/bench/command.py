@@ -1,18 +1,25 @@
-"""``iap-rt bench``: the click command (the implementation is :mod:`iap_rt.benchmark`)."""
+"""``iap-rt bench``: the click command and the command line that reproduces a run (the run
+itself is :func:`iap_rt.bench.run.run_bench`)."""
 
 from __future__ import annotations
 
+import json
 import shlex
+from dataclasses import fields
 
 import click
 
-ARCH_CHOICES = ("tiny", "toy", "sd15")
+from iap_rt.bench.config import ARCHES, BenchConfig
+from iap_rt.bench.report import check_document, format_table
+from iap_rt.bench.run import run_bench
+from iap_rt.errors import IapRtError
+from iap_rt.fileio import write_json_atomic
 
 
 @click.command("bench")
 @click.option(
     "--arch",
-    type=click.Choice(ARCH_CHOICES),
+    type=click.Choice(ARCHES),
     default="tiny",
     show_default=True,
     help="tiny / sd15: built from configs (random seeded weights) and exported into the "
@@ -72,10 +79,6 @@ def bench(backends, out, as_json, **options):
     (cold start), warm-up, then --repeat measured images. Prints a table with speed-ups over
     torch and writes a JSON result (machine, config, results) with --out.
     """
-    from iap_rt.benchmark import BenchConfig, check_document, format_table, run_bench
-    from iap_rt.errors import IapRtError
-    from iap_rt.fileio import write_json_atomic
-
     cfg = BenchConfig(
         backends=tuple(b.strip() for b in backends.split(",") if b.strip()), **options
     )
@@ -88,8 +91,6 @@ def bench(backends, out, as_json, **options):
     if out:
         write_json_atomic(out, doc)
     if as_json:
-        import json
-
         click.echo(json.dumps(doc, indent=2, ensure_ascii=False))
     else:
         click.echo(format_table(doc))
@@ -102,15 +103,15 @@ def bench(backends, out, as_json, **options):
             [f"{s['backend']}: {s['reason']}" for s in errors] + problems
             or ["no backend could run"]
         )
-        raise IapRtError(f"benchmark incomplete: {why}")
+        raise IapRtError(
+            f"benchmark incomplete: {why}",
+            fix="see each backend's reason above; pass --backends naming only the backends this "
+            "machine can run (unavailable ones are listed, not errors).",
+        )
 
 
 def _command_line(cfg, out) -> str:
     """The command that reproduces ``cfg`` (options that differ from their defaults)."""
-    from dataclasses import fields
-
-    from iap_rt.benchmark import BenchConfig
-
     default = BenchConfig()
     words = ["iap-rt", "bench"]
     for f in fields(cfg):

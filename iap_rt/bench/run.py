@@ -1,0 +1,105 @@
+"""The parent process of ``iap-rt bench``: sources -> one worker per backend -> the result
+document (machine, config, results, skipped, notes, command; see :mod:`iap_rt.bench`)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from iap_rt.bench.config import NEGATIVE_PROMPT, PROMPT, TORCH_BACKENDS, BenchConfig
+from iap_rt.bench.machine import loadavg, machine_info
+from iap_rt.bench.protocol import WorkerSpec, spawn_worker
+from iap_rt.bench.report import UNITS, notes
+from iap_rt.bench.sources import prepare_sources, resolve_size
+from iap_rt.bench.stats import add_ratios, summarise
+from iap_rt.errors import ConfigError
+from iap_rt.modeldir import ModelDir
+from iap_rt.schedulers import SCHEDULERS
+
+
+def run_bench(cfg: BenchConfig, command: str = "", log=print) -> dict:
+    """Run every requested backend; return the result document (see :mod:`iap_rt.bench`)."""
+    cfg.check()
+    machine = machine_info()
+    sources = prepare_sources(cfg, log=log)
+    model = ModelDir.open(sources.model_dir)
+    height, width = resolve_size(cfg, sources.model_dir)
+    scheduler = cfg.scheduler or model.default_scheduler
+    if scheduler not in SCHEDULERS:
+        raise ConfigError(
+            f"unknown scheduler {scheduler!r}", fix=f"use one of {', '.join(SCHEDULERS)}."
+        )
+    results, skipped, latents = [], [], {}
+    with tempfile.TemporaryDirectory(prefix="iap-rt-bench-") as tmp:
+        for backend in dict.fromkeys(cfg.backends):
+            if backend in TORCH_BACKENDS and sources.torch_unavailable:
+                skipped.append({"backend": backend, "reason": sources.torch_unavailable})
+                log(f"{backend}: skipped ({sources.torch_unavailable})")
+                continue
+            spec = WorkerSpec(
+                backend=backend,
+                model_dir=str(sources.model_dir),
+                base_dir=str(sources.base_dir) if sources.base_dir else None,
+                encoder_dir=str(sources.encoder_dir) if sources.encoder_dir else None,
+                height=height,
+                width=width,
+                steps=cfg.steps,
+                batch_size=cfg.batch_size,
+                guidance=float(cfg.guidance),
+                scheduler=scheduler,
+                seed=cfg.seed,
+                repeat=cfg.repeat,
+                warmup=cfg.warmup,
+                threads=cfg.threads,
+                device=cfg.device,
+                latents_out=str(Path(tmp) / f"{backend}.latents.npy"),
+                ort_unet=cfg.ort_unet,
+            )
+            log(f"{backend}: measuring ({cfg.warmup} warm-up + {cfg.repeat} runs) ...")
+            raw = spawn_worker(spec, Path(tmp), cfg.threads)
+            if raw.get("status") in ("unavailable", "error"):
+                skipped.append(
+                    {"backend": backend, "reason": raw["reason"], "error": raw["status"] == "error"}
+                )
+                log(f"{backend}: {raw['status']} ({raw['reason']})")
+                continue
+            results.append(summarise(raw))
+            if Path(spec.latents_out).is_file():
+                latents[backend] = np.load(spec.latents_out)
+    add_ratios(results, latents)
+    machine["loadavg_end"] = loadavg()
+    do_cfg = cfg.guidance > 1.0
+    config = {
+        "arch": cfg.arch,
+        "height": height,
+        "width": width,
+        "steps": cfg.steps,
+        "batch_size": cfg.batch_size,
+        "repeat": cfg.repeat,
+        "warmup": cfg.warmup,
+        "guidance": float(cfg.guidance),
+        "unet_batch": 2 * cfg.batch_size if do_cfg else cfg.batch_size,
+        "scheduler": scheduler,
+        "seed": cfg.seed,
+        "threads": cfg.threads or os.cpu_count(),
+        "device": cfg.device,
+        "backends": list(cfg.backends),
+        "model_id": model.model_id,
+        "precision": {n: model.precision(n) for n in model.manifest["networks"]},
+        "model_dir": str(sources.model_dir),
+        "model_build_s": sources.build_s,
+        "prompt": PROMPT,
+        "negative_prompt": NEGATIVE_PROMPT,
+    }
+    return {
+        "machine": machine,
+        "config": config,
+        "results": results,
+        "skipped": skipped,
+        "notes": notes(cfg),
+        "command": command,
+        "units": UNITS,
+    }
