@@ -1,20 +1,24 @@
-"""Benchmark: build the SD 1.5 fp16 UNet TensorRT engine on a machine without a GPU.
+"""Benchmark: build the fp16 UNet TensorRT engine of SD 1.5 (or the tiny test UNet) on a machine
+without a GPU.
 
-    nice -n 10 python bench/engine_sd15.py [--work /tmp/iap_sd15] [--reexport]
+    nice -n 10 python bench/engine_sd15.py [--arch sd15|tiny] [--work DIR] [--reexport] [--out F]
 
-1. ONNX (child process, torch + the export stage): a ``UNet2DConditionModel`` from the SD 1.5
-   config with random weights (seed 0), attention in the fusable form, ``half()``, dynamo
-   export at opset 18 through ``iap_rt.export.exporter.export_onnx`` (the product's path) to
-   ``WORK/unet.onnx`` (+ ``.data``). Kept between runs unless ``--reexport``.
+1. ONNX (child process, torch + the export stage): a ``UNet2DConditionModel`` from the arch's
+   config (``iap_rt.train.sd15.SD15_UNET`` / ``iap_rt.train.tiny.TINY_UNET``) with random
+   weights (seed 0), attention in the fusable form, ``half()``, dynamo export at opset 18 and
+   cleanup through the export stage's own steps (``iap_rt.export.exporter.dynamo_export`` +
+   ``finish_onnx``) to ``WORK/unet.onnx`` (+ ``.data``). Kept between runs unless
+   ``--reexport``.
 2. Engine (child process, no torch): ``iap_rt.engines.build.build_engine`` with TensorRT-RTX,
-   the default static profile (guided batch 1 -> N=2, 512x512 -> 64x64 latents, 77x768
-   context), the shape-contract check, and detailed layer information, whose dump in the
-   verbose log shows which attentions became one fused kernel (``_gemm_mha_v2``); the engine
-   is written to ``WORK``.
+   the default static profile (guided batch 1 -> N=2, the arch's native size: 512x512 ->
+   64x64 latents, 77x768 context for SD 1.5), the shape-contract check, and detailed layer
+   information, whose dump in the verbose log shows which attentions became one fused kernel
+   (``_gemm_mha_v2``); the engine is written to ``WORK``.
 
 Each child reports its own wall time and peak RSS; the results go to
-``bench/results/engine_sd15.json``. Timings depend on what else runs on the machine: the
-load average at the start is recorded with them.
+``bench/results/engine_<arch>.json`` (``--out``). Timings depend on what else runs on the
+machine: the load average at the start is recorded with them. ``--arch tiny`` is the smoke
+test's size (seconds); ``sd15`` needs ~9 GB of memory and minutes.
 """
 
 from __future__ import annotations
@@ -30,46 +34,63 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULT = ROOT / "bench" / "results" / "engine_sd15.json"
-SD15_UNET = {  # runwayml/stable-diffusion-v1-5 unet/config.json (architecture fields)
-    "sample_size": 64,
-    "in_channels": 4,
-    "out_channels": 4,
-    "layers_per_block": 2,
-    "block_out_channels": (320, 640, 1280, 1280),
-    "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    "cross_attention_dim": 768,
-    "attention_head_dim": 8,
-    "norm_num_groups": 32,
+RESULTS = ROOT / "bench" / "results"
+# arch -> what the export child builds and what the engine is built for
+ARCHS = {
+    "sd15": {"text_max_length": 77, "image_size": 512, "title": "SD 1.5"},
+    "tiny": {"text_max_length": 32, "image_size": 64, "title": "tiny test"},
 }
-DIMS = {"text_max_length": 77, "cross_attention_dim": 768}
 
 
-def export_child(work: Path) -> dict:
-    """Step 1, in its own process: the fp16 SD 1.5 UNet ONNX."""
+def unet_config(arch: str) -> dict:
+    """The UNet architecture of ``arch`` (diffusers ``UNet2DConditionModel`` fields)."""
+    if arch == "sd15":
+        from iap_rt.train.sd15 import SD15_UNET
+
+        return SD15_UNET
+    from iap_rt.train.tiny import TINY_UNET
+
+    return TINY_UNET
+
+
+def model_dims(arch: str):
+    """The shape-contract sizes of ``arch``'s UNet (``iap_rt.specs.ModelDims``)."""
+    from iap_rt.specs import ModelDims
+
+    unet = unet_config(arch)
+    return ModelDims(
+        text_max_length=ARCHS[arch]["text_max_length"],
+        cross_attention_dim=unet["cross_attention_dim"],
+        latent_multiple=2 ** (len(unet["block_out_channels"]) - 1),
+    )
+
+
+def export_child(arch: str, work: Path) -> dict:
+    """Step 1, in its own process: the fp16 UNet ONNX."""
     import resource
 
     import torch
     from diffusers import UNet2DConditionModel
 
     from iap_rt.export.attention import make_attention_fusable
-    from iap_rt.export.exporter import export_onnx
+    from iap_rt.export.exporter import dynamo_export, finish_onnx
     from iap_rt.export.networks import EXPORT_CONFIGS
-    from iap_rt.specs import ModelDims
 
+    dims = model_dims(arch)
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    unet = UNet2DConditionModel(**SD15_UNET).eval()
+    unet = UNet2DConditionModel(**unet_config(arch)).eval()
     n_params = sum(p.numel() for p in unet.parameters())
     n_attn = make_attention_fusable(unet)
-    cfg = EXPORT_CONFIGS["unet"]
+    cfg = EXPORT_CONFIGS["unet"].for_downsamples(dims.unet_downsamples)
     module = cfg.wrapper(unet).eval()
+    del unet
     t_model = time.perf_counter() - t0
     t0 = time.perf_counter()
-    files, facts = export_onnx(
-        module, cfg, ModelDims(**DIMS), "fp16", work / "unet.onnx", 18, vocab_size=100
-    )
+    path = work / "unet.onnx"
+    raw = dynamo_export(module, cfg, dims, "fp16", path, 18, vocab_size=100)
+    del module  # before the ONNX copy of the weights is loaded
+    files, facts = finish_onnx(raw, path, cfg)
     return {
         "params": n_params,
         "attention_modules": n_attn,
@@ -82,7 +103,7 @@ def export_child(work: Path) -> dict:
     }
 
 
-def build_child(work: Path) -> dict:
+def build_child(arch: str, work: Path) -> dict:
     """Step 2, in its own process: the engine with TensorRT-RTX (no torch)."""
     import resource
 
@@ -91,11 +112,12 @@ def build_child(work: Path) -> dict:
     from iap_rt.engines.build import BuildOptions, build_engine
     from iap_rt.engines.config import EngineConfig
     from iap_rt.fileio import write_bytes_atomic
-    from iap_rt.specs import UNET, ModelDims
+    from iap_rt.specs import UNET
 
-    assert "torch" not in sys.modules
-    dims = ModelDims(**DIMS)
-    cfg = EngineConfig().checked(dims)
+    if "torch" in sys.modules:
+        raise SystemExit("the engine build must not import torch (it works from ONNX only)")
+    dims = model_dims(arch)
+    cfg = EngineConfig().checked(dims, ARCHS[arch]["image_size"])
     profile = cfg.profile(UNET, dims)
     label = profile.pop("label")
     log: list[str] = []
@@ -125,8 +147,8 @@ def build_child(work: Path) -> dict:
     }
 
 
-def _child(step: str, work: Path) -> dict:
-    cmd = [sys.executable, __file__, "--child", step, "--work", str(work)]
+def _child(step: str, arch: str, work: Path) -> dict:
+    cmd = [sys.executable, __file__, "--child", step, "--arch", arch, "--work", str(work)]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     t0 = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -138,22 +160,27 @@ def _child(step: str, work: Path) -> dict:
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--work", type=Path, default=Path("/tmp/iap_sd15"))
+    ap.add_argument("--arch", choices=sorted(ARCHS), default="sd15")
+    ap.add_argument("--work", type=Path, help="ONNX and engine folder [/tmp/iap_ARCH]")
     ap.add_argument("--reexport", action="store_true", help="redo the ONNX export")
-    ap.add_argument("--out", type=Path, default=RESULT)
+    ap.add_argument("--out", type=Path, help="result JSON [bench/results/engine_ARCH.json]")
     ap.add_argument("--child", choices=("export", "build"), help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    args.work = args.work or Path(f"/tmp/iap_{args.arch}")
+    args.out = args.out or RESULTS / f"engine_{args.arch}.json"
     if args.child:
         fn = export_child if args.child == "export" else build_child
-        print(json.dumps(fn(args.work)))
+        print(json.dumps(fn(args.arch, args.work)))
         return
+
+    from iap_rt.fileio import write_text_atomic
 
     args.work.mkdir(parents=True, exist_ok=True)
     result = {
-        "what": "SD 1.5 UNet (random weights from the config), fp16 ONNX -> TensorRT-RTX engine "
-        "on a machine without a GPU",
+        "what": f"{ARCHS[args.arch]['title']} UNet (random weights from the config), fp16 ONNX "
+        "-> TensorRT-RTX engine on a machine without a GPU",
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "machine": {
             "cpus": os.cpu_count(),
@@ -164,17 +191,16 @@ def main() -> None:
         },
     }
     if args.reexport or not (args.work / "unet.onnx").is_file():
-        print("1/2 exporting the fp16 SD 1.5 UNet ONNX ...", flush=True)
-        result["export"] = _child("export", args.work)
+        print(f"1/2 exporting the fp16 {args.arch} UNet ONNX ...", flush=True)
+        result["export"] = _child("export", args.arch, args.work)
     else:  # keep the numbers of the run that exported it
         previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
         result["export"] = {**previous.get("export", {}), "reused_from": previous.get("date")}
     print("2/2 building the TensorRT-RTX engine ...", flush=True)
-    result["engine"] = e = _child("build", args.work)
+    result["engine"] = e = _child("build", args.arch, args.work)
     # every attention of the ONNX (export's graph check) should be one fused engine layer
     e["onnx_attentions"] = result["export"].get("attention", {}).get("total")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_text_atomic(args.out, json.dumps(result, indent=2) + "\n")
     print(
         f"engine {e['profile']}: build {e['build_s']} s, peak RSS {e['peak_rss_gb']} GB, "
         f"{e['engine_bytes'] / 2**30:.2f} GiB, fused attention "

@@ -1,17 +1,20 @@
 """Export the SD 1.5 architecture (random weights from its configs) and record time and memory.
 
-    nice -n 10 python bench/export_sd15.py [--work DIR] [--out bench/results/export_sd15.json]
+    nice -n 10 python bench/export_sd15.py [--arch sd15|tiny] [--work DIR] [--jobs LIST]
+                                           [--out bench/results/export_ARCH.json]
 
 Builds (once, cached in ``--work``) an SD 1.5-shaped pipeline directory (UNet 860M, VAE) and a
 bert-base-chinese-sized Chinese encoder (12 x 768, CLIP-L-sized) with the configs in
-``iap_rt.train.sd15``, then runs ``iap-rt export`` one network per child process, so each
-network's wall time and peak RSS are its own:
+``iap_rt.train.sd15`` (``--arch tiny``: the test models of ``iap_rt.train.tiny``, for the
+smoke test), then runs ``iap-rt export`` one network per child process, so each network's
+wall time and peak RSS are its own (``--jobs``, default all):
 
 - fp32: text_encoder, unet (external data: > 2 GB), vae_decoder;
 - fp16: text_encoder, unet (the VAE stays fp32 under --fp16).
 
-With TensorRT-RTX installed it also builds the fp16 UNet once (no GPU needed) and counts the
-attentions TensorRT fused into ``_gemm_mha`` kernels. Results go to one JSON file.
+With TensorRT-RTX installed and the fp16 UNet among the jobs it also builds that UNet once (no
+GPU needed, static guided batch at the native size) and counts the attentions TensorRT fused
+into ``_gemm_mha`` kernels. Results go to one JSON file.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ import sys
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results" / "export_sd15.json"
+RESULTS = Path(__file__).resolve().parent / "results"
+ARCHS = ("sd15", "tiny")
 JOBS = [
     ("fp32", "text_encoder"),
     ("fp32", "unet"),
@@ -38,23 +42,31 @@ JOBS = [
 # ---- children (import torch) --------------------------------------------------------------------
 
 
-def child_build(work: Path) -> dict:
-    from iap_rt.train.sd15 import make_sd15, make_sd15_encoder
+def child_build(work: Path, arch: str) -> dict:
+    from iap_rt.fileio import write_text_atomic
 
-    make_sd15(work / "sd", seed=0, text_encoder=False)
-    make_sd15_encoder(work / "encoder", seed=0)
-    (work / ".complete").write_text("sd15 seed 0\n")
+    if arch == "sd15":
+        from iap_rt.train.sd15 import make_sd15, make_sd15_encoder
+
+        make_sd15(work / "sd", seed=0, text_encoder=False)
+        make_sd15_encoder(work / "encoder", seed=0)
+    else:
+        from iap_rt.train.tiny import make_tiny_encoder, make_tiny_sd
+
+        make_tiny_sd(work / "sd", seed=0)
+        make_tiny_encoder(work / "encoder", seed=0)
+    write_text_atomic(work / ".complete", f"{arch} seed 0\n")
     return {}
 
 
-def child_export(work: Path, precision: str, network: str) -> dict:
+def child_export(work: Path, precision: str, network: str, arch: str) -> dict:
     from iap_rt.export.stage import export_model_dir
 
     out = export_model_dir(
         work / "sd",
         work / "encoder",
         work / f"model-{precision}",
-        model_id=f"sd15-random-{precision}",
+        model_id=f"{arch}-random-{precision}",
         fp16=precision == "fp16",
         networks=[network],
         force=True,
@@ -65,12 +77,20 @@ def child_export(work: Path, precision: str, network: str) -> dict:
 
 
 def child_trt_fusion(onnx_path: Path) -> dict:
-    """Build a static TensorRT-RTX engine (N=2, 64x64 latents) and count fused attentions."""
+    """Build a static TensorRT-RTX engine (N=2, the model's native size) and count fused
+    attentions."""
     import tensorrt_rtx as trt
 
     from iap_rt.engines.build import fused_softmaxes
+    from iap_rt.modeldir import ModelDir
 
-    shapes = {"sample": (2, 4, 64, 64), "timestep": (2,), "encoder_hidden_states": (2, 77, 768)}
+    model = ModelDir.open(onnx_path.parent, networks=("unet",))
+    d, side = model.dims, int(model.manifest.get("image_size", 512)) // model.dims.vae_scale_factor
+    shapes = {
+        "sample": (2, d.latent_channels, side, side),
+        "timestep": (2,),
+        "encoder_hidden_states": (2, d.text_max_length, d.cross_attention_dim),
+    }
     try:
         report = fused_softmaxes(trt, onnx_path, lambda name, dims: shapes[name])
     except Exception as e:  # EngineBuildError: the parser's message goes into the result
@@ -80,7 +100,8 @@ def child_trt_fusion(onnx_path: Path) -> dict:
         "engine_built": report.engine_bytes is not None,
         "engine_bytes": report.engine_bytes,
         "build_s": round(report.build_s, 1),
-        "profile": "static N=2, 64x64 latents, 77x768 context",
+        "profile": f"static N=2, {side}x{side} latents, "
+        f"{d.text_max_length}x{d.cross_attention_dim} context",
         "softmax": len(report.softmax),
         "fused_into_gemm_mha": len(report.fused),
     }
@@ -116,9 +137,9 @@ def child_main(argv: list[str]) -> None:
 
     kind, *rest = argv
     if kind == "build":
-        result = child_build(Path(rest[0]))
+        result = child_build(Path(rest[0]), rest[1])
     elif kind == "export":
-        result = child_export(Path(rest[0]), rest[1], rest[2])
+        result = child_export(Path(rest[0]), rest[1], rest[2], rest[3])
     elif kind == "trt":
         result = child_trt_fusion(Path(rest[0]))
     else:
@@ -153,21 +174,31 @@ def summarize(precision: str, network: str, r: dict) -> dict:
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--work", type=Path, default=Path("/tmp/iap-rt-bench-sd15"))
-    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--arch", choices=ARCHS, default="sd15")
+    ap.add_argument("--work", type=Path, help="models and exports [/tmp/iap-rt-bench-ARCH]")
+    ap.add_argument("--jobs", help="comma list of PRECISION:NETWORK [all: " + ",".join(
+        f"{p}:{n}" for p, n in JOBS) + "]")  # fmt: skip
+    ap.add_argument("--out", type=Path, help="result JSON [bench/results/export_ARCH.json]")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--no-trt", action="store_true", help="skip the TensorRT-RTX fusion check")
-    args = ap.parse_args()
-    work = args.work.absolute()
+    args = ap.parse_args(argv)
+    jobs = JOBS
+    if args.jobs:
+        jobs = [tuple(j.strip().split(":", 1)) for j in args.jobs.split(",") if j.strip()]
+        unknown = [j for j in jobs if j not in JOBS]
+        if unknown or not jobs:
+            ap.error(f"--jobs: unknown {unknown}; choose from {JOBS}")
+    work = (args.work or Path(f"/tmp/iap-rt-bench-{args.arch}")).absolute()
+    out_file = args.out or RESULTS / f"export_{args.arch}.json"
     work.mkdir(parents=True, exist_ok=True)
     from iap_rt.fileio import write_json_atomic
 
     results: dict = {
-        "what": "iap-rt export of the SD 1.5 architecture with random weights (configs in "
-        "iap_rt/train/sd15.py); one child process per network",
+        "what": f"iap-rt export of the {args.arch} architecture with random weights (configs in "
+        f"iap_rt/train/{args.arch}.py); one child process per network",
         "machine": {
             "cpus": os.cpu_count(),
             "omp_threads": args.threads,
@@ -177,20 +208,23 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }
     if not (work / ".complete").is_file():
-        print("building the SD 1.5-shaped directories ...", flush=True)
-        build = run_child(["build", str(work)], args.threads, args.timeout)
+        print(f"building the {args.arch} directories ...", flush=True)
+        build = run_child(["build", str(work), args.arch], args.threads, args.timeout)
         results["build"] = build
-    jobs = []
-    for precision, network in JOBS:
+    jobs_done = []
+    for precision, network in jobs:
         print(f"exporting {network} {precision} ...", flush=True)
-        r = run_child(["export", str(work), precision, network], args.threads, args.timeout)
+        r = run_child(
+            ["export", str(work), precision, network, args.arch], args.threads, args.timeout
+        )
         row = summarize(precision, network, r)
         print(json.dumps({k: row.get(k) for k in ("wall_s", "peak_rss_gb", "total_gb")}))
-        jobs.append(row)
-    results["jobs"] = jobs
-    manifest = json.loads((work / "model-fp32" / "manifest.json").read_text("utf-8"))
-    results["versions"] = manifest.get("tool_versions")
-    if not args.no_trt:
+        jobs_done.append(row)
+    results["jobs"] = jobs_done
+    manifest_file = work / f"model-{jobs[0][0]}" / "manifest.json"
+    if manifest_file.is_file():
+        results["versions"] = json.loads(manifest_file.read_text("utf-8")).get("tool_versions")
+    if not args.no_trt and ("fp16", "unet") in jobs:
         import importlib.util
 
         if importlib.util.find_spec("tensorrt_rtx") is not None:
@@ -199,8 +233,13 @@ def main() -> None:
             results["trt_rtx_fp16_unet"] = run_child(
                 ["trt", str(onnx_path)], args.threads, args.timeout
             )
-    write_json_atomic(args.out, results)
-    print(f"wrote {args.out}")
+    write_json_atomic(out_file, results)
+    print(f"wrote {out_file}")
+    failed = [f"{r['precision']}:{r['network']}" for r in jobs_done if "error" in r]
+    if "error" in results.get("trt_rtx_fp16_unet", {}):
+        failed.append("trt fusion check")
+    if failed:
+        raise SystemExit(f"failed: {', '.join(failed)} (see {out_file})")
 
 
 if __name__ == "__main__":
