@@ -72,18 +72,10 @@ def load_torch(spec: WorkerSpec) -> LoadedBackend:
     else:
         device = f"cpu (fp32, eager{', torch.compile' if compiled else ''})"
 
+    args, kwargs = spec.pipeline_args()
+
     def generate():
-        res = ref(
-            spec.prompt,
-            spec.negative_prompt,
-            steps=spec.steps,
-            guidance=spec.guidance,
-            seed=spec.seed,
-            height=spec.height,
-            width=spec.width,
-            batch_size=spec.batch_size,
-            scheduler=spec.scheduler,
-        )
+        res = ref(*args, **kwargs)
         return RunTimes.from_timings(res.timings, res.timings.unet_cpu_s), res.latents
 
     def peak_gpu_mb() -> float | None:

@@ -57,6 +57,20 @@ class WorkerSpec:
     prompt: str = PROMPT
     negative_prompt: str = NEGATIVE_PROMPT
 
+    def pipeline_args(self) -> tuple[tuple, dict]:
+        """``(args, kwargs)`` of the image every backend generates: the runtime's
+        :class:`~iap_rt.pipeline.Pipeline` and its torch twin take the same call."""
+        kwargs = {
+            "steps": self.steps,
+            "guidance": self.guidance,
+            "seed": self.seed,
+            "height": self.height,
+            "width": self.width,
+            "batch_size": self.batch_size,
+            "scheduler": self.scheduler,
+        }
+        return (self.prompt, self.negative_prompt), kwargs
+
 
 @dataclass
 class RunTimes:

@@ -69,20 +69,12 @@ def load_runtime(spec: WorkerSpec) -> LoadedBackend:
     runners = pipe.runners  # the pipeline looks its runners up in this dict every call
     runners["unet"] = CpuTimedRunner(runners["unet"], unet_cpu)
 
+    args, kwargs = spec.pipeline_args()
+
     def generate():
         # a fresh prompt encoding every image: the pipeline caches embeddings per prompt
         pipe.clear_cache()
-        res = pipe(
-            spec.prompt,
-            spec.negative_prompt,
-            steps=spec.steps,
-            guidance=spec.guidance,
-            seed=spec.seed,
-            height=spec.height,
-            width=spec.width,
-            batch_size=spec.batch_size,
-            scheduler=spec.scheduler,
-        )
+        res = pipe(*args, **kwargs)
         times = RunTimes.from_timings(res.timings, list(unet_cpu))
         unet_cpu.clear()
         return times, res.latents
