@@ -52,3 +52,17 @@ def test_guidance_off_and_batches(tiny_model_dir, reference):
     assert np.abs(got.latents - ref.latents).max() <= 1e-3
     alone = reference("一只猫", seed=4, **kw)
     assert np.allclose(alone.latents[0], ref.latents[1], atol=1e-5)
+
+
+def test_reference_refuses_what_it_cannot_run(reference):
+    import torch
+
+    from iap_rt.errors import ConfigError, InputError
+    from iap_rt.train.reference import diffusers_scheduler
+
+    with pytest.raises(ConfigError, match="unknown scheduler 'heun'") as e:
+        diffusers_scheduler("heun", reference.scheduler_config)
+    assert "ddim, euler, dpm++" in e.value.fix
+    emb = torch.zeros(3, 32, 32)  # fits neither B=2 nor 2B=4
+    with pytest.raises(InputError, match="fits neither B=2 nor 2B=4"):
+        reference.denoise(emb, np.zeros((2, 4, 8, 8), np.float32), 2, 7.5, "ddim")
