@@ -25,6 +25,7 @@ from pathlib import Path
 from iap_rt.bench.config import BUILD_SEED, CACHE_LAYOUT, TORCH_BACKENDS
 from iap_rt.bench.protocol import LoadedBackend, RunTimes, WorkerSpec, worker_main
 from iap_rt.errors import BackendUnavailableError, ConfigError
+from iap_rt.extras import install_hint
 from iap_rt.fileio import write_text_atomic
 
 BUILDABLE = ("tiny", "sd15")
@@ -47,7 +48,7 @@ def load_torch(spec: WorkerSpec) -> LoadedBackend:
     except ImportError as e:
         raise BackendUnavailableError(
             f"the torch reference needs torch and diffusers ({e})",
-            fix="pip install 'iap-rt[export]' (install torch first).",
+            fix=install_hint("export") + ".",
         ) from e
 
     load_start = time.perf_counter()

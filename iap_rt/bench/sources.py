@@ -20,6 +20,7 @@ from pathlib import Path
 from iap_rt.bench.config import BUILD_SEED, DEFAULT_SIZE, BenchConfig
 from iap_rt.bench.protocol import child_env, last_line
 from iap_rt.errors import ArtifactError, ArtifactNotFoundError, IapRtError
+from iap_rt.extras import install_hint
 from iap_rt.modeldir import ModelDir
 
 
@@ -99,8 +100,7 @@ def _run_step(cmd: list[str], what: str, threads: int | None, cwd: Path) -> None
     if proc.returncode != 0:
         raise IapRtError(
             f"{what} failed: {last_line(proc.stderr)}",
-            fix="install the export extras (pip install 'iap-rt[export]') or pass --model DIR "
-            "of an exported model directory.",
+            fix=f"{install_hint('export')}; or pass --model DIR of an exported model directory.",
         )
 
 
@@ -127,7 +127,7 @@ def _given_sources(cfg: BenchConfig) -> Sources:
 
 
 def _toy_sources() -> Sources:
-    from iap_rt.pipeline import default_model_dir
+    from iap_rt.modeldir import default_model_dir
 
     embedded = ModelDir.open(default_model_dir())
     if embedded.model_id.startswith("toy"):

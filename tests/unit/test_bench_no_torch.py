@@ -20,7 +20,7 @@ from iap_rt.bench.protocol import WorkerSpec, spawn_worker
 from iap_rt.bench.report import RESULT_FIELDS, check_document, format_table
 from iap_rt.bench.stats import add_ratios, summarise
 from iap_rt.errors import ConfigError
-from iap_rt.pipeline import default_model_dir
+from iap_rt.modeldir import default_model_dir
 
 BLOCKED = ("torch", "diffusers", "transformers", "accelerate")
 
