@@ -72,8 +72,9 @@ def child_export(work: Path, precision: str, network: str, arch: str) -> dict:
         force=True,
         echo=lambda s: print(s, file=sys.stderr, flush=True),
     )
-    info = json.loads((out / "manifest.json").read_text("utf-8"))["networks"][network]
-    return info
+    from iap_rt.modeldir import read_manifest
+
+    return read_manifest(out)["networks"][network]
 
 
 def child_trt_fusion(onnx_path: Path) -> dict:
@@ -221,15 +222,21 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps({k: row.get(k) for k in ("wall_s", "peak_rss_gb", "total_gb")}))
         jobs_done.append(row)
     results["jobs"] = jobs_done
-    manifest_file = work / f"model-{jobs[0][0]}" / "manifest.json"
-    if manifest_file.is_file():
-        results["versions"] = json.loads(manifest_file.read_text("utf-8")).get("tool_versions")
+    from iap_rt.modeldir import network_file, read_manifest
+
+    manifest = (
+        read_manifest(work / f"model-{jobs[0][0]}")
+        if (work / f"model-{jobs[0][0]}").is_dir()
+        else None
+    )
+    if manifest:
+        results["versions"] = manifest.get("tool_versions")
     if not args.no_trt and ("fp16", "unet") in jobs:
         import importlib.util
 
         if importlib.util.find_spec("tensorrt_rtx") is not None:
             print("TensorRT-RTX fusion check on the fp16 UNet ...", flush=True)
-            onnx_path = work / "model-fp16" / "unet.onnx"
+            onnx_path = work / "model-fp16" / network_file("unet")
             results["trt_rtx_fp16_unet"] = run_child(
                 ["trt", str(onnx_path)], args.threads, args.timeout
             )

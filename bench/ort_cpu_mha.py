@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     from iap_rt.bench.sources import cache_root
     from iap_rt.export.ortfuse import fuse_attention_for_ort
     from iap_rt.fileio import write_text_atomic
+    from iap_rt.modeldir import ORT_UNET_FILE, network_file
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, default=None)
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/ort_cpu_mha_sd15.json")
     a = ap.parse_args(argv)
     model = a.model or cache_root(None, "sd15") / "model-fp32"
-    src, dst = model / "unet.onnx", model / "unet.ort.onnx"
+    src, dst = model / network_file("unet"), model / ORT_UNET_FILE
     if not src.is_file():
         print(f"{src} is missing: run `iap-rt bench --arch sd15` once, or pass --model DIR")
         return 1

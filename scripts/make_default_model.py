@@ -50,11 +50,11 @@ def _copy(src: Path, dest: Path) -> None:
 
 def _export(base: Path, encoder: Path) -> None:
     from iap_rt.export.stage import export_model_dir
-    from iap_rt.modeldir import write_manifest
+    from iap_rt.modeldir import read_manifest, write_manifest
 
     with tempfile.TemporaryDirectory() as tmp:
         out = export_model_dir(base, encoder, Path(tmp) / "model", model_id=MODEL_ID)
-        man = json.loads((out / "manifest.json").read_text("utf-8"))
+        man = read_manifest(out)
         # the manifest records where the sources were; name them, not a temporary path
         man["base_model"] = "iap_rt/data/toy_base (toy English base, `iap-rt toy unpack`)"
         man["encoder"] = "iap_rt/data/toy_encoder (toy pivot encoder)"

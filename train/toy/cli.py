@@ -14,6 +14,7 @@ import click
 
 from iap_rt.errors import ArtifactNotFoundError
 from iap_rt.extras import require
+from iap_rt.modeldir import MANIFEST
 
 
 @click.group("toy")
@@ -160,7 +161,7 @@ def eval_cmd(model, lang, combos, max_combos, seeds, steps, guidance, checker_pa
         from iap_rt.train.toy.evaluate import diffusers_generator
 
         generate = diffusers_generator(model, steps=steps, guidance=guidance)
-    elif (model / "manifest.json").is_file():  # an exported iap-rt model directory
+    elif (model / MANIFEST).is_file():  # an exported iap-rt model directory
         from iap_rt.train.toy.evaluate import runtime_generator
 
         generate = runtime_generator(model, steps=steps, guidance=guidance)

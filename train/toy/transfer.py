@@ -33,6 +33,7 @@ from pathlib import Path
 
 from iap_rt.errors import ArtifactNotFoundError, InputError
 from iap_rt.fileio import write_json_atomic, write_text_atomic
+from iap_rt.modeldir import MANIFEST
 
 OBJECTIVES = ("pivot", "full", "embed", "denoise")
 SPECIAL = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -323,7 +324,7 @@ def run_grid(
     for s in seeds:
         if not (_init_dir(work, s) / "vocab.txt").is_file():
             build_init_encoder(data, base, _init_dir(work, s), s)
-    if not (work / "models" / "template" / "manifest.json").is_file():
+    if not (work / "models" / "template" / MANIFEST).is_file():
         export(base, _init_dir(work, seeds[0]), work / "models" / "template")
     log(f"english: {english_reference(base, work, ev)}")
     spp = calibrate(data, base, work, batch, jobs=jobs, log=log)
