@@ -58,6 +58,7 @@ COMMAND_EXTRAS = {
     "export": "export",
     "engines": "trt",
     "toy": "train",
+    "toy2": "train",
     "bench": "export",
 }
 

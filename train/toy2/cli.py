@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from iap_rt.errors import ArtifactNotFoundError
+from iap_rt.extras import require
 
 
 @click.group("toy2")
@@ -45,6 +46,7 @@ def data_cmd(out, n, n_test, seed, split_seed, style):
 @click.option("--threads", default=1, show_default=True, help="torch threads.")
 def checker_cmd(out, seed, threads):
     """Train the v2 checker (small CNN) and print its accuracy on fresh synthetic images."""
+    require("train", "toy2 checker")
     from iap_rt.train.toy2.checker import train_checker
 
     res = train_checker(out, seed=seed, threads=threads, progress=lambda m: click.echo(m, err=True))
@@ -71,6 +73,7 @@ def checker_cmd(out, seed, threads):
 @click.option("--fresh", is_flag=True, help="Ignore an existing checkpoint in OUT.")
 def base_cmd(data_dir, out, minutes, max_steps, seed, threads, fresh):
     """Train the v2 English base (diffusers format) from scratch; resumes from OUT."""
+    require("train", "toy2 base")
     import os
 
     # The budget is CPU time / threads. OpenMP threads that spin while waiting burn CPU time
@@ -98,6 +101,7 @@ def base_cmd(data_dir, out, minutes, max_steps, seed, threads, fresh):
 @click.option("--threads", default=1, show_default=True)
 def base_eval_cmd(base, out, seeds_two, seeds_one, threads):
     """Score a v2 English base on every held-out combo (the record of toy2_base.json)."""
+    require("train", "toy2 base-eval")
     from iap_rt.train.toy2.base import evaluate_base
 
     rec = evaluate_base(base, out, seeds_two=seeds_two, seeds_one=seeds_one, threads=threads)
@@ -131,6 +135,7 @@ def eval_cmd(
             raise click.UsageError(
                 "a diffusers base directory has only the English text encoder: use --lang en"
             )
+        require("train", "toy2 eval (of a diffusers base)")
         from iap_rt.train.toy.evaluate import diffusers_generator
 
         generate = diffusers_generator(model, steps=steps, guidance=guidance)
@@ -187,6 +192,7 @@ def eval_cmd(
 @click.option("--jobs", default=2, show_default=True, help="Cells in parallel (1 thread each).")
 def transfer_cmd(data_dir, base, work, results, fractions, seeds, budget_s, batch_size, jobs):
     """The v2 transfer grid (resumable): English, untrained, pivot/full/embed/denoise cells."""
+    require("train", "toy2 transfer")
     from iap_rt.train.toy2.transfer import run_grid
 
     rec = run_grid(
@@ -214,6 +220,7 @@ def transfer_cmd(data_dir, base, work, results, fractions, seeds, budget_s, batc
 @click.option("--jobs", default=2, show_default=True)
 def curves_cmd(data_dir, base, work, results, plot_path, budget_s, jobs):
     """Learning curves at 10 % (+ the grid's denoise at 100 %): binding vs CPU time / samples."""
+    require("train", "toy2 curves")
     from iap_rt.train.toy2.curves import run_curves
 
     run_curves(data_dir, base, work, results=results, plot_path=plot_path, budget_s=budget_s,
@@ -229,6 +236,7 @@ def curves_cmd(data_dir, base, work, results, plot_path, budget_s, jobs):
 @click.option("--minutes", default=10.0, show_default=True, help="CPU minutes (one thread).")
 def finetune_cmd(base, data_dir, out, minutes):
     """Fine-tune the base's UNet alone on restyled images with English captions."""
+    require("train", "toy2 finetune")
     import os
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -247,6 +255,7 @@ def finetune_cmd(base, data_dir, out, minutes):
 @click.option("--fraction", default="10pct", show_default=True)
 def plugin_cmd(finetuned, work, out, fraction):
     """The grid's Chinese encoders with the fine-tuned UNet, no retraining."""
+    require("train", "toy2 plugin")
     from iap_rt.train.toy2.finetune import plugin_eval
 
     plugin_eval(finetuned, work, out, fraction=fraction, log=lambda m: click.echo(m, err=True))
