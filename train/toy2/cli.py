@@ -140,7 +140,7 @@ def eval_cmd(
 
         generate = diffusers_generator(model, steps=steps, guidance=guidance)
     elif (model / "manifest.json").is_file():
-        from iap_rt.train.toy.evaluate import runtime_generator
+        from iap_rt.train.toy2.evaluate import runtime_generator
 
         generate = runtime_generator(model, steps=steps, guidance=guidance)
     else:
@@ -193,6 +193,7 @@ def eval_cmd(
 def transfer_cmd(data_dir, base, work, results, fractions, seeds, budget_s, batch_size, jobs):
     """The v2 transfer grid (resumable): English, untrained, pivot/full/embed/denoise cells."""
     require("train", "toy2 transfer")
+    _one_thread()
     from iap_rt.train.toy2.transfer import run_grid
 
     rec = run_grid(
@@ -221,6 +222,7 @@ def transfer_cmd(data_dir, base, work, results, fractions, seeds, budget_s, batc
 def curves_cmd(data_dir, base, work, results, plot_path, budget_s, jobs):
     """Learning curves at 10 % (+ the grid's denoise at 100 %): binding vs CPU time / samples."""
     require("train", "toy2 curves")
+    _one_thread()
     from iap_rt.train.toy2.curves import run_curves
 
     run_curves(data_dir, base, work, results=results, plot_path=plot_path, budget_s=budget_s,
@@ -256,10 +258,20 @@ def finetune_cmd(base, data_dir, out, minutes):
 def plugin_cmd(finetuned, work, out, fraction):
     """The grid's Chinese encoders with the fine-tuned UNet, no retraining."""
     require("train", "toy2 plugin")
+    _one_thread()
     from iap_rt.train.toy2.finetune import plugin_eval
 
     plugin_eval(finetuned, work, out, fraction=fraction, log=lambda m: click.echo(m, err=True))
     click.echo(f"wrote {out}")
+
+
+def _one_thread() -> None:
+    """Every torch / ONNX Runtime user in this process and its workers: one thread (set before
+    torch loads its thread pool). CPU time then measures work on a shared machine."""
+    import os
+
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "IAP_RT_THREADS"):
+        os.environ.setdefault(var, "1")
 
 
 def _names(text: str, option: str) -> tuple[str, ...]:

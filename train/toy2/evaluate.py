@@ -2,7 +2,8 @@
 
 Image generation is v1's swappable ``(prompts, seeds) -> (N, 32, 32, 3) uint8`` function
 (:func:`iap_rt.train.toy.evaluate.diffusers_generator` for a diffusers base and English
-prompts, :func:`~iap_rt.train.toy.evaluate.runtime_generator` for exported model directories).
+prompts; :func:`runtime_generator` here for exported model directories: the torch-free
+runtime with several prompts per UNet batch, each image identical to it generated alone).
 
 Prompts: for combo ``k`` (its index in :func:`scenes.all_combos`, so one-object combos keep
 v1's prompts and seeds) and image ``j`` the caption comes from the dataset's caption function
@@ -180,3 +181,21 @@ def dark_fraction(images: np.ndarray) -> float:
     (the plug-in experiment's check that the fine-tuned style came through)."""
     corners = images[:, [0, 0, -1, -1], [0, -1, 0, -1]].astype(np.float64)  # (N, 4, 3)
     return float((corners.mean(axis=(1, 2)) < DARK).mean())
+
+
+def runtime_generator(
+    model_dir, steps: int = 25, guidance: float = 3.0, scheduler: str = "ddim", chunk: int = 16
+) -> GenerateFn:
+    """Sample an exported model directory with :meth:`iap_rt.pipeline.Pipeline.generate`
+    (ONNX Runtime), ``chunk`` images per UNet batch; image noise = ``initial_noise(seed)``."""
+    from iap_rt.pipeline import Pipeline, PromptRequest
+
+    pipe = Pipeline.from_dir(model_dir, backend="ort", progress=False)
+    pipe.chunk_size = chunk
+
+    def generate(prompts: list[str], seeds: list[int]) -> np.ndarray:
+        reqs = [PromptRequest(p, seed=s, guidance=guidance) for p, s in zip(prompts, seeds)]
+        out = pipe.generate(reqs, steps=steps, scheduler=scheduler)
+        return np.concatenate([r.images for r in out])  # (N, H, W, 3) uint8
+
+    return generate
