@@ -17,6 +17,13 @@ def _networks(ctx, param, value):
 @click.option("--base", type=click.Path(), help="Local diffusers-format SD directory.")
 @click.option("--encoder", type=click.Path(), help="chinese_encoder/ written by `iap-rt train`.")
 @click.option("--out", type=click.Path(), help="Model directory to write or update.")
+@click.option(
+    "--unet",
+    type=click.Path(),
+    help="Plug-in UNet: a fine-tuned UNet folder of the base's architecture, or a LoRA "
+    ".safetensors (diffusers/PEFT) fused into the base's UNet. The Chinese encoder is reused.",
+)
+@click.option("--lora-scale", type=float, default=None, help="Strength of a --unet LoRA [1.0].")
 @click.option("--fp16/--no-fp16", default=None, help="fp16 text encoder and UNet (VAE stays fp32).")
 @click.option("--fp16-vae/--no-fp16-vae", default=None, help="fp16 VAE decoder too.")
 @click.option(
@@ -50,8 +57,8 @@ def _networks(ctx, param, value):
     "never.",
 )
 @click.option("--config", "config_path", type=click.Path(), help="TOML file ([export] table).")
-def export(base, encoder, out, fp16, fp16_vae, opset, networks, force, model_id, engines,
-           ort_unet, config_path):  # fmt: skip
+def export(base, encoder, out, unet, lora_scale, fp16, fp16_vae, opset, networks, force,
+           model_id, engines, ort_unet, config_path):  # fmt: skip
     """Export the Chinese encoder, UNet and VAE decoder to a validated ONNX model directory.
 
     \b
@@ -68,6 +75,8 @@ def export(base, encoder, out, fp16, fp16_vae, opset, networks, force, model_id,
         base=base,
         encoder=encoder,
         out=out,
+        unet=unet,
+        lora_scale=lora_scale,
         fp16=fp16,
         fp16_vae=fp16_vae,
         opset=opset,

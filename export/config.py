@@ -27,6 +27,16 @@ class ExportConfig:
 
     base: str | None = opt(None, "local diffusers-format Stable Diffusion directory (required)")
     encoder: str | None = opt(None, "chinese_encoder/ directory written by `iap-rt train`")
+    unet: str | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "a plug-in UNet instead of BASE/unet: a fine-tuned UNet folder (or pipeline "
+            "directory) of the same architecture, or a LoRA .safetensors (diffusers/PEFT) fused "
+            "into BASE/unet",
+            "path": True,  # relative to the config file
+        },
+    )
+    lora_scale: float = opt(1.0, "strength of a --unet LoRA when it is fused")
     out: str | None = opt(None, "model directory to write or update (swapped in whole when done)")
     fp16: bool = opt(False, "export the text encoder and UNet in fp16 (the VAE stays fp32)")
     fp16_vae: bool = opt(False, "export the VAE decoder in fp16 too (SD VAEs can overflow)")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from iap_rt.errors import ArtifactError, ArtifactNotFoundError, ConfigError, OutputError
+from iap_rt.export.plugin import UNetSource, resolve_unet
 from iap_rt.modeldir import MANIFEST, read_manifest
 from iap_rt.specs import ModelDims
 
@@ -61,6 +62,7 @@ class ExportInputs:
 
     base: Path
     encoder: Path
+    unet: UNetSource  # BASE/unet, a fine-tuned UNet, or BASE/unet + a LoRA (--unet)
     dims: ModelDims
     vocab_size: int
     scheduler: dict
@@ -68,8 +70,11 @@ class ExportInputs:
     image_size: int  # the UNet's native sample_size in pixels (generate's default)
 
 
-def read_inputs(base: Path, encoder: Path) -> ExportInputs:
-    """Check base and encoder and derive the model's dims from their configs."""
+def read_inputs(
+    base: Path, encoder: Path, unet: str | Path | None = None, lora_scale: float = 1.0
+) -> ExportInputs:
+    """Check base, encoder (and a plug-in ``unet``) and derive the model's dims from their
+    configs."""
     from iap_rt.train.encoder import META, load_encoder_config
 
     check_sd_dir(base)
@@ -79,7 +84,8 @@ def read_inputs(base: Path, encoder: Path) -> ExportInputs:
                 f"{encoder / name} is missing: {encoder} is not a Chinese encoder directory",
                 fix="pass --encoder the chinese_encoder/ directory written by `iap-rt train`.",
             )
-    unet_cfg = _read_json(base / "unet" / "config.json")
+    unet_src = resolve_unet(base, unet, lora_scale)
+    unet_cfg = _read_json(unet_src.folder / "config.json")
     vae_cfg = _read_json(base / "vae" / "config.json")
     enc_cfg = load_encoder_config(encoder / "config.json")
     meta = _read_json(encoder / META) if (encoder / META).is_file() else {}
@@ -110,6 +116,7 @@ def read_inputs(base: Path, encoder: Path) -> ExportInputs:
     return ExportInputs(
         base,
         encoder,
+        unet_src,
         dims,
         int(enc_cfg.vocab_size),
         {k: sched[k] for k in SCHEDULER_KEYS if k in sched},

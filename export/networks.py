@@ -12,12 +12,16 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
 from iap_rt.specs import TEXT_ENCODER, UNET, VAE_DECODER, ModelDims, NetworkSpec
+
+if TYPE_CHECKING:
+    from iap_rt.export.inputs import ExportInputs
 
 
 class TextEncoderWrapper(nn.Module):
@@ -64,27 +68,33 @@ def _weight_files(folder: Path) -> list[Path]:
     return [f for f in files if f.is_file()]
 
 
-def _encoder_files(base: Path, encoder: Path) -> list[Path]:
+def _encoder_files(src: ExportInputs) -> list[Path]:
     names = ("config.json", "model.safetensors", "projection.safetensors", "iap_encoder.json")
-    return [encoder / n for n in names if (encoder / n).is_file()]
+    return [src.encoder / n for n in names if (src.encoder / n).is_file()]
 
 
-def _load_text_encoder(base: Path, encoder: Path) -> nn.Module:
+def _load_text_encoder(src: ExportInputs) -> nn.Module:
     from iap_rt.train.encoder import ChineseTextEncoder
 
-    return ChineseTextEncoder.load(encoder)
+    return ChineseTextEncoder.load(src.encoder)
 
 
-def _load_unet(base: Path, encoder: Path) -> nn.Module:
+def _load_unet(src: ExportInputs) -> nn.Module:
+    """The base's UNet, a fine-tuned one, or the base's with a LoRA fused in (``--unet``)."""
     from diffusers import UNet2DConditionModel
 
-    return UNet2DConditionModel.from_pretrained(base / "unet", use_safetensors=True)
+    from iap_rt.export.plugin import fuse_lora
+
+    unet = UNet2DConditionModel.from_pretrained(src.unet.folder, use_safetensors=True)
+    if src.unet.lora is not None:
+        fuse_lora(unet, src.unet.lora, src.unet.lora_scale)
+    return unet
 
 
-def _load_vae(base: Path, encoder: Path) -> nn.Module:
+def _load_vae(src: ExportInputs) -> nn.Module:
     from diffusers import AutoencoderKL
 
-    vae = AutoencoderKL.from_pretrained(base / "vae", use_safetensors=True)
+    vae = AutoencoderKL.from_pretrained(src.base / "vae", use_safetensors=True)
     vae.encoder = None  # only the decoder is exported; frees its memory
     return vae
 
@@ -93,10 +103,10 @@ def _load_vae(base: Path, encoder: Path) -> nn.Module:
 class NetworkExportConfig:
     spec: NetworkSpec
     wrapper: type
-    # source files whose bytes decide this network's ONNX: (base, encoder) -> files
-    sources: Callable[[Path, Path], list[Path]]
-    # (base, encoder) -> fp32 module, before wrapping
-    loader: Callable[[Path, Path], nn.Module]
+    # source files whose bytes decide this network's ONNX: ExportInputs -> files
+    sources: Callable[[ExportInputs], list[Path]]
+    # ExportInputs -> fp32 module, before wrapping
+    loader: Callable[[ExportInputs], nn.Module]
     # ONNX Runtime vs PyTorch fp32 passes when max|diff| <= atol + rtol * max|reference|
     atol: dict
     rtol: dict
@@ -108,10 +118,10 @@ class NetworkExportConfig:
     # have none, so an Add there is something else (baddbmm's ``+ 0 * empty``)
     attention_mask: bool = False
 
-    def load(self, base: Path, encoder: Path) -> nn.Module:
+    def load(self, src: ExportInputs) -> nn.Module:
         """The module as its library builds it, wrapped, eval, fp32. Validation references come
         from it before :func:`make_attention_fusable` rewrites its attention for export."""
-        return self.wrapper(self.loader(Path(base), Path(encoder))).eval()
+        return self.wrapper(self.loader(src)).eval()
 
     def tolerance(self, precision: str, reference_absmax: float) -> float:
         return self.atol[precision] + self.rtol[precision] * reference_absmax
@@ -176,7 +186,7 @@ EXPORT_CONFIGS = {
     "unet": NetworkExportConfig(
         UNET,
         UNetWrapper,
-        sources=lambda base, encoder: _weight_files(base / "unet"),
+        sources=lambda src: src.unet.files(),
         loader=_load_unet,
         cases=({"N": 2, "h": 8, "w": 16}, {"N": 1, "h": 16, "w": 8}),
         **FP_TOLERANCE,
@@ -184,7 +194,7 @@ EXPORT_CONFIGS = {
     "vae_decoder": NetworkExportConfig(
         VAE_DECODER,
         VaeDecoderWrapper,
-        sources=lambda base, encoder: _weight_files(base / "vae"),
+        sources=lambda src: _weight_files(src.base / "vae"),
         loader=_load_vae,
         cases=({"B": 2, "h": 8, "w": 16}, {"B": 1, "h": 16, "w": 8}),
         **FP_TOLERANCE,

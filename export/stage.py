@@ -83,9 +83,11 @@ def network_key(
     """The incremental-export key of one network and the source hashes that went into it."""
     from iap_rt.export.networks import EXPORT_CONFIGS
 
-    files = EXPORT_CONFIGS[name].sources(src.base, src.encoder)
+    files = EXPORT_CONFIGS[name].sources(src)
     # labels relative to base / encoder, so moving either directory does not re-export
-    label = {src.encoder: "encoder"}
+    label = {src.encoder: "encoder", src.unet.folder: "unet"}
+    if src.unet.lora is not None:
+        label[src.unet.lora.parent] = "lora"
     hashes = {f"{label.get(f.parent, f.parent.name)}/{f.name}": sha256_file(f) for f in files}
     payload = {
         "export_version": EXPORT_VERSION,
@@ -97,6 +99,8 @@ def network_key(
         "sources": hashes,
         "tools": {k: versions.get(k) for k in ("torch", "diffusers", "transformers", "onnx")},
     }
+    if name == "unet" and src.unet.lora is not None:
+        payload["lora_scale"] = src.unet.lora_scale
     blob = json.dumps(payload, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest(), hashes
 
@@ -171,7 +175,7 @@ def export_network(
     precision = cfg.precision(name)
     echo(f"{name}: exporting {precision}, opset {cfg.opset} ...")
     t0 = time.perf_counter()
-    module = ncfg.load(src.base, src.encoder)
+    module = ncfg.load(src)
     # references from the untouched module: validation also covers the attention rewrite
     refs = reference_outputs(module, ncfg, src.dims, precision, src.vocab_size)
     make_attention_fusable(module)
@@ -264,7 +268,7 @@ def run_export(cfg: ExportConfig, echo: Echo | None = None) -> Path:
         cfg,
         **{
             k: str(Path(getattr(cfg, k)).absolute())
-            for k in ("base", "encoder", "out")
+            for k in ("base", "encoder", "out", "unet")
             if getattr(cfg, k)
         },
     )
@@ -281,7 +285,7 @@ def _run_export_locked(cfg: ExportConfig, out: Path, echo: Echo) -> Path:
         return out
 
     # 1. checks (cheap: configs only)
-    src = read_inputs(Path(cfg.base), Path(cfg.encoder))
+    src = read_inputs(Path(cfg.base), Path(cfg.encoder), cfg.unet, cfg.lora_scale)
     previous = read_previous(out)
     # 2. plan
     plan, versions = plan_export(cfg, src, out, previous, echo)
@@ -318,6 +322,7 @@ def _run_export_locked(cfg: ExportConfig, out: Path, echo: Echo) -> Path:
                 export_config=cfg.to_dict(),
                 export_version=EXPORT_VERSION,
             )
+            manifest["unet_source"] = unet_source_record(src)
             manifest["networks"] = {
                 n: entries.get(n) or plan.keep[n]
                 for n in NETWORKS
@@ -350,10 +355,21 @@ def _run_export_locked(cfg: ExportConfig, out: Path, echo: Echo) -> Path:
     return out
 
 
+def unet_source_record(src: ExportInputs) -> dict:
+    """Where the exported UNet came from (``--unet``): base, fine-tuned folder or base + LoRA."""
+    rec = {"kind": src.unet.kind, "folder": str(src.unet.folder)}
+    if src.unet.lora is not None:
+        rec |= {"lora": str(src.unet.lora), "lora_sha256": sha256_file(src.unet.lora),
+                "lora_scale": src.unet.lora_scale}  # fmt: skip
+    return rec
+
+
 def _same_top_level(previous: dict, cfg: ExportConfig, src: ExportInputs, out: Path) -> bool:
-    """Nothing outside the networks changed either (dims, scheduler default, model id)."""
+    """Nothing outside the networks changed either (dims, scheduler default, model id, the
+    UNet's source)."""
     return (
         previous.get("dims") == src.dims.to_dict()
+        and previous.get("unet_source", {"kind": "base"}).get("kind") == src.unet.kind
         and previous.get("default_scheduler") == cfg.default_scheduler
         and previous.get("model_id") == (cfg.model_id or previous.get("model_id"))
         and all(n in previous.get("networks", {}) for n in cfg.networks)
@@ -392,6 +408,8 @@ def export_model_dir(
     force: bool = False,
     engines: str = "none",
     ort_unet: str = "auto",
+    unet: str | os.PathLike | None = None,
+    lora_scale: float = 1.0,
     echo: Echo | None = None,
 ) -> Path:
     """Export ``encoder`` + the SD at ``base`` into the model directory ``out``.
@@ -412,5 +430,7 @@ def export_model_dir(
         engines=engines,
         default_scheduler=default_scheduler,
         ort_unet=ort_unet,
+        unet=None if unet is None else str(unet),
+        lora_scale=lora_scale,
     )
     return run_export(cfg, echo=echo)

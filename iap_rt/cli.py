@@ -25,6 +25,7 @@ COMMANDS = {
     "engines": ("iap_rt.engines.cli:engines", "Build TensorRT engines from a model directory."),
     "bench": ("iap_rt.bench.command:bench", "Benchmark backends side by side (JSON results)."),
     "toy": ("iap_rt.train.toy.cli:toy", "The toy world: data, base model, evaluation."),
+    "toy2": ("iap_rt.train.toy2.cli:toy2", "Toy world v2: two objects, relations, plug-ins."),
 }
 
 
@@ -57,6 +58,7 @@ COMMAND_EXTRAS = {
     "export": "export",
     "engines": "trt",
     "toy": "train",
+    "toy2": "train",
     "bench": "export",
 }
 

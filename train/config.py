@@ -13,7 +13,7 @@ import dataclasses
 from iap_rt.config import opt
 from iap_rt.errors import ConfigError
 
-OBJECTIVES = ("pivot", "full", "embed", "denoise")
+OBJECTIVES = ("pivot", "full", "embed", "denoise", "embed_pos")
 SCHEDULES = ("cosine", "constant")
 PRECISIONS = ("no", "fp16", "bf16")
 

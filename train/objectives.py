@@ -11,7 +11,8 @@ through the layer that produced it.
 
 - ``pivot``: English pass without grad, then per layer ``attend(attn, q_en, zh)`` vs feature.
 - ``full``: English pass without grad + Chinese pass with grad, features paired by name.
-- ``embed``: MSE between Chinese and English encoder outputs (text only).
+- ``embed``: text-only distillation: the optimal-transport cost between the *sets* of Chinese
+  and English encoder outputs (:func:`embed_loss`); ``embed_pos``: the older position-wise MSE.
 - ``denoise``: epsilon / v prediction loss with Chinese conditioning.
 """
 
@@ -226,11 +227,47 @@ def full_loss(iap: IapUNet, x_t, t, en, zh, normalise: bool = False):
     return torch.stack(per_layer).sum(), per_layer
 
 
-def embed_loss(en: torch.Tensor, zh: torch.Tensor) -> torch.Tensor:
+def embed_pos_loss(en: torch.Tensor, zh: torch.Tensor) -> torch.Tensor:
     """MSE between encoder output sequences ``(B, S, D)``; over the shorter length when the
     tokenizers' max lengths differ (position i of one language vs position i of the other)."""
     s = min(en.shape[1], zh.shape[1])
     return F.mse_loss(zh[:, :s].float(), en[:, :s].float())
+
+
+SINKHORN_EPS = 0.02  # entropic regularisation, relative to the mean pairwise cost
+SINKHORN_ITERS = 100
+
+
+def embed_loss(en: torch.Tensor, zh: torch.Tensor) -> torch.Tensor:
+    """Order-free distillation of the English encoder's outputs ``en (B, S_en, D)`` into the
+    Chinese ones ``zh (B, S_zh, D)``: the optimal-transport cost between the two *sets* of
+    output vectors, uniform mass per position (padding included), squared Euclidean cost / D.
+
+    Why this and not position i vs position i (:func:`embed_pos_loss`): the UNet sees the text
+    only through cross-attention, ``sum_j softmax(q k_j) v_j``, which depends on the context
+    tokens only through their normalised empirical distribution (order and a uniform change of
+    multiplicity do not matter). So this loss is 0 exactly when no query of any layer can tell
+    the two captions apart, whatever the word orders and lengths; the position-wise MSE demands
+    the English order and leaves Chinese positions past ``S_en`` unconstrained. The plan is
+    computed by log-domain Sinkhorn iterations (Cuturi 2013) without gradient; the loss is the
+    transport cost under that plan (its gradient at the optimum). Sequence-level OT across
+    different tokenisations is how cross-tokenizer distillation aligns teacher and student
+    (Cui et al. 2025, "Multi-Level Optimal Transport for Universal Cross-Tokenizer Knowledge
+    Distillation"); the teacher is the frozen English encoder as in AltCLIP/AltDiffusion.
+    """
+    x, y = zh.float(), en.float()  # (B, Sz, D), (B, Se, D)
+    cost = torch.cdist(x, y).pow(2)  # (B, Sz, Se)
+    with torch.no_grad():
+        eps = SINKHORN_EPS * cost.mean(dim=(1, 2), keepdim=True).clamp_min(1e-8)  # (B, 1, 1)
+        log_a = -torch.log(torch.tensor(float(x.shape[1])))
+        log_b = -torch.log(torch.tensor(float(y.shape[1])))
+        f = torch.zeros(x.shape[:2], dtype=x.dtype, device=x.device)  # (B, Sz)
+        g = torch.zeros(y.shape[:2], dtype=x.dtype, device=x.device)  # (B, Se)
+        for _ in range(SINKHORN_ITERS):
+            f = eps[..., 0] * (log_a - torch.logsumexp((g[:, None, :] - cost) / eps, dim=2))
+            g = eps[..., 0] * (log_b - torch.logsumexp((f[:, :, None] - cost) / eps, dim=1))
+        plan = torch.exp((f[:, :, None] + g[:, None, :] - cost) / eps)  # (B, Sz, Se)
+    return (plan * cost).sum(dim=(1, 2)).mean() / x.shape[-1]
 
 
 def denoise_loss(unet, scheduler, latents, noise, x_t, t, zh) -> torch.Tensor:
@@ -268,6 +305,8 @@ def objective_loss(objective: str, iap: IapUNet, scheduler, encoder, b: dict, no
         return full_loss(iap, b["x_t"], b["t"], b["en"], zh, normalise)
     if objective == "embed":
         return embed_loss(b["en"], zh), []
+    if objective == "embed_pos":
+        return embed_pos_loss(b["en"], zh), []
     if objective == "denoise":
         loss = denoise_loss(iap.unet, scheduler, b["latents"], b["noise"], b["x_t"], b["t"], zh)
         return loss, []

@@ -12,6 +12,7 @@ from iap_rt.train.objectives import (  # noqa: E402
     IapUNet,
     denoise_loss,
     embed_loss,
+    embed_pos_loss,
     full_loss,
     pivot_loss,
     select_layers,
@@ -145,11 +146,31 @@ def test_layer_selection():
         select_layers(unet, "down,sideways")
 
 
-def test_embed_loss_compares_the_sequences():
+def test_embed_pos_loss_compares_the_sequences():
     _, _, en, _ = _inputs()
-    assert embed_loss(en, en.clone()).item() == 0.0
+    assert embed_pos_loss(en, en.clone()).item() == 0.0
     zh = en[:, :32] + 1.0  # shorter Chinese sequence: compared over its length
-    assert embed_loss(en, zh).item() == pytest.approx(1.0)
+    assert embed_pos_loss(en, zh).item() == pytest.approx(1.0)
+
+
+def test_embed_loss_sees_what_cross_attention_sees():
+    """Zero for any order and for a uniform change of multiplicity (cross-attention cannot
+    tell those apart), positive otherwise, and its gradient moves the Chinese set onto the
+    English one."""
+    g = torch.Generator().manual_seed(0)
+    en = torch.randn(3, 10, 16, generator=g)
+    assert embed_loss(en, en[:, torch.randperm(10, generator=g)]).item() < 1e-6
+    assert embed_loss(en, torch.cat([en, en.flip(1)], 1)).item() < 1e-6  # twice as long
+    assert embed_loss(en, en + 0.5).item() == pytest.approx(0.25, rel=1e-3)
+    zh = torch.randn(3, 20, 16, generator=g, requires_grad=True)
+    start = embed_loss(en, zh).item()
+    opt = torch.optim.Adam([zh], lr=0.05)
+    for _ in range(150):
+        loss = embed_loss(en, zh)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.05 * start
 
 
 def test_denoise_loss_is_the_epsilon_loss(iap):

@@ -312,8 +312,11 @@ def train_base(
     cfg: BaseConfig | None = None,
     resume: bool = True,
     progress=print,
+    words: list[str] | None = None,
 ) -> Path:
-    """Train (or continue training) the toy base model and write the pipeline dir to ``out``."""
+    """Train (or continue training) the toy base model and write the pipeline dir to ``out``.
+
+    ``words``: the English words the tokenizer reads whole (default: toy world v1's)."""
     import torch
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -330,7 +333,8 @@ def train_base(
     data_meta = json.loads(meta_path.read_text("utf-8")) if meta_path.is_file() else {}
 
     # tokenizer: every English word the world uses, one token each
-    write_word_tokenizer(out / "tokenizer", toydata.en_vocabulary(), cfg.max_length)
+    words = words if words is not None else toydata.en_vocabulary()
+    write_word_tokenizer(out / "tokenizer", words, cfg.max_length)
     tok = load_tokenizer(out / "tokenizer")
     ids = tokenize(tok, captions)  # (N, S)
     empty_ids = tokenize(tok, [""])[0]  # (S,)
@@ -450,7 +454,9 @@ def train_base(
         "train_wall_minutes": round(state.get("wall_seconds", state["seconds"]) / 60, 2),
         "vae_roundtrip_max_err": err,
         "params": {"unet": n_unet, "text_encoder": n_text},
-        "data": {k: data_meta.get(k) for k in ("version", "seed", "split_seed", "n_train")},
+        "data": {
+            k: data_meta.get(k) for k in ("world", "version", "seed", "split_seed", "n_train")
+        },
         "heldout": data_meta.get("heldout"),
         "torch_threads": cfg.threads,
     }

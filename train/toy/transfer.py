@@ -223,10 +223,16 @@ def _calibration_result(work: Path, objective: str) -> Path:
     return work / "calibration" / f"{objective}.json"
 
 
-def _run_workers(tasks: list[tuple[str, str, dict, Path]], work: Path, jobs: int, log) -> None:
-    """Run ``python -m iap_rt.train.toy.transfer MODE SPEC`` for every ``(mode, name, spec, result)``
-    whose result file is missing, as one-thread subprocesses, ``jobs`` at a time; each worker
-    writes its own result file, so a finished task is never run again."""
+def _run_workers(
+    tasks: list[tuple[str, str, dict, Path]],
+    work: Path,
+    jobs: int,
+    log,
+    module: str = "iap_rt.train.toy.transfer",
+) -> None:
+    """Run ``python -m MODULE MODE SPEC`` for every ``(mode, name, spec, result)`` whose result
+    file is missing, as one-thread subprocesses, ``jobs`` at a time; each worker writes its own
+    result file, so a finished task is never run again."""
     todo = [t for t in tasks if not t[3].is_file()]
     env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     (work / "specs").mkdir(parents=True, exist_ok=True)
@@ -238,7 +244,7 @@ def _run_workers(tasks: list[tuple[str, str, dict, Path]], work: Path, jobs: int
             spec_path = work / "specs" / f"{name}.json"
             write_json_atomic(spec_path, spec)
             logf = open(work / "logs" / f"{name}.log", "w")  # noqa: SIM115 (closed with the proc)
-            cmd = [sys.executable, "-m", "iap_rt.train.toy.transfer", mode, str(spec_path)]
+            cmd = [sys.executable, "-m", module, mode, str(spec_path)]
             running.append((subprocess.Popen(cmd, stdout=logf, stderr=logf, env=env), name))
             log(f"started {name}")
         time.sleep(0.5)

@@ -1,0 +1,112 @@
+"""Toy world v2 code paths at tiny size: base, grid cells (train, export, evaluate), results,
+resumption, learning-curve checkpoints and the plot."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+TINY_EVAL = {"seeds_per_combo": 1, "steps": 2, "guidance": 3.0, "scheduler": "ddim",
+             "max_combos": 1}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from iap_rt.train.toy2.base import base_config, train_base
+    from iap_rt.train.toy2.data import write_dataset
+
+    root = tmp_path_factory.mktemp("toy2")
+    write_dataset(root / "data", n=200, seed=0, n_test=8)
+    cfg = base_config(block_out_channels=(8, 16, 16, 16, 16), text_width=16, text_layers=1,
+                      text_heads=2, batch_size=4, log_every=1)  # fmt: skip
+    base = train_base(root / "data", root / "base", minutes=5, max_steps=2, cfg=cfg, progress=str)
+    return root, base
+
+
+def test_base_reads_two_object_captions_and_samples(world):
+    from iap_rt.train.toy.base import load_tokenizer
+    from iap_rt.train.toy.evaluate import diffusers_generator
+    from iap_rt.train.toy2.evaluate import evaluate, select_combos
+
+    _, base = world
+    tok = load_tokenizer(base / "tokenizer")
+    text = "to the left of a violet box there is a round dot in scarlet"
+    assert len(tok(text).input_ids) == 2 + len(text.split())  # one token per word
+    gen = diffusers_generator(base, steps=2, batch=8)
+    res, images, items, preds = evaluate(gen, "en", select_combos("heldout", limit=2), 1)
+    assert images.shape == (4, 32, 32, 3) and len(preds) == 4
+    assert res["n_two"] == 2 and res["n_one"] == 2
+    assert set(res) >= {"colour", "shape", "relation", "binding", "one_all"}
+
+
+def test_grid_cells_results_and_resume(world, tmp_path):
+    from iap_rt.train.toy2 import curves, transfer
+    from iap_rt.train.toy2.report import aggregate
+
+    root, base = world
+    work = tmp_path / "work"
+    common, spp = transfer.prepare(root / "data", base, work, (0,), 4, TINY_EVAL, 0, str,
+                                   calib_lengths=(1, 3))  # fmt: skip
+    assert set(spp) == {*transfer.OBJECTIVES, "embed_pos"} and all(v > 0 for v in spp.values())
+    specs = transfer.grid_specs(common, spp, (0,), ("1pct",), budget_s=0.5)
+    assert [s["objective"] for s in specs] == ["untrained", *transfer.OBJECTIVES, "denoise"]
+    long = specs[-1]
+    assert long["fraction"] == "100pct" and long["budget_cpu_s"] == 2.5
+    chosen = [specs[0], specs[1], specs[3], long]  # untrained, pivot, embed, long denoise
+    long["steps"], long["checkpoints"] = 4, 2
+    rows = [transfer.run_cell(s) for s in chosen]
+    assert rows[1]["steps"] >= 1 and rows[1]["train_cpu_s"] > 0 and rows[1]["samples_seen"] > 0
+    record = aggregate(work, tmp_path / "results", {
+        "base": str(base), "budget_cpu_s": 0.5, "seeds": [0], "s_per_step_cpu": spp,
+        "long": {"factor": 5}, "eval": TINY_EVAL,
+    })  # fmt: skip
+    saved = json.loads((tmp_path / "results" / "toy2_transfer.json").read_text())
+    assert saved == json.loads(json.dumps(record))
+    got = {(r["objective"], r["fraction"], r["seed"]) for r in saved["results"]}
+    assert got == {("english", 1.0, 0), ("untrained", 0.0, 0), ("pivot", 0.01, 0),
+                   ("embed", 0.01, 0), ("denoise", 1.0, 0)}  # fmt: skip
+    assert all("binding" in r for r in saved["results"])
+    assert "| **" in (tmp_path / "results" / "toy2_transfer.md").read_text()
+    # an interrupted cell (result file lost after training) is not trained again
+    cell = work / "cells" / "1pct_s0_pivot.json"
+    before = json.loads(cell.read_text())
+    cell.unlink()
+    again = transfer.run_cell(chosen[1])
+    assert again["train_cpu_s"] == before["train_cpu_s"] and again["binding"] == before["binding"]
+    # the long run kept its checkpoints: every one becomes a curve point
+    spec = long | {"name": "100pct_s0_denoise", "s_per_step": spp["denoise"],
+                   "run_dir": str(work / "runs" / "100pct_s0_denoise")}  # fmt: skip
+    points = curves.curve_points(spec)
+    assert [p["step"] for p in points] == [2, 4]
+    assert points[-1]["binding"] == rows[-1]["binding"]  # the last checkpoint = the final model
+    png = curves.plot(
+        {
+            "english_binding": 0.5,
+            "curves": [{"objective": "denoise", "fraction": "100pct", "points": points}],
+        },
+        tmp_path / "c.png",
+    )
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert np.isfinite([p["cpu_s"] for p in points]).all()
+    # plug-in: a restyled UNet fine-tuned alone, the pivot encoder reused without retraining
+    from safetensors.torch import load_file
+
+    from iap_rt.train.toy2.data import write_dataset
+    from iap_rt.train.toy2.finetune import finetune_unet, plugin_eval
+
+    write_dataset(tmp_path / "outline", n=16, n_test=2, style="outline")
+    ft = finetune_unet(base, tmp_path / "outline", tmp_path / "ft", minutes=0.02, batch_size=2)
+    new = load_file(str(ft / "unet" / "diffusion_pytorch_model.safetensors"))
+    old = load_file(str(base / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert any(not torch.equal(new[k], old[k]) for k in old)
+    for sub in ("text_encoder", "vae", "tokenizer"):
+        assert sorted(p.name for p in (ft / sub).iterdir()) == sorted(
+            p.name for p in (base / sub).iterdir())  # fmt: skip
+    rec = plugin_eval(ft, work, tmp_path / "plugin.json", fraction="1pct", seeds=(0,),
+                      objectives=("pivot",), ev=TINY_EVAL)  # fmt: skip
+    assert [r["objective"] for r in rec["results"]] == ["english", "pivot"]
+    assert {"binding", "agreement", "dark"} <= set(rec["results"][1])

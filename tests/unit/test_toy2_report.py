@@ -1,0 +1,53 @@
+"""The v2 grid's result files: one row per (objective, fraction, seed), summary, the claim."""
+
+from __future__ import annotations
+
+import json
+
+from iap_rt.train.toy2.report import aggregate, fraction_value
+
+SCORES = {"colour": 0.9, "shape": 0.9, "relation": 0.8, "one_all": 1.0, "agreement": 0.7,
+          "agreement_two": 0.65, "pixel_mse": 0.01, "n": 216, "n_two": 192, "n_one": 24}  # fmt: skip
+
+
+def _cell(work, objective, fraction, seed, binding, cpu=180.0):
+    name = f"s{seed}_untrained" if objective == "untrained" else f"{fraction}_s{seed}_{objective}"
+    row = SCORES | {"objective": objective, "fraction": fraction, "seed": seed,
+                    "binding": binding, "train_cpu_s": cpu, "steps": 100,
+                    "samples_seen": 6400}  # fmt: skip
+    (work / "cells" / f"{name}.json").write_text(json.dumps(row))
+
+
+def test_results_rows_summary_and_claim(tmp_path):
+    work, base = tmp_path / "work", tmp_path / "base"
+    (work / "cells").mkdir(parents=True)
+    base.mkdir()
+    (work / "english.json").write_text(json.dumps(SCORES | {"binding": 0.6, "lang": "en"}))
+    (base / "toy_base.json").write_text(json.dumps({
+        "config": {"seed": 0}, "train_cpu_minutes": 90.0, "steps": 2000,
+        "samples_seen": 128000, "torch_threads": 1}))  # fmt: skip
+    for s in (0, 1, 2):
+        _cell(work, "untrained", "0pct", s, 0.0, cpu=0.0)
+        _cell(work, "pivot", "5pct", s, 0.5 + 0.01 * s)
+        _cell(work, "pivot", "10pct", s, 0.55)
+        _cell(work, "denoise", "100pct", s, 0.4, cpu=900.0)
+    setup = {"base": str(base), "budget_cpu_s": 180.0, "seeds": [0, 1, 2],
+             "long": {"factor": 5}, "eval": {"steps": 25, "guidance": 3.0},
+             "s_per_step_cpu": {"pivot": 0.2, "denoise": 0.5}}  # fmt: skip
+    rec = aggregate(work, tmp_path / "results", setup)
+    saved = json.loads((tmp_path / "results" / "toy2_transfer.json").read_text())
+    assert saved["results"] == rec["results"]
+    keys = [(r["objective"], r["fraction"], r["seed"]) for r in saved["results"]]
+    assert keys[0] == ("untrained", 0.0, 0) and ("english", 1.0, 0) in keys
+    assert ("pivot", 0.05, 2) in keys and ("denoise", 1.0, 1) in keys and len(keys) == 13
+    assert all(isinstance(r["binding"], float) for r in saved["results"])
+    piv5 = next(s for s in saved["summary"] if (s["objective"], s["fraction"]) == ("pivot", 0.05))
+    assert abs(piv5["binding"]["mean"] - 0.51) < 1e-9 and piv5["binding"]["n"] == 3
+    assert saved["claim"]["holds"] is True and abs(saved["claim"]["denoise_100pct"] - 0.4) < 1e-9
+    md = (tmp_path / "results" / "toy2_transfer.md").read_text()
+    assert "**holds**" in md and "| 5 % | IAP `pivot` |" in md and "0.51 ± 0.01" in md
+
+
+def test_fraction_names():
+    assert [fraction_value(f) for f in ("0pct", "1pct", "5pct", "10pct", "100pct")] == [
+        0.0, 0.01, 0.05, 0.1, 1.0]  # fmt: skip
