@@ -11,8 +11,8 @@ cached as safetensors shards::
         <sha256 of caption>     -> (S, D)        English CLIP last hidden state
 
 so later epochs and later runs skip the VAE and the CLIP encoder. Several processes build one
-cache together: :func:`fill_cache` gives rank ``r`` of ``n`` every ``n``-th missing key (in
-key order), each rank writes whole shards named by the hash of their keys, each atomically,
+cache together: rank ``r`` of ``n`` encodes the missing keys with ``key mod n == r``
+(:func:`owner`), each rank writes whole shards named by the hash of their keys, each atomically,
 so no file is ever written by two ranks and there is nothing to merge but a directory listing
 (:meth:`ShardCache.rescan` after a barrier). A killed build loses at most the shards in
 progress; rerunning continues it.
@@ -130,6 +130,11 @@ class ShardCache:
         self._seen.add(path)
 
 
+def owner(key: str, world: int) -> int:
+    """The rank that encodes cache entry ``key`` (a hex digest: uniform over the ranks)."""
+    return int(key[:12], 16) % world
+
+
 def fill_cache(
     cache: ShardCache,
     todo: dict[str, object],
@@ -141,14 +146,17 @@ def fill_cache(
     progress: bool = True,
     stop: Callable[[], bool] = lambda: False,
 ) -> int:
-    """Encode this rank's share of the ``key -> input`` items missing from ``cache``.
+    """Encode this rank's share (:func:`owner`) of the ``key -> input`` items missing from
+    ``cache``.
 
     ``encode`` returns, per input, a tensor or the reason it failed (a string: the key is
     recorded as bad). Shows a progress bar with the rate and ETA on ``progress``; checks
     ``stop()`` between chunks (what is written stays). Returns how many items this rank did."""
     from tqdm import tqdm
 
-    keys = sorted(k for k in todo if k not in cache and k not in cache.bad)[rank::world]
+    keys = sorted(
+        k for k in todo if owner(k, world) == rank and k not in cache and k not in cache.bad
+    )
     if not keys:
         return 0
     pending: dict[str, torch.Tensor] = {}

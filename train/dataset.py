@@ -31,6 +31,7 @@ from iap_rt.train.data import (
     dir_fingerprint,
     fill_cache,
     load_image,
+    owner,
     scan_images,
     text_key,
 )
@@ -169,11 +170,6 @@ def _hold_out(n: int, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return np.setdiff1d(np.arange(n, dtype=np.int64), held), held
 
 
-def owner(key: str, world: int) -> int:
-    """The rank that encodes cache entry ``key``."""
-    return int(key[:12], 16) % world
-
-
 def build_sets(
     plan: Plan,
     cfg: TrainConfig,
@@ -201,7 +197,7 @@ def build_sets(
             key = text_key(en)
             if key not in english and owner(key, world) == rank:
                 texts[key] = en
-    kw = dict(progress=main, stop=stop)
+    kw = dict(rank=rank, world=world, progress=main, stop=stop)
     n_img = fill_cache(
         latents,
         images,
