@@ -171,9 +171,10 @@ def run(
         except Exception as e:
             if lost_peer(e, world):
                 step = s.step if s is not None else "start-up"
+                why = str(e).splitlines()[0].split(". This is typically")[0][-200:]
                 raise ProcessGroupError(
-                    f"rank {acc.process_index}: lost the other processes at step {step} "
-                    f"({str(e).splitlines()[0][:160]}); one of them stopped or died",
+                    f"rank {acc.process_index}: lost the other processes after step {step} "
+                    f"({why}); one of them stopped or died",
                     fix="see the first error of the job; then resume with: "
                     + resume_command(command, True),
                 ) from e
@@ -250,39 +251,29 @@ def _loop(s: Session) -> dict:
     )
     t0 = t_last = time.perf_counter()
     last, window, val = start, [], {}
-    for step in range(start, cfg.max_steps):
-        lr = s.optimizer.param_groups[0]["lr"]
-        losses = _train_step(s, order, step)
-        s.step = done = step + 1
-        window.append(losses)
-        bar.update(1)
-        if done % max(1, cfg.log_every) == 0 or done == cfg.max_steps:
-            now = time.perf_counter()
-            sps = (done - last) * s.global_batch / max(now - t_last, 1e-9)
-            mean = torch.tensor(window, device=acc.device).mean(0)  # (1 + layers,)
-            mean = acc.reduce(mean, reduction="mean").tolist()
-            rec = {
-                "step": done,
-                "loss": mean[0],
-                "lr": lr,
-                "samples_per_s": sps,
-                "epoch": done * s.global_batch / len(s.train_set),
-            }
-            if len(mean) > 1:
-                rec["layer_losses"] = mean[1:]
-            if s.metrics is not None:
-                s.metrics.write(rec)
-            bar.set_postfix(loss=f"{rec['loss']:.4g}", lr=f"{lr:.2e}", sps=f"{sps:.1f}")
-            last, t_last, window = done, now, []
-        if _due(cfg.val_every, done, cfg.max_steps) and s.val_set is not None:
-            val = _validate(s, done) if acc.is_main_process else {}
-        if _due(cfg.checkpoint_every, done, cfg.max_steps) or done == cfg.max_steps:
-            _checkpoint(s)
-        sig = agree(acc, s.stop.signum) if done < cfg.max_steps else None
-        if sig:
-            bar.close()
-            _stop(s, sig)
-    bar.close()
+    try:
+        for step in range(start, cfg.max_steps):
+            lr = s.optimizer.param_groups[0]["lr"]
+            losses = _train_step(s, order, step)
+            s.step = done = step + 1
+            window.append(losses)
+            bar.update(1)
+            if done % max(1, cfg.log_every) == 0 or done == cfg.max_steps:
+                now = time.perf_counter()
+                rec = _log(s, window, lr, (done - last) * s.global_batch / max(now - t_last, 1e-9))
+                bar.set_postfix(
+                    loss=f"{rec['loss']:.4g}", lr=f"{lr:.2e}", sps=f"{rec['samples_per_s']:.1f}"
+                )
+                last, t_last, window = done, now, []
+            if _due(cfg.val_every, done, cfg.max_steps) and s.val_set is not None:
+                val = _validate(s, done) if acc.is_main_process else {}
+            if _due(cfg.checkpoint_every, done, cfg.max_steps) or done == cfg.max_steps:
+                _checkpoint(s)
+            sig = agree(acc, s.stop.signum) if done < cfg.max_steps else None
+            if sig:
+                _stop(s, sig)
+    finally:
+        bar.close()
     elapsed = time.perf_counter() - t0
     return {
         "steps": cfg.max_steps,
@@ -293,6 +284,24 @@ def _loop(s: Session) -> dict:
         "final_loss": _last_loss(Path(cfg.out) / "metrics.jsonl"),
         **val,
     }
+
+
+def _log(s: Session, window: list[list[float]], lr: float, sps: float) -> dict:
+    """The metrics line of step ``s.step``: losses averaged over the window and the ranks."""
+    mean = torch.tensor(window, device=s.acc.device).mean(0)  # (1 + layers,)
+    mean = s.acc.reduce(mean, reduction="mean").tolist()
+    rec = {
+        "step": s.step,
+        "loss": mean[0],
+        "lr": lr,
+        "samples_per_s": sps,
+        "epoch": s.step * s.global_batch / len(s.train_set),
+    }
+    if len(mean) > 1:
+        rec["layer_losses"] = mean[1:]
+    if s.metrics is not None:
+        s.metrics.write(rec)
+    return rec
 
 
 def _stop(s: Session, sig: int) -> None:
