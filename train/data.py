@@ -25,6 +25,7 @@ import io
 import json
 import logging
 import sys
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from iap_rt.errors import InputError
+from iap_rt.errors import ArtifactNotFoundError, InputError
 from iap_rt.fileio import atomic_path, ensure_dir, write_json_atomic
 from iap_rt.train.rows import Rows
 
@@ -151,7 +152,8 @@ def fill_cache(
 
     ``encode`` returns, per input, a tensor or the reason it failed (a string: the key is
     recorded as bad). Shows a progress bar with the rate and ETA on ``progress``; checks
-    ``stop()`` between chunks (what is written stays). Returns how many items this rank did."""
+    ``stop()`` between chunks (what is written stays). Returns how many items this rank did
+    (encoded or found bad)."""
     from tqdm import tqdm
 
     keys = sorted(
@@ -170,6 +172,7 @@ def fill_cache(
         mininterval=0.5 if sys.stderr.isatty() else 10.0,
         dynamic_ncols=True,
     )
+    done = 0
     try:
         for i in range(0, len(keys), chunk):
             if stop():
@@ -183,6 +186,7 @@ def fill_cache(
             if len(pending) >= SHARD_SIZE:
                 cache.write_shard(pending)
                 pending = {}
+            done += len(part)
             bar.update(len(part))
     finally:
         if pending:
@@ -190,7 +194,24 @@ def fill_cache(
         if bad:
             cache.write_bad(bad)
         bar.close()
-    return len(keys)
+    return done
+
+
+def await_entries(cache: ShardCache, expected: int, timeout: float = 120.0) -> None:
+    """Rescan until ``cache`` holds ``expected`` entries (good + bad): what every rank wrote.
+    A network filesystem may list another machine's new files only after a while."""
+    deadline = time.monotonic() + timeout
+    while True:
+        cache.rescan()
+        if len(cache) + len(cache.bad) >= expected:
+            return
+        if time.monotonic() > deadline:
+            raise ArtifactNotFoundError(
+                f"the cache {cache.root} holds {len(cache) + len(cache.bad)} entries after "
+                f"{timeout:.0f}s, but the processes wrote {expected} in all",
+                fix="put --cache-dir (and --out) on a filesystem every machine shares.",
+            )
+        time.sleep(1.0)
 
 
 @dataclass

@@ -27,6 +27,7 @@ from iap_rt.train.config import TrainConfig
 from iap_rt.train.data import (
     ScanResult,
     ShardCache,
+    await_entries,
     check_bad,
     dir_fingerprint,
     fill_cache,
@@ -197,6 +198,8 @@ def build_sets(
             key = text_key(en)
             if key not in english and owner(key, world) == rank:
                 texts[key] = en
+    barrier()  # every rank has scanned the cache before any rank adds to it
+    before = [len(c) + len(c.bad) for c in (latents, english)]
     kw = dict(rank=rank, world=world, progress=main, stop=stop)
     n_img = fill_cache(
         latents,
@@ -214,11 +217,10 @@ def build_sets(
         **kw,
         what="captions",
     )
-    counts = _sum_counts(n_img, n_txt, world, device)
-    rep.latents_encoded, rep.english_encoded = counts
+    rep.latents_encoded, rep.english_encoded = _sum_counts(n_img, n_txt, world, device)
     barrier()
-    latents.rescan()
-    english.rescan()
+    await_entries(latents, before[0] + rep.latents_encoded)
+    await_entries(english, before[1] + rep.english_encoded)
     for sp in plan.splits():
         sp.scan.refresh(sp.table, latents)
         check_bad(sp.table, sp.scan, plan.max_bad_fraction, quiet=True)
