@@ -168,7 +168,8 @@ class Supervisor:
                         self.status = _status(p.returncode)
                         print(
                             f"iap-rt: rank {self.first_rank + i} (pid {p.pid}) "
-                            f"{_how(p.returncode)}; stopping the other processes",
+                            f"{_how(p.returncode)}; the others stop at their next exchange "
+                            f"(killed after {GRACE_S:.0f}s)",
                             file=sys.stderr,
                             flush=True,
                         )

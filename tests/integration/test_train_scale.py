@@ -232,22 +232,26 @@ def test_a_killed_rank_stops_the_job_and_two_machines_resume_it(sws, reference, 
 
 
 def test_a_second_signal_exits_at_once(sws, tmp_path):
-    """The first SIGINT starts a clean stop; a second one, once the first was seen, ends the
-    process (and under the supervisor every worker) at once, without the checkpoint."""
-    seen = {"one": "stopping after the current step", "sup": "the workers stop after"}
-    for name, extra in (("one", []), ("sup", ["--num-processes", 2])):
+    """The first signal starts a clean stop; a second one, once the first was seen, ends the
+    process (and under the supervisor every worker) at once, without the checkpoint.
+    SIGTERM alone (a scheduler), SIGINT under the supervisor (a terminal's Ctrl-C)."""
+    cases = {
+        "one": ([], signal.SIGTERM, "stopping after the current step", -signal.SIGTERM),
+        "sup": (["--num-processes", 2], signal.SIGINT, "the workers stop after", 130),
+    }
+    for name, (extra, sig, seen, status) in cases.items():
         out = tmp_path / name
         p = _start(tmp_path, name, _train(*sws["args"], "--out", out, "--max-steps", 100, *extra))
         _wait_for(lambda out=out: len(_metrics(out)) >= 2, p, "two steps")
         workers = _children(p.pid) if extra else []
-        p.send_signal(signal.SIGINT)
+        p.send_signal(sig)
         err = tmp_path / f"{name}.err"
-        _wait_for(lambda err=err, name=name: seen[name] in err.read_text(), p, "the first signal")
-        p.send_signal(signal.SIGINT)
+        _wait_for(lambda err=err, seen=seen: seen in err.read_text(), p, "the first signal")
+        p.send_signal(sig)
         t0 = time.time()
         code = _finish(p, 30)
         assert time.time() - t0 < 5, f"{name}: took {time.time() - t0:.1f}s to exit"
-        assert code == (-signal.SIGINT if name == "one" else 128 + signal.SIGINT), code
+        assert code == status, (name, code)
         deadline = time.time() + 10
         while not all(_gone(w) for w in workers) and time.time() < deadline:
             time.sleep(0.05)
