@@ -312,7 +312,7 @@ def index_child(args) -> None:
     rows, _ = read_sets(cfg)
     rec["read_s"] = round(time.perf_counter() - t, 2)
     t = time.perf_counter()
-    plan = plan_sets(cfg, rows, None, main=False)
+    plan = plan_sets(cfg, rows, None)
     rec["plan_s"] = round(time.perf_counter() - t, 2)
     t = time.perf_counter()
     keys = 0

@@ -127,7 +127,8 @@ def _run(cfg: TrainConfig, resume: bool, cache_only: bool, command: str) -> None
     if cache_only:
         click.echo(
             f"cache ready in {data.get('cache_dir')}: {data.get('usable')} usable rows, "
-            f"{data.get('bad')} skipped, {data.get('latents_encoded')} images and "
+            f"{data.get('bad')} skipped, {data.get('images_hashed')} images hashed, "
+            f"{data.get('latents_encoded')} images and "
             f"{data.get('english_encoded')} captions encoded"
         )
         return

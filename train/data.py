@@ -28,7 +28,6 @@ import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -214,72 +213,7 @@ def await_entries(cache: ShardCache, expected: int, timeout: float = 120.0) -> N
         time.sleep(1.0)
 
 
-@dataclass
-class ScanResult:
-    """Each used image's cache key, the images that are unusable (why), the usable rows."""
-
-    keys: dict[int, str] = field(default_factory=dict)  # image index -> sha256 of its bytes
-    bad: dict[int, str] = field(default_factory=dict)  # image index -> reason
-    usable: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # row ids
-
-    def refresh(self, rows: Rows, cache: ShardCache) -> None:
-        """Mark images the cache build found undecodable as bad; recompute usable rows."""
-        for i, key in self.keys.items():
-            if key in cache.bad and i not in self.bad:
-                self.bad[i] = cache.bad[key]
-        self.usable = _usable(rows, self.bad)
-
-
-def scan_images(rows: Rows, cache: ShardCache, progress: bool = False) -> ScanResult:
-    """Hash every image the rows use; check that the uncached ones open as images (header
-    only: a full decode of every image is the cache build's job)."""
-    from tqdm import tqdm
-
-    res = ScanResult()
-    used = np.unique(rows.image)
-    bar = tqdm(
-        used.tolist(),
-        desc="hash images",
-        unit="img",
-        disable=not progress or len(used) < 1000,
-        mininterval=0.5 if sys.stderr.isatty() else 10.0,
-    )
-    for i in bar:
-        try:
-            data = rows.images.read(i)
-        except OSError as e:
-            res.bad[i] = f"cannot read: {e.strerror or e}"
-            continue
-        key = sha256_bytes(data)
-        res.keys[i] = key
-        if key in cache.bad:
-            res.bad[i] = cache.bad[key]
-        elif key not in cache:
-            why = _header_problem(data)
-            if why:
-                res.bad[i] = why
-    res.usable = _usable(rows, res.bad)
-    return res
-
-
-def _header_problem(data: bytes) -> str | None:
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.size  # noqa: B018 - parsing the header is the check
-    except Exception as e:  # PIL raises many types for broken files
-        return f"not a readable image: {type(e).__name__}: {e}"
-    return None
-
-
-def _usable(rows: Rows, bad: dict[int, str]) -> np.ndarray:
-    if not bad:
-        return np.arange(len(rows), dtype=np.int64)
-    return np.flatnonzero(~np.isin(rows.image, np.fromiter(bad, np.int64, len(bad))))
-
-
-def check_bad(rows: Rows, scan: ScanResult, max_fraction: float, quiet: bool = False) -> None:
+def check_bad(rows: Rows, scan, max_fraction: float, quiet: bool = False) -> None:
     """Raise when no row is usable or more than ``max_fraction`` of rows are bad."""
     total, nbad = len(rows), len(rows) - len(scan.usable)
     bad_rows = np.flatnonzero(np.isin(rows.image, np.fromiter(scan.bad, np.int64)))[:5]

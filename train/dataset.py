@@ -25,7 +25,6 @@ from iap_rt.errors import InputError
 from iap_rt.tokenizer import PromptTokenizer
 from iap_rt.train.config import TrainConfig
 from iap_rt.train.data import (
-    ScanResult,
     ShardCache,
     await_entries,
     check_bad,
@@ -33,9 +32,9 @@ from iap_rt.train.data import (
     fill_cache,
     load_image,
     owner,
-    scan_images,
     text_key,
 )
+from iap_rt.train.imageindex import ImageIndex, ScanResult, gather_objects, scan_images
 from iap_rt.train.models import Frozen
 from iap_rt.train.rows import Rows, read_rows
 from iap_rt.train.sample_rng import derive_seed
@@ -75,6 +74,7 @@ class DataReport:
     bad: int = 0
     bad_examples: list[str] = field(default_factory=list)
     val_rows: int = 0
+    images_hashed: int = 0
     latents_encoded: int = 0
     english_encoded: int = 0
     cache_dir: str = ""
@@ -126,14 +126,24 @@ def read_sets(cfg: TrainConfig) -> tuple[Rows, Rows | None]:
     return read_rows(cfg.data), (read_rows(cfg.val_data) if cfg.val_data else None)
 
 
-def plan_sets(cfg: TrainConfig, rows: Rows, val_rows: Rows | None, main: bool = True) -> Plan:
-    """Hash and check every image, split off validation rows; loads no model, writes nothing."""
+def plan_sets(
+    cfg: TrainConfig,
+    rows: Rows,
+    val_rows: Rows | None,
+    rank: int = 0,
+    world: int = 1,
+    gather=None,
+) -> Plan:
+    """Key and check every image (the ranks share the hashing), split off validation rows;
+    loads no model; writes nothing but the image index."""
     lat_dir, en_dir = cache_dirs(cfg)
     latents, english = ShardCache(lat_dir), ShardCache(en_dir)
-    scan = scan_images(rows, latents, progress=main)
+    index, main = ImageIndex(lat_dir.parent), rank == 0
+    kw = dict(progress=main, rank=rank, world=world, gather=gather or gather_objects(world))
+    scan = scan_images(rows, latents, index, **kw)
     check_bad(rows, scan, cfg.max_bad_fraction, quiet=not main)
     if val_rows is not None:
-        vscan = scan_images(val_rows, latents, progress=main)
+        vscan = scan_images(val_rows, latents, index, **kw)
         check_bad(val_rows, vscan, cfg.max_bad_fraction, quiet=not main)
         train = Split(rows, scan, np.arange(len(rows), dtype=np.int64))
         val = Split(val_rows, vscan, np.arange(len(val_rows), dtype=np.int64))
@@ -141,6 +151,8 @@ def plan_sets(cfg: TrainConfig, rows: Rows, val_rows: Rows | None, main: bool = 
         keep, held = _hold_out(len(rows), cfg.val_count, cfg.seed)
         train = Split(rows, scan, keep)
         val = Split(rows, scan, held) if len(held) else None
+    if main:
+        index.save()
     plan = Plan(latents, english, train, val, DataReport(), cfg.max_bad_fraction)
     _report(plan, str(lat_dir.parent))
     return plan
@@ -154,6 +166,7 @@ def _report(plan: Plan, cache_dir: str) -> None:
     bad_rows = np.flatnonzero(np.isin(rows.image, np.fromiter(scan.bad, np.int64)))[:10]
     rep.bad_examples = [f"{rows.where(r)}: {scan.bad[int(rows.image[r])]}" for r in bad_rows]
     rep.val_rows = len(plan.val.usable_ids()) if plan.val is not None else 0
+    rep.images_hashed = sum(sp.scan.hashed for sp in plan.splits())
 
 
 def _hold_out(n: int, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

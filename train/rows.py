@@ -63,6 +63,10 @@ class ImageSource:
     def name(self, i: int) -> str:
         raise NotImplementedError
 
+    def ident(self, i: int) -> tuple[str, int, int]:
+        """(stable id, size, mtime_ns) of image ``i``: its key is reused while these hold."""
+        raise NotImplementedError
+
 
 class PathImages(ImageSource):
     """Image files (each distinct path once)."""
@@ -80,6 +84,10 @@ class PathImages(ImageSource):
     def name(self, i: int) -> str:
         return self.paths[i]
 
+    def ident(self, i: int) -> tuple[str, int, int]:
+        st = os.stat(self.paths[i])
+        return self.paths[i], st.st_size, st.st_mtime_ns
+
 
 class ParquetImages(ImageSource):
     """Image bytes stored in a Parquet column (image ``i`` = row ``i``); one row group is held
@@ -94,6 +102,7 @@ class ParquetImages(ImageSource):
         sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
         self._starts = np.cumsum([0, *sizes])
         self._group, self._values = -1, None
+        self._stat = None
 
     def __len__(self) -> int:
         return int(self._starts[-1])
@@ -112,6 +121,11 @@ class ParquetImages(ImageSource):
 
     def name(self, i: int) -> str:
         return f"{self.path.name} row {i + 1}"
+
+    def ident(self, i: int) -> tuple[str, int, int]:
+        if self._stat is None:
+            self._stat = os.stat(self.path)
+        return f"{os.path.abspath(self.path)}#{i}", self._stat.st_size, self._stat.st_mtime_ns
 
 
 @dataclass

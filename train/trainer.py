@@ -129,7 +129,7 @@ def run(
     if not main:
         _quiet()
     ckpt = None if cache_only else prepare_resume(out, cfg, resume, world)
-    plan = plan_sets(cfg, rows, val_rows, main=main)
+    plan = plan_sets(cfg, rows, val_rows, acc.process_index, world)
 
     s: Session | None = None
     with StopSignals(announce=main) as stop:

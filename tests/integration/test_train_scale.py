@@ -154,6 +154,7 @@ def test_two_processes_follow_the_one_process_trajectory(sws, reference, tmp_pat
     record = json.loads((out / "train_config.json").read_text("utf-8"))
     assert record["summary"]["processes"] == 2 and record["summary"]["global_batch"] == 4
     assert record["summary"]["data"]["latents_encoded"] == 6  # both ranks' shares counted
+    assert record["summary"]["data"]["images_hashed"] == 6
     (lat,) = (out / "cache").glob("latents-*")
     assert len(list(lat.glob("shard-*.safetensors"))) == 2  # one shard from each rank
 
@@ -332,6 +333,27 @@ def test_two_ranks_build_one_cache_without_sharing_a_file(tmp_path):
     assert len(merged) == 299 and merged.bad == {key[7]: "broken"}
     assert torch.equal(merged.get(key[299]), torch.full((2,), 299.0))
     assert fill_cache(merged, todo, encode, 16, progress=False) == 0  # nothing left to do
+
+
+def test_images_are_hashed_once_until_they_change(sws, tmp_path, capsys):
+    """The image index: a second start only stats the images; a changed file is re-hashed."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(sws["root"] / "data", data)
+    args = [a for a in sws["args"]]
+    args[args.index("--data") + 1] = str(data / "data.jsonl")
+    said = []
+    for step in range(3):
+        if step == 2:  # new bytes: re-hashed; the same bytes as 4.png: nothing to encode
+            (data / "3.png").write_bytes((data / "4.png").read_bytes())
+        assert cli("train", *args, "--out", tmp_path / "run", "--cache-only") == 0
+        said.append(capsys.readouterr().out.split(" skipped, ")[1].strip())
+    assert said == [
+        "6 images hashed, 6 images and 7 captions encoded",
+        "0 images hashed, 0 images and 0 captions encoded",
+        "1 images hashed, 0 images and 0 captions encoded",
+    ]
 
 
 def test_rows_are_compact_columns(tmp_path):
