@@ -129,11 +129,12 @@ def run(
     if not main:
         _quiet()
     ckpt = None if cache_only else prepare_resume(out, cfg, resume, world)
-    plan = plan_sets(cfg, rows, val_rows, acc.process_index, world)
 
     s: Session | None = None
     with StopSignals(announce=main) as stop:
         try:
+            plan = plan_sets(cfg, rows, val_rows, acc.process_index, world)
+
             # 3. frozen English SD, trainable Chinese encoder (dropout per sample)
             dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
                 acc.mixed_precision, torch.float32
@@ -170,10 +171,10 @@ def run(
             summary = _loop(s)
         except Exception as e:
             if lost_peer(e, world):
-                step = s.step if s is not None else "start-up"
+                when = f"after step {s.step}" if s is not None else "while starting"
                 why = str(e).splitlines()[0].split(". This is typically")[0][-200:]
                 raise ProcessGroupError(
-                    f"rank {acc.process_index}: lost the other processes after step {step} "
+                    f"rank {acc.process_index}: lost the other processes {when} "
                     f"({why}); one of them stopped or died",
                     fix="see the first error of the job; then resume with: "
                     + resume_command(command, True),
