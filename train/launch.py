@@ -11,9 +11,12 @@ Why not torchrun's agent (which ``accelerate launch`` runs): it forwards a Ctrl-
 and SIGKILLs the workers 30 s later, and a second Ctrl-C leaves them running. Here:
 
 - the workers run in their own sessions, so a terminal's Ctrl-C reaches this supervisor only;
-  the first SIGINT/SIGTERM is forwarded once to every worker (each stops after its current
-  step, rank 0 writes a checkpoint and prints the command that resumes); a second one SIGKILLs
-  them all and exits at once;
+  the first SIGINT/SIGTERM becomes a stop request (SIGUSR1) to every worker: each stops after
+  its current step, rank 0 writes a checkpoint and prints the command that resumes. A worker
+  never counts the request as a signal of its own, so a scheduler that signals every process
+  of the job does not make it exit without the checkpoint. A second SIGINT/SIGTERM here
+  SIGKILLs the workers and exits at once. If this supervisor dies, the workers get the stop
+  request (Linux: PR_SET_PDEATHSIG);
 - when a worker fails, the others get an error from their next collective and stop; whoever
   is still running after ``GRACE_S`` is killed. The exit status is the first failure's.
 """
@@ -28,6 +31,7 @@ import sys
 import time
 
 from iap_rt.errors import ConfigError
+from iap_rt.train.runctl import STOP_REQUEST
 
 GRACE_S = 60.0  # how long the other workers get to stop by themselves after one failed
 POLL_S = 0.1
@@ -119,6 +123,7 @@ def launch(
                 [sys.executable, "-m", "iap_rt.cli", *worker_argv],
                 env=env,
                 start_new_session=True,  # a terminal's Ctrl-C reaches the supervisor only
+                preexec_fn=_stop_with_parent,
             )
         )
     return Supervisor(procs, machine_rank * nproc).wait()
@@ -141,7 +146,7 @@ class Supervisor:
                 file=sys.stderr,
                 flush=True,
             )
-            self._send(signum)
+            self._send(STOP_REQUEST)
             self.status = 128 + signum
         else:
             self._send(signal.SIGKILL)
@@ -183,6 +188,16 @@ class Supervisor:
         if self.status is None:
             self.status = next((_status(c) for c in codes if c), 0)
         return self.status
+
+
+def _stop_with_parent() -> None:
+    """In the worker before exec: get the stop request when the supervisor dies (Linux)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(STOP_REQUEST))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _status(code: int) -> int:

@@ -32,8 +32,16 @@ class ProcessGroupError(IapRtError):
     """Another process of the training job died or could not be reached."""
 
 
+STOP_REQUEST = signal.SIGUSR1  # what the launcher sends: "stop cleanly", never "exit now"
+
+
 class StopSignals:
-    """Remember the first SIGINT/SIGTERM; let a second one terminate the process."""
+    """Remember the first SIGINT/SIGTERM; let a second one terminate the process.
+
+    :data:`STOP_REQUEST` (SIGUSR1, sent by ``--num-processes``'s supervisor, also when it dies)
+    asks for the same clean stop but does not count as a first signal: a scheduler that
+    signals every process of a job (SLURM's scancel) and the supervisor forwarding that signal
+    must not add up to "exit at once"."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -43,7 +51,7 @@ class StopSignals:
         self._old: dict = {}
 
     def __enter__(self) -> StopSignals:
-        for s in self.SIGNALS:
+        for s in (*self.SIGNALS, STOP_REQUEST):
             self._old[s] = signal.signal(s, self._handle)
         return self
 
@@ -52,6 +60,9 @@ class StopSignals:
             signal.signal(s, h)
 
     def _handle(self, signum, frame) -> None:
+        if signum == STOP_REQUEST:
+            self.signum = self.signum or signum
+            return
         self.signum = signum
         for s in self.SIGNALS:  # the next one takes the default action: exit now
             signal.signal(s, signal.SIG_DFL)
@@ -66,6 +77,12 @@ class StopSignals:
     @property
     def requested(self) -> bool:
         return self.signum is not None
+
+
+def signal_name(signum: int) -> str:
+    if signum == STOP_REQUEST:
+        return "the launcher"
+    return signal.Signals(signum).name
 
 
 def agree(acc, signum: int | None) -> int | None:

@@ -46,6 +46,7 @@ from iap_rt.train.runctl import (
     agree,
     lost_peer,
     resume_command,
+    signal_name,
 )
 from iap_rt.train.sample_rng import derive_seed, encoder_seed, sample_seed
 from iap_rt.train.validate import sample_images, validate
@@ -308,9 +309,13 @@ def _log(s: Session, window: list[list[float]], lr: float, sps: float) -> dict:
 def _stop(s: Session, sig: int) -> None:
     """Every rank: checkpoint the current step (rank 0 writes it), then raise."""
     path = _checkpoint(s)
+    if not s.acc.is_main_process:
+        raise TrainingInterrupted(
+            f"rank {s.acc.process_index}: stopped with rank 0 at step {s.step}", None, sig
+        )
     where = f"checkpoint {path}" if path else f"the checkpoint of step {s.step}"
     raise TrainingInterrupted(
-        f"stopped by {_signame(sig)} at step {s.step} of {s.cfg.max_steps}; {where} is complete",
+        f"stopped by {signal_name(sig)} at step {s.step} of {s.cfg.max_steps}; {where} is complete",
         f"resume with: {resume_command(s.command, True)}",
         sig,
     )
@@ -428,12 +433,6 @@ def _quiet() -> None:
     for lib in (tlog, dlog):
         lib.disable_progress_bar()
         lib.set_verbosity_error()
-
-
-def _signame(sig: int) -> str:
-    import signal
-
-    return signal.Signals(sig).name
 
 
 def _accelerator(cfg: TrainConfig):

@@ -172,7 +172,7 @@ def test_sigint_checkpoints_the_current_step_and_any_launcher_resumes(
     steps = _clean_checkpoints(out)
     stopped = steps[-1]
     assert 2 <= stopped < STEPS - 4, f"stopped at step {stopped}: too late to test resuming"
-    assert f"stopped by SIGINT at step {stopped} of 100" in err
+    assert f"stopped by the launcher at step {stopped} of 100" in err
     assert "resume with: iap-rt train" in err and "--num-processes 2 --resume" in err
     assert [m["step"] for m in _metrics(out)][-1] == stopped
     assert not (out / "chinese_encoder").exists()
