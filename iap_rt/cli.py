@@ -24,6 +24,7 @@ COMMANDS = {
     "export": ("iap_rt.export.cli:export", "Export encoder, UNet and VAE to a model directory."),
     "engines": ("iap_rt.engines.cli:engines", "Build TensorRT engines from a model directory."),
     "bench": ("iap_rt.bench:bench", "Benchmark backends side by side (JSON results)."),
+    "serve": ("iap_rt.serve.cli:serve", "Serve the model: Triton + an OpenAI-compatible API."),
     "toy": ("iap_rt.train.toy.cli:toy", "The toy world: data, base model, evaluation."),
 }
 
@@ -58,6 +59,7 @@ COMMAND_EXTRAS = {
     "engines": "trt",
     "toy": "train",
     "bench": "export",
+    "serve": "serve",
 }
 
 
