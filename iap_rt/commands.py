@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from iap_rt.config import GenerateConfig, resolve
+from iap_rt.config import GenerateConfig, ServeConfig, resolve
 from iap_rt.errors import InputError, OutputError
 
 SCHEDULER_CHOICES = ("ddim", "euler", "dpm++")
@@ -196,6 +196,7 @@ def init(directory, force):
     ):
         classes[section] = _import_config(target)
     classes["generate"] = GenerateConfig
+    classes["serve"] = ServeConfig
     path = ensure_dir(directory) / WORKSPACE_FILE
     if path.exists() and not force:
         raise OutputError(f"{path} already exists", fix="pass --force to overwrite it.")
