@@ -34,7 +34,9 @@ def check_config(cfg: ServeConfig) -> None:
     from iap_rt.backends import BACKENDS
 
     if cfg.backend not in BACKENDS:
-        raise ConfigError(f"unknown backend {cfg.backend!r}", fix=f"use one of {', '.join(BACKENDS)}.")
+        raise ConfigError(
+            f"unknown backend {cfg.backend!r}", fix=f"use one of {', '.join(BACKENDS)}."
+        )
     if not 1 <= cfg.max_n <= 10:
         raise ConfigError(f"--max-n must be from 1 to 10 (OpenAI's range), got {cfg.max_n}")
     if cfg.timeout_s <= 0 or cfg.max_queue_delay_ms < 0:
