@@ -23,6 +23,8 @@ def test_wheel_carries_licences_and_every_package(tmp_path):
     text = zipfile.ZipFile(wheel).read(licence).decode()
     assert "Apache License" in text and "Version 2.0" in text
     assert "iap_rt/data/vocab/README.md" in names  # provenance + licences of the vocabularies
-    for pkg in ("train", "train/toy", "export", "engines", "backends", "schedulers"):
+    for pkg in ("train", "train/toy", "export", "engines", "backends", "schedulers", "serve"):
         assert f"iap_rt/{pkg}/__init__.py" in names, pkg
     assert "iap_rt/data/default_model/manifest.json" in names
+    for asset in ("index.html", "app.js", "style.css"):  # the web page of `iap-rt serve`
+        assert f"iap_rt/serve/web/{asset}" in names, asset
