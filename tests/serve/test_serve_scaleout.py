@@ -45,12 +45,12 @@ def in_flight_requests(server, bodies, timeout_s=60):
     for t in threads:
         t.start()
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and None in answers:
         m = parse_text(call(server.url, "GET", "/metrics")[1])
         if m["iap_rt_requests_in_flight"] == len(bodies):
-            break
+            return threads, answers
         time.sleep(0.02)
-    return threads, answers
+    raise AssertionError(f"the requests were never all in flight at once: {answers}")
 
 
 def test_gateway_in_front_of_a_remote_triton(gateway, triton_node, reference):
@@ -64,14 +64,14 @@ def test_gateway_in_front_of_a_remote_triton(gateway, triton_node, reference):
 
 
 def test_sigterm_gateway_answers_in_flight_and_exits_0(gateway, reference):
-    bodies = [{"prompt": "山水画", "seed": s, "steps": 40} for s in range(3)]
+    bodies = [{"prompt": "山水画", "seed": s, "steps": 120} for s in range(3)]
     threads, answers = in_flight_requests(gateway, bodies)
     assert gateway.stop() == 0, gateway.log_tail()
     for t in threads:
         t.join(120)
     for body, (status, doc, _) in zip(bodies, answers):
         assert status == 200, doc
-        assert pngs(doc)[0] == reference("山水画", seed=body["seed"], steps=40)
+        assert pngs(doc)[0] == reference("山水画", seed=body["seed"], steps=120)
     assert call(gateway.url, "GET", "/healthz", timeout=5)[0] == 0  # no longer listening
 
 
@@ -89,11 +89,12 @@ def test_sigterm_triton_node_finishes_in_flight_and_exits_0(triton_node):
 
     for seed in range(2):
         inputs = []
-        for name, array in Row("山水画", seed=seed, steps=60).to_inputs().items():
+        for name, array in Row("山水画", seed=seed, steps=150).to_inputs().items():
             inputs.append(grpcclient.InferInput(name, list(array.shape), INPUTS[name][1]))
             inputs[-1].set_data_from_numpy(array)
         client.async_infer(MODEL_NAME, inputs, callback)
-    time.sleep(0.5)
+    time.sleep(0.3)
+    assert len(done) < 2  # still in flight at SIGTERM
     assert triton_node.stop() == 0, triton_node.log_tail()
     deadline = time.monotonic() + 60
     while len(done) < 2 and time.monotonic() < deadline:
@@ -108,7 +109,7 @@ def test_sigterm_triton_node_finishes_in_flight_and_exits_0(triton_node):
 
 def test_sigterm_one_process_tree_answers_in_flight_and_exits_0(tmp_path, reference):
     server = start_server(tmp_path, name="tree")
-    bodies = [{"prompt": "上面有一个黄色的十字", "seed": s, "steps": 40, "n": 2} for s in (0, 5)]
+    bodies = [{"prompt": "上面有一个黄色的十字", "seed": s, "steps": 120, "n": 2} for s in (0, 5)]
     threads, answers = in_flight_requests(server, bodies)
     assert server.stop() == 0, server.log_tail()
     for t in threads:
@@ -116,4 +117,4 @@ def test_sigterm_one_process_tree_answers_in_flight_and_exits_0(tmp_path, refere
     for body, (status, doc, _) in zip(bodies, answers):
         assert status == 200, doc
         seeds = [body["seed"], body["seed"] + 1]
-        assert pngs(doc) == [reference(body["prompt"], seed=s, steps=40) for s in seeds]
+        assert pngs(doc) == [reference(body["prompt"], seed=s, steps=120) for s in seeds]
