@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from iap_rt.config import GenerateConfig, resolve
+from iap_rt.config import GenerateConfig, ServeConfig, resolve
 from iap_rt.errors import InputError, OutputError
 
 SCHEDULER_CHOICES = ("ddim", "euler", "dpm++")
@@ -62,7 +62,12 @@ def read_prompts_file(path: str) -> list[str]:
     "--config", "config_path", type=click.Path(), help="Workspace TOML (default ./iap-rt.toml)."
 )
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
-def generate(prompt, as_json, config_path, prompts_file, no_progress, **options):
+@click.option(
+    "--server",
+    help="Generate through a running `iap-rt serve` at this URL (e.g. http://127.0.0.1:8000): "
+    "same flags, same PNGs. API key from $IAP_RT_API_KEY.",
+)
+def generate(prompt, as_json, config_path, prompts_file, no_progress, server, **options):
     """Generate images for PROMPT (Chinese text) and write PNGs.
 
     \b
@@ -70,6 +75,7 @@ def generate(prompt, as_json, config_path, prompts_file, no_progress, **options)
       iap-rt generate "山水画"
       iap-rt generate "左边有一个红色的圆" --steps 30 --seed 7 --out red.png
       iap-rt generate --prompts-file prompts.txt --batch-size 2 --out outputs/ --json
+      iap-rt generate "山水画" --server http://127.0.0.1:8000
 
     PNGs carry their generation parameters in an iTXt chunk named "iap-rt".
     """
@@ -93,6 +99,15 @@ def generate(prompt, as_json, config_path, prompts_file, no_progress, **options)
             f"unknown scheduler {cfg.scheduler!r}",
             fix=f"use one of {', '.join(SCHEDULER_CHOICES)}.",
         )
+
+    if server:  # the server's model and backend; same PNGs as a local run on them
+        from iap_rt.client import generate_remote
+
+        given = [f"--{k}" for k in ("model", "backend") if options.get(k) is not None]
+        if given:
+            raise InputError(f"{' and '.join(given)} cannot be used with --server",
+                             fix="the server chooses its model and backend; drop them.")  # fmt: skip
+        return generate_remote(server, prompts, cfg, as_json, click.echo)
 
     model = ModelDir.open(cfg.model or default_model_dir())
     backend = get_backend(cfg.backend, model)
@@ -181,6 +196,7 @@ def init(directory, force):
     ):
         classes[section] = _import_config(target)
     classes["generate"] = GenerateConfig
+    classes["serve"] = ServeConfig
     path = ensure_dir(directory) / WORKSPACE_FILE
     if path.exists() and not force:
         raise OutputError(f"{path} already exists", fix="pass --force to overwrite it.")

@@ -23,7 +23,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 WORKSPACE_FILE = "iap-rt.toml"
-SECTIONS = ("train", "export", "engines", "generate")
+SECTIONS = ("train", "export", "engines", "generate", "serve")
 
 
 def opt(default, help: str, **kw):
@@ -50,6 +50,36 @@ class GenerateConfig:
     scheduler: str | None = opt(None, "ddim, euler or dpm++; unset = the model's default")
     backend: str = opt("auto", "auto, ort or trt")
     out: str = opt("outputs", "output PNG file (one image) or directory")
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeConfig:
+    """Settings of ``iap-rt serve`` (the ``[serve]`` table)."""
+
+    model: str | None = dataclasses.field(
+        default=None, metadata={"help": "model directory; unset = the embedded default model",
+                                "path": True})  # fmt: skip
+    backend: str = opt("auto", "auto, ort or trt")
+    host: str = opt("127.0.0.1", "address the gateway and Triton listen on (0.0.0.0: all)")
+    port: int = opt(8000, "gateway HTTP port (API, web page, health, metrics)")
+    triton_http_port: int = opt(8001, "Triton's HTTP/REST port (KServe v2)")
+    triton_grpc_port: int = opt(8002, "Triton's gRPC port (the gateway talks to this one)")
+    triton_metrics_port: int = opt(8003, "Triton's Prometheus metrics port")
+    max_batch: int = opt(8, "most images Triton batches into one UNet call; 1 = batching off")
+    max_queue_delay_ms: float = opt(10.0, "how long Triton holds a request to fill a batch")
+    instances: int = opt(1, "model instances (pipelines) in Triton")
+    api_key_file: str | None = dataclasses.field(
+        default=None, metadata={"help": "file holding the API key; unset = no key needed",
+                                "path": True})  # fmt: skip
+    triton_url: tuple[str, ...] = opt((), "remote Triton gRPC HOST:PORT list; set = gateway only")
+    no_gateway: bool = opt(False, "run Triton alone (one per GPU node, behind a gateway)")
+    max_queue: int = opt(64, "images queued or generating before requests get 429")
+    timeout_s: float = opt(300.0, "seconds a request may take before it gets 504")
+    max_body_bytes: int = opt(65536, "largest request body, bytes (413 above)")
+    max_prompt_chars: int = opt(1000, "longest prompt / negative prompt, characters")
+    max_n: int = opt(10, "most images per request (n), 1-10")
+    max_steps: int = opt(150, "most denoising steps per request")
+    max_pixels: int = opt(4194304, "most pixels per request: width x height x n")
 
 
 def find_workspace_file(explicit: str | os.PathLike | None = None) -> Path | None:

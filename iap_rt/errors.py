@@ -79,3 +79,7 @@ class BackendUnavailableError(IapRtError):
 
 class OutputError(IapRtError):
     """An output path cannot be created or written."""
+
+
+class ServerError(IapRtError):
+    """An ``iap-rt serve`` gateway could not be reached or answered with an error."""

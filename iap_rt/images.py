@@ -45,6 +45,12 @@ def plan_outputs(out: str | os.PathLike, n_images: int) -> list[Path]:
 
 def save_png(path: str | os.PathLike, image: np.ndarray, params: dict) -> Path:
     """Write one (H, W, 3) uint8 image atomically with ``params`` as an iTXt chunk."""
+    return write_bytes_atomic(path, png_bytes(image, params))
+
+
+def png_bytes(image: np.ndarray, params: dict) -> bytes:
+    """One (H, W, 3) uint8 image as PNG bytes with ``params`` as an iTXt chunk (what
+    :func:`save_png` writes; the server sends the same bytes)."""
     info = PngImagePlugin.PngInfo()
     info.add_itxt(PARAMS_KEY, json.dumps(params, ensure_ascii=False, sort_keys=True))
     for k in ("prompt", "negative_prompt", "seed", "steps", "guidance", "scheduler"):
@@ -52,7 +58,7 @@ def save_png(path: str | os.PathLike, image: np.ndarray, params: dict) -> Path:
             info.add_itxt(k, str(params[k]))
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="PNG", pnginfo=info)
-    return write_bytes_atomic(path, buf.getvalue())
+    return buf.getvalue()
 
 
 def read_params(path: str | os.PathLike) -> dict:
