@@ -139,9 +139,38 @@ def info(model):
     )
     trt = _tensorrt_flavours()
     click.echo("TensorRT: " + (", ".join(f"{k} {v}" for k, v in trt.items()) or "not installed"))
-    opened = ModelDir.open(model or default_model_dir())
+    path = Path(model or default_model_dir())
+    opened = ModelDir.open(path, verify=False, clean=False)
     click.echo(f"model: {opened.path}")
+    holder = lock_holder(path)
+    for p in leftovers(path):
+        state = (
+            f"in use by a running export, pid {holder}"
+            if holder
+            else "left by a killed export; the next generate, export or engines run on this "
+            "model removes it"
+        )
+        click.echo(f"leftover: {p} ({_du(p) / 1e6:.1f} MB, {state})")
+    try:
+        hashed = opened.verify()
+        files = opened.recorded_hashes()
+        how = f"hashed {len(hashed)} now" if hashed else "unchanged since verified"
+        click.echo(f"integrity: {len(files)} network file(s) match the manifest ({how})")
+    except ArtifactMismatchError as e:
+        click.echo(f"integrity: FAILED: {e}")
     click.echo(json.dumps(opened.manifest, indent=2, ensure_ascii=False))
+
+
+def _du(path: Path) -> int:
+    """Bytes under ``path`` (files only; vanished entries count 0)."""
+    total = 0
+    for p in path.rglob("*") if path.exists() else ():
+        try:
+            if p.is_file() and not p.is_symlink():
+                total += p.stat().st_size
+        except OSError:
+            continue
+    return total
 
 
 def _tensorrt_flavours() -> dict:
