@@ -14,6 +14,7 @@ from pathlib import Path
 
 from iap_rt.basemodel import PICKLES, check_base_dir
 from iap_rt.errors import ArtifactError, ArtifactNotFoundError, ConfigError, OutputError
+from iap_rt.memory import arch_from_configs
 from iap_rt.modeldir import MANIFEST, read_manifest
 from iap_rt.specs import ModelDims
 
@@ -55,6 +56,7 @@ class ExportInputs:
     scheduler: dict
     vae_scaling_factor: float
     image_size: int  # the UNet's native sample_size in pixels (generate's default)
+    arch: dict  # the manifest's `arch`: what the runtime's memory guard estimates from
 
 
 def read_inputs(base: Path, encoder: Path) -> ExportInputs:
@@ -105,6 +107,7 @@ def read_inputs(base: Path, encoder: Path) -> ExportInputs:
         {k: sched[k] for k in SCHEDULER_KEYS if k in sched},
         float(vae_cfg.get("scaling_factor", 0.18215)),
         int(unet_cfg.get("sample_size", 64)) * dims.vae_scale_factor,
+        arch_from_configs(unet_cfg, vae_cfg),
     )
 
 

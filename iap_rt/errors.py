@@ -79,3 +79,9 @@ class BackendUnavailableError(IapRtError):
 
 class OutputError(IapRtError):
     """An output path cannot be created or written."""
+
+
+class ResourceError(IapRtError):
+    """A call would need more memory than the limit allows (estimated before allocating)."""
+
+    exit_code = 2
