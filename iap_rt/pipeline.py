@@ -195,6 +195,7 @@ class Pipeline:
             raise InputError(f"batch size must be an integer >= 1, got {batch_size!r}")
         if not _is_int(seed) or not 0 <= seed <= MAX_SEED:
             raise InputError(f"seed must be an integer from 0 to 2**63-1, got {seed!r}")
+        seed, batch_size = int(seed), int(batch_size)  # Python ints: numpy's would wrap
         if seed + batch_size - 1 > MAX_SEED:
             raise InputError(
                 f"seed {seed} with batch size {batch_size}: image {batch_size - 1} would use "
@@ -364,7 +365,7 @@ class Pipeline:
                 "model_id": self.model.model_id,
                 "backend": f"{self.backend.name}:{self.backend.device}",
             }
-            seeds = [r.seed + i for i in range(r.batch_size)]
+            seeds = [int(r.seed) + i for i in range(r.batch_size)]
             results.append(
                 GenerationResult(
                     images_all[start:end], latents_all[start:end], seeds, params, timings
@@ -445,10 +446,10 @@ def _flatten(requests: Sequence[PromptRequest], shape: tuple[int, ...]) -> list[
             if not np.isfinite(noise).all():
                 raise InputError("latents hold nan or inf", fix="pass finite initial noise.")
         else:
-            noise = initial_noise(r.seed, r.batch_size, shape)
+            noise = initial_noise(int(r.seed), int(r.batch_size), shape)
         for i in range(r.batch_size):
             images.append(
-                _Image(k, r.seed + i, r.prompt, r.negative_prompt, float(r.guidance), noise[i])
+                _Image(k, int(r.seed) + i, r.prompt, r.negative_prompt, float(r.guidance), noise[i])
             )
     return images
 
