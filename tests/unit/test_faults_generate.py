@@ -201,3 +201,31 @@ def test_guidance_accepts_numpy_numbers_in_python():
     pipe.check_inputs(guidance=np.float32(3.0), **args)
     with pytest.raises(Exception, match="guidance must be a number"):
         pipe.check_inputs(guidance=np.float32(math.nan), **args)
+
+
+def test_batch_size_10000_checks_one_chunk_and_keeps_what_is_done(tmp_path, run_cli, monkeypatch):
+    """The row of the issue: memory is that of one chunk, and images already generated are on
+    disk when a later chunk fails (here: stopped after two chunks)."""
+    from iap_rt.errors import IapRtError
+    from iap_rt.pipeline import Pipeline
+
+    checked, calls = [], []
+    real_check, real_call = Pipeline.check_memory, Pipeline.__call__
+
+    def check(self, call):
+        checked.append(call)
+        return real_check(self, call)
+
+    def call(self, prompt, **kw):
+        if len(calls) == 2:
+            raise IapRtError("stopped by the test")
+        calls.append(kw["seed"])
+        return real_call(self, prompt, **kw)
+
+    monkeypatch.setattr(Pipeline, "check_memory", check)
+    monkeypatch.setattr(Pipeline, "__call__", call)
+    out = tmp_path / "o"
+    r = run_cli("generate", "山水画", *SMALL, "--batch-size", "10000", "--out", str(out))
+    _fails(r, "stopped by the test")
+    assert {c.images for c in checked} == {8} and calls == [0, 8]
+    assert len(list(out.glob("*.png"))) == 16
