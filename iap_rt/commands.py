@@ -137,7 +137,7 @@ def generate(prompt, as_json, config_path, prompts_file, no_progress, **options)
     first = min(cfg.batch_size, pipe.chunk_size)
     request = PromptRequest(prompts[0], cfg.negative, cfg.seed, cfg.guidance, first)
     pipe.check_memory(pipe.plan_call([request], kwargs["height"], kwargs["width"]))
-    paths = iter(plan_outputs(cfg.out, len(prompts) * cfg.batch_size))
+    paths = plan_outputs(cfg.out, len(prompts) * cfg.batch_size)
 
     # one call per chunk: memory stays bounded and each image is on disk once its batch is
     # done (image i of a batch is seed + i generated alone, so the split changes nothing)

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from xml.sax.saxutils import escape
 
@@ -24,8 +25,9 @@ XMP_NS = "http://ns.iap-rt.invalid/1.0/"  # a namespace name only (.invalid: nev
 _XMP_PARAMS = re.compile(r"<iaprt:params>(.*?)</iaprt:params>", re.S)
 
 
-def plan_outputs(out: str | os.PathLike, n_images: int) -> list[Path]:
-    """Output paths for ``n_images``; check the destination is writable *before* generating.
+def plan_outputs(out: str | os.PathLike, n_images: int) -> Iterator[Path]:
+    """Output paths for ``n_images`` (named lazily, so a huge batch costs nothing up front);
+    the destination is checked and created *before* generating.
 
     ``out`` with an image suffix (.png, .jpg, .jpeg, .webp) is the file of a single image, in
     that format. A path without a suffix, ending in ``/``, or naming an existing directory is
@@ -49,15 +51,18 @@ def plan_outputs(out: str | os.PathLike, n_images: int) -> list[Path]:
                 fix="pass a directory as --out for several images.",
             )
         ensure_dir(out.parent)
-        return [out]
+        return iter([out])
     ensure_dir(out)
-    taken = {p.stem for p in out.iterdir() if p.suffix.lower() in FORMATS}
-    paths, i = [], 0
-    while len(paths) < n_images:
+    return _numbered(out, {p.stem for p in out.iterdir() if p.suffix.lower() in FORMATS}, n_images)
+
+
+def _numbered(out: Path, taken: set[str], n: int) -> Iterator[Path]:
+    i = 0
+    while n:
         if f"{i:05d}" not in taken:
-            paths.append(out / f"{i:05d}.png")
+            yield out / f"{i:05d}.png"
+            n -= 1
         i += 1
-    return paths
 
 
 def save_image(

@@ -251,17 +251,12 @@ class Pipeline:
         return estimates
 
     def plan_call(self, requests: Sequence[PromptRequest], height: int, width: int):
-        """The :class:`~iap_rt.memory.Call` of ``requests``: images, largest chunk, its
-        guided images."""
-        guided = [r.guidance > 1.0 for r in requests for _ in range(r.batch_size)]
-        chunks = [guided[i : i + self.chunk_size] for i in range(0, len(guided), self.chunk_size)]
-        return memory.Call(
-            images=len(guided),
-            chunk=max(len(c) for c in chunks),
-            guided=max(sum(c) for c in chunks),
-            height=height,
-            width=width,
-        )
+        """The :class:`~iap_rt.memory.Call` of ``requests``: its images, the largest chunk
+        and (at most) how many of that chunk's images are guided."""
+        images = sum(int(r.batch_size) for r in requests)
+        guided = sum(int(r.batch_size) for r in requests if r.guidance > 1.0)
+        chunk = min(self.chunk_size, images)
+        return memory.Call(images, chunk, min(chunk, guided), height, width)
 
     def clear_cache(self) -> None:
         """Forget cached prompt embeddings (the next call runs the text encoder again)."""
