@@ -214,6 +214,11 @@ class ModelDir:
         hashed = []
         for name, (net, want) in self.recorded_hashes(networks).items():
             f = self.path / name
+            if not f.is_file():
+                raise ArtifactNotFoundError(
+                    f"{f} is missing ({net} network; the manifest lists it)",
+                    fix=self.reexport_fix([net]),
+                )
             before = _stamp(f)
             seen = record.get(name)
             if seen and seen.get("sha256") == want and seen.get("stamp") == before:

@@ -127,3 +127,13 @@ def test_info_reports_integrity(run_cli, model_copy):
     assert "integrity: 3 network file(s) match the manifest (hashed 3 now)" in r.out
     r = run_cli("info", "--model", str(model_copy))
     assert "integrity: 3 network file(s) match the manifest (unchanged since verified)" in r.out
+
+
+def test_a_listed_external_data_file_that_is_missing_is_named(model_copy):
+    m = json.loads((model_copy / "manifest.json").read_text())
+    m["networks"]["unet"].update(external_data="unet.onnx.data", data_sha256="a" * 64)
+    (model_copy / "manifest.json").write_text(json.dumps(m))
+    from iap_rt.errors import ArtifactNotFoundError
+
+    with pytest.raises(ArtifactNotFoundError, match="unet.onnx.data is missing"):
+        ModelDir.open(model_copy)
