@@ -268,6 +268,15 @@ def cache_child(args) -> None:
 # ---- indexing a million rows ----------------------------------------------------------------
 
 
+def peak_rss_mb() -> float:
+    """Peak RSS of this process's memory image (VmHWM, reset by exec; ``ru_maxrss`` keeps the
+    high-water mark of the process it was forked from, which here generated the data file)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def index(args, argv) -> None:
     n = 20000 if args.smoke else args.rows
     work = Path(args.work or tempfile.mkdtemp(prefix="iap-rt-index-"))
@@ -298,7 +307,7 @@ def index(args, argv) -> None:
 
 def index_child(args) -> None:
     """What ``iap-rt train`` does with the data before loading a model, timed per phase."""
-    rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # noqa: E731
+    rss = peak_rss_mb  # this process's own peak (ru_maxrss would include the parent's at fork)
     t0 = time.perf_counter()
     from iap_rt.train.config import TrainConfig
     from iap_rt.train.data import text_key

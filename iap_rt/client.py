@@ -82,8 +82,7 @@ def _server_error(status: int, raw: bytes) -> ServerError | InputError:
 def generate_remote(url: str, prompts: list[str], cfg, as_json: bool, echo) -> None:
     """Generate ``cfg.batch_size`` images per prompt on the server and write them to the paths
     ``cfg.out`` plans, as ``iap-rt generate`` would."""
-    from iap_rt.fileio import write_bytes_atomic
-    from iap_rt.images import plan_outputs
+    from iap_rt.images import plan_outputs, save_png_bytes
 
     client = Client(url)
     client.models()  # a refused key fails here, before any file is planned
@@ -106,7 +105,7 @@ def generate_remote(url: str, prompts: list[str], cfg, as_json: bool, echo) -> N
     with ThreadPoolExecutor(CONCURRENCY) as pool:
         for items in pool.map(run, jobs):
             for item in items:
-                path = write_bytes_atomic(next(paths), base64.b64decode(item["b64_json"]))
+                path = save_png_bytes(next(paths), base64.b64decode(item["b64_json"]))
                 if as_json:
                     echo(json.dumps({"path": str(path), **item["parameters"]}, ensure_ascii=False))
                 else:

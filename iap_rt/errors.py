@@ -83,3 +83,9 @@ class OutputError(IapRtError):
 
 class ServerError(IapRtError):
     """An ``iap-rt serve`` gateway could not be reached or answered with an error."""
+
+
+class ResourceError(IapRtError):
+    """A call would need more memory than the limit allows (estimated before allocating)."""
+
+    exit_code = 2

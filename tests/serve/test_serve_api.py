@@ -7,7 +7,9 @@ import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from iap_rt.images import read_params
 from iap_rt.serve.metrics import parse_text
@@ -192,6 +194,15 @@ def test_generate_server_writes_the_same_pngs(server, tmp_path, monkeypatch, cap
     assert [x["seed"] for x in lines] == [11, 12]
     for name in ("00000.png", "00001.png"):
         assert (tmp_path / "remote" / name).read_bytes() == (tmp_path / "local" / name).read_bytes()
+    one = [a if a != "2" else "1" for a in args]  # --batch-size 1: one file per format
+    for suffix in (".jpg", ".webp"):  # the local run's pixels and parameters, in that format
+        main([*one, "--out", str(tmp_path / f"local{suffix}")])
+        main([*one, "--server", server.url, "--out", str(tmp_path / f"remote{suffix}")])
+        remote, local = tmp_path / f"remote{suffix}", tmp_path / f"local{suffix}"
+        assert Image.open(remote).format == Image.open(local).format != "PNG"
+        assert read_params(remote) == read_params(local) and read_params(remote)["seed"] == 11
+        if suffix == ".webp":  # lossless: the very pixels
+            assert np.array_equal(np.asarray(Image.open(remote)), np.asarray(Image.open(local)))
     monkeypatch.setenv("IAP_RT_API_KEY", "wrong")
     with pytest.raises(SystemExit) as e:
         main([*args, "--server", server.url, "--out", str(tmp_path / "x")])
