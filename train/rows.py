@@ -195,6 +195,12 @@ def _collect(path: Path, recs: Iterable[tuple[int, dict]]) -> Rows:
                     f"{path} row {row}: {col!r} must be a string, got {value!r}",
                     fix=f"write {col!r} as a JSON string.",
                 )
+            if "\x00" in value or not _encodable(value):
+                raise InputError(
+                    f"{path} row {row}: {col!r} holds a NUL character or a lone UTF-16 "
+                    f"surrogate ({value[:40]!r})",
+                    fix=f"write {col!r} as valid Unicode text without control characters.",
+                )
         image.append(ids.setdefault(rec["image"], len(ids)))
         zh.append(rec["zh"])
         en.append(rec["en"])
@@ -202,6 +208,14 @@ def _collect(path: Path, recs: Iterable[tuple[int, dict]]) -> Rows:
     base = os.path.abspath(path.parent)
     paths = [os.path.normpath(os.path.join(base, p)) for p in ids]  # no syscalls per path
     return Rows(path, PathImages(paths), _np(image), zh, en, _np(line))
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _np(a: array) -> np.ndarray:
@@ -218,6 +232,10 @@ def _jsonl(path: Path, lines: Iterable[str]) -> Iterator[tuple[int, dict]]:
             raise InputError(
                 f"{path} line {i} is not valid JSON: {e.msg}", fix="one JSON object a line."
             ) from e
+        except RecursionError as e:
+            raise InputError(
+                f"{path} line {i} nests JSON too deeply", fix="one flat JSON object a line."
+            ) from e
         if not isinstance(rec, dict):
             raise InputError(f"{path} line {i} is not a JSON object", fix="one object a line.")
         yield i, rec
@@ -232,7 +250,13 @@ def _csv(path: Path, f) -> Iterator[tuple[int, dict]]:
             f"(found {reader.fieldnames})",
             fix=f"the first line must name the columns {','.join(COLUMNS)}.",
         )
-    yield from enumerate(reader, start=1)
+    try:
+        yield from enumerate(reader, start=1)
+    except csv.Error as e:  # e.g. a field past the csv module's 128 kB limit
+        raise InputError(
+            f"{path} line {reader.line_num} is not valid CSV: {e}",
+            fix="quote fields that hold commas or newlines; keep each field under 128 kB.",
+        ) from e
 
 
 def _read_parquet(path: Path) -> Rows:

@@ -1,26 +1,20 @@
 """Issue 16, rule 8 for the training data-file reader: any JSONL/CSV file gives rows or a clear
 ``IapRtError``, never another exception. Deterministic and bounded.
 
-The reader belongs to issue 13 (``train/data.py`` now, ``train/rows.py`` on its branch); this
-test drives whichever is installed. Both currently let four inputs escape as other exceptions
-(the explicit examples below), so the test is a strict xfail until the reader is fixed: then it
-passes, the strict marker fails it, and the marker goes.
+The reader is ``train/rows.py`` (issue 13's streaming reader). The explicit examples below are
+the inputs that once escaped as other exceptions (NUL / lone surrogates, deep JSON, a CSV field
+past the csv module's 128 kB limit).
 """
 
 from __future__ import annotations
 
 import json
 
-import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from iap_rt.errors import IapRtError
-
-try:  # issue 13's streaming reader, where it has landed
-    from iap_rt.train.rows import read_rows as read_data
-except ImportError:
-    from iap_rt.train.data import read_triples as read_data
+from iap_rt.train.rows import read_rows as read_data
 
 JSON = st.recursive(
     st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=10)),
@@ -51,11 +45,6 @@ KNOWN_ESCAPES = [  # what escapes today: NUL / lone surrogate in a path or capti
 ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 13's reader: NUL/lone surrogates (ValueError, UnicodeEncodeError), deeply "
-    "nested JSON (RecursionError) and CSV fields past 128 kB (csv.Error) escape",
-)
 @settings(
     max_examples=150,
     derandomize=True,
