@@ -128,15 +128,13 @@ def info(model):
     """Show installed backends, execution providers, TensorRT and the model manifest."""
     import importlib.metadata
 
-    import onnxruntime as ort
-
     from iap_rt.modeldir import ModelDir, default_model_dir
+    from iap_rt.ortinfo import ort_status
 
     version = importlib.metadata.version("iap-rt")
     click.echo(f"iap-rt {version}  python {sys.version.split()[0]}")
-    click.echo(
-        f"onnxruntime {ort.__version__}: providers {', '.join(ort.get_available_providers())}"
-    )
+    for line in ort_status().lines():  # the wheel, its providers, what CUDA lacks + the fix
+        click.echo(line)
     trt = _tensorrt_flavours()
     click.echo("TensorRT: " + (", ".join(f"{k} {v}" for k, v in trt.items()) or "not installed"))
     opened = ModelDir.open(model or default_model_dir())

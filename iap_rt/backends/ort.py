@@ -17,12 +17,18 @@ from iap_rt.errors import (
 )
 from iap_rt.modeldir import REEXPORT, ModelDir
 from iap_rt.onnxsig import read_inputs
+from iap_rt.ortinfo import CPU_INSTALL, GPU_INSTALL
 from iap_rt.specs import NETWORKS, ModelDims, NetworkSpec
 
 
 def available_providers() -> list[str]:
-    import onnxruntime as ort
-
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise BackendUnavailableError(
+            f"ONNX Runtime is not installed ({e})",
+            fix=f"{CPU_INSTALL}, or on an NVIDIA GPU: {GPU_INSTALL}.",
+        ) from e
     return list(ort.get_available_providers())
 
 
@@ -105,9 +111,9 @@ class OrtRunner:
             raise BackendUnavailableError(
                 f"ONNX Runtime could not start {first} for {self.path} (it has "
                 f"{session.get_providers()}); its CUDA/cuDNN libraries did not load",
-                fix="install onnxruntime-gpu with its CUDA libraries (pip install "
-                "'onnxruntime-gpu[cuda,cudnn]', matching your driver) or put CUDA 13 and "
-                "cuDNN 9 on LD_LIBRARY_PATH; or run with device='cpu'.",
+                fix=f"{GPU_INSTALL} (onnxruntime-gpu with its CUDA and cuDNN libraries as "
+                "nvidia-* wheels) or put the CUDA and cuDNN it was built for on "
+                "LD_LIBRARY_PATH; `iap-rt info` says what is missing; or run with device='cpu'.",
             )
         return session
 
@@ -230,12 +236,13 @@ class OrtBackend(Backend):
         if device == "cuda" and "CUDAExecutionProvider" not in providers:
             raise BackendUnavailableError(
                 f"ONNX Runtime has no CUDA execution provider (has {providers})",
-                fix="pip install onnxruntime-gpu (a CUDA build matching your driver).",
+                fix=f"pip uninstall -y onnxruntime && {GPU_INSTALL} (`iap-rt info` names the "
+                "installed ONNX Runtime wheel).",
             )
         if cuda_graph and device != "cuda":
             raise ConfigError(
                 "CUDA graphs need the CUDA execution provider (this backend runs on the CPU)",
-                fix="install onnxruntime-gpu and use device='cuda', or turn cuda_graph off.",
+                fix=f"{GPU_INSTALL} and use device='cuda', or turn cuda_graph off.",
             )
         if device == "cuda":
             _preload_cuda_libraries()
