@@ -7,7 +7,8 @@
 #
 # Here, once:  bash bench/gpu_check.sh prepare     -> .gpucheck/ (git-ignored: add /.gpucheck/
 #              to .git/info/exclude): py/ (diffusers & co. wheels for cp312), ort.NN + ort.NN.sha256
-#              (onnxruntime-gpu for cp312 repacked as one tar.xz, split in PART_MB pieces),
+#              (onnxruntime-gpu for cp312 repacked as one tar.xz, split so that every call
+#              fills its CALL_MB: 64 MiB less the working tree, the first part less the py/ wheels),
 #              ort.sha256 (the whole archive).
 # There (the device tool's `run`, carry in brackets), one call each, back to back:
 #   1. bash bench/gpu_check.sh start          [.gpucheck/py, .gpucheck/ort.00, .gpucheck/ort.00.sha256]
@@ -47,7 +48,8 @@ SITE=$ROOT/site
 CACHE=${GPU_CHECK_CACHE:-$ROOT/cache}
 RESULTS=$ROOT/results
 OUT=${OUT:-$ROOT/out}
-PART_MB=${PART_MB:-38}
+CALL_MB=${CALL_MB:-64}   # what one call carries, the working tree included (MiB)
+MAX_CALLS=5
 ORT_VERSION=${ORT_VERSION:-1.31.1}
 PY_WHEELS=${PY_WHEELS:-"diffusers==0.42.1 onnx-graphsurgeon==0.6.1 safetensors==0.7.0"}
 CHECK_BUDGET_S=${CHECK_BUDGET_S:-420}
@@ -76,16 +78,22 @@ print(":".join(sorted(d for p in nvidia.__path__ for d in glob.glob(os.path.join
 }
 
 # ---- here: the carried parts ----------------------------------------------------------------
-split_parts() {  # ARCHIVE: ort.NN + ort.NN.sha256 + ort.sha256 into $CARRY
-  local archive=$1
+split_parts() {  # ARCHIVE PART_BYTES FIRST_BYTES: ort.NN + ort.NN.sha256 + ort.sha256 in $CARRY
+  local archive=$1 part=$2 first=$3
   rm -f "$CARRY"/ort.*
   (cd "$(dirname "$archive")" && sha256sum "$(basename "$archive")") | awk '{print $1"  ort.tar.xz"}' \
     >"$CARRY/ort.sha256"
-  split -b "${PART_MB}M" -d "$archive" "$CARRY/ort."
+  head -c "$first" "$archive" >"$CARRY/ort.00"  # the first call also carries the py/ wheels
+  tail -c +"$((first + 1))" "$archive" | split -b "$part" -d --numeric-suffixes=1 - "$CARRY/ort."
   for p in "$CARRY"/ort.[0-9][0-9]; do
     (cd "$CARRY" && sha256sum "$(basename "$p")" >"$(basename "$p").sha256")
   done
-  log "$(ls "$CARRY"/ort.[0-9][0-9] | wc -l) parts of $(du -m "$archive" | cut -f1) MB in $CARRY"
+  local n
+  n=$(ls "$CARRY"/ort.[0-9][0-9] | wc -l)
+  log "$n parts of $(du -m "$archive" | cut -f1) MB in $CARRY (one call each)"
+  if ((n > MAX_CALLS)); then
+    log "WARNING: $n calls exceed the check's $MAX_CALLS: shrink the working tree or the archive"
+  fi
 }
 
 prepare() {
@@ -97,8 +105,14 @@ prepare() {
   python3 -m pip download -q --no-deps "${plat[@]}" -d "$ROOT/prep" "onnxruntime-gpu==$ORT_VERSION"
   rm -rf "$ROOT/prep/x" && mkdir "$ROOT/prep/x"
   unzip -q "$ROOT"/prep/onnxruntime_gpu-*.whl -d "$ROOT/prep/x"  # a wheel is a zip of site-packages
-  tar -C "$ROOT/prep/x" -cf - . | xz -T0 -9 >"$ROOT/prep/ort.tar.xz"
-  split_parts "$ROOT/prep/ort.tar.xz"
+  tar -C "$ROOT/prep/x" -cf - . | xz -T0 -9e >"$ROOT/prep/ort.tar.xz"
+  # every call: CALL_MB less what travels anyway (tracked + untracked-not-ignored files) less 1 MiB
+  local tree py part
+  tree=$(git ls-files -co --exclude-standard -z | xargs -0 du -cb | tail -n 1 | cut -f1)
+  py=$(du -cb "$CARRY"/py/*.whl | tail -n 1 | cut -f1)
+  part=$((CALL_MB * 1048576 - tree - 1048576))
+  log "working tree $((tree / 1048576)) MiB, py wheels $((py / 1048576)) MiB: parts of $((part / 1048576)) MiB"
+  split_parts "$ROOT/prep/ort.tar.xz" "$part" "$((part - py))"
 }
 
 # ---- there: collect, install, export ----------------------------------------------------------
@@ -254,7 +268,7 @@ dry_run() {  # every stage here: a stand-in archive in 3 parts, carried over 3 "
   mkdir -p "$carry" "$stand/ort_stand_in-0.dist-info" "$ROOT/out"
   head -c 3000000 /dev/urandom >"$stand/ort_stand_in-0.dist-info/payload"
   tar -C "$stand" -cf - . | xz -0 >"$ROOT/stand.tar.xz"
-  PART_MB=1 CARRY=$carry split_parts "$ROOT/stand.tar.xz"
+  CARRY=$carry split_parts "$ROOT/stand.tar.xz" 1200000 800000
   local calls=("ort.00" "ort.01" "ort.02 ort.sha256")
   for i in 0 1 2; do  # each call carries only its parts
     local c=$ROOT/call$i
