@@ -13,7 +13,8 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 # the wheels that install the ``onnxruntime`` module (one at a time, please)
 ORT_DISTS = (
@@ -38,6 +39,26 @@ def installed_dists() -> dict[str, str]:
     return found
 
 
+def dist_dir(dist: str) -> Path | None:
+    """The directory ``dist`` installed its files into (site-packages, a --target folder)."""
+    try:
+        return Path(str(importlib.metadata.distribution(dist).locate_file(""))).resolve()
+    except (importlib.metadata.PackageNotFoundError, OSError):
+        return None
+
+
+def _split_active(dists: dict[str, str], module_file: str | None):
+    """(the wheels installed where the imported module lives, those elsewhere on the path and
+    shadowed by it). Two wheels in one directory have overwritten each other's files."""
+    if not module_file:
+        return dict(dists), {}
+    here = Path(module_file).resolve().parent.parent
+    active = {d: v for d, v in dists.items() if dist_dir(d) in (here, None)}
+    if not active:
+        return dict(dists), {}
+    return active, {d: v for d, v in dists.items() if d not in active}
+
+
 @dataclass(frozen=True)
 class OrtStatus:
     """What ``iap-rt info`` says about ONNX Runtime."""
@@ -47,14 +68,18 @@ class OrtStatus:
     providers: tuple[str, ...]
     cuda_problem: str | None  # None: the CUDA execution provider started here
     cuda_fix: str | None
+    shadowed: dict[str, str] = field(default_factory=dict)  # wheels elsewhere on the path
 
     @property
     def flavour(self) -> str:
         """``onnxruntime-gpu 1.31.1``, ``onnxruntime 1.32.0``, ``not installed`` or the
-        conflicting wheels."""
+        conflicting wheels (and any wheel the imported one shadows)."""
         if not self.dists:
             return "not installed"
-        return " + ".join(f"{d} {v}" for d, v in self.dists.items())
+        text = " + ".join(f"{d} {v}" for d, v in self.dists.items())
+        if self.shadowed:
+            text += " (shadows " + ", ".join(f"{d} {v}" for d, v in self.shadowed.items()) + ")"
+        return text
 
     def lines(self) -> list[str]:
         out = [f"onnxruntime: {self.flavour}"]
@@ -79,12 +104,13 @@ def ort_status(try_cuda: bool = True) -> OrtStatus:
     import onnxruntime as ort
 
     providers = tuple(ort.get_available_providers())
-    status = OrtStatus(dists, ort.__version__, providers, None, None)
+    dists, shadowed = _split_active(dists, getattr(ort, "__file__", None))
+    status = OrtStatus(dists, ort.__version__, providers, None, None, shadowed)
     if len(dists) > 1:
         return _problem(
             status,
-            f"{' and '.join(dists)} are {'both' if len(dists) == 2 else 'all'} installed; they "
-            "share the onnxruntime module, which is whichever was installed last",
+            f"{' and '.join(dists)} are {'both' if len(dists) == 2 else 'all'} installed in one "
+            "place; they share the onnxruntime module, which is whichever was installed last",
             f"pip uninstall -y {' '.join(dists)} && {GPU_INSTALL} (or {CPU_INSTALL} without "
             "a GPU).",
         )
@@ -119,7 +145,7 @@ def ort_status(try_cuda: bool = True) -> OrtStatus:
 
 
 def _problem(status: OrtStatus, problem: str, fix: str) -> OrtStatus:
-    return OrtStatus(status.dists, status.version, status.providers, problem, fix)
+    return replace(status, cuda_problem=problem, cuda_fix=fix)
 
 
 def cuda_start_problem() -> str | None:

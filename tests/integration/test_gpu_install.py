@@ -51,5 +51,5 @@ def test_gpu_wheel_in_a_fresh_venv_is_what_info_reports(tmp_path):
     _run([*pip, "--no-deps", "onnxruntime"], tmp_path)  # the CPU wheel on top: a mess
     info = _run([py, "-m", "iap_rt.cli", "info"], tmp_path)
     assert "onnxruntime-gpu 1." in info and " + " in info.splitlines()[1]
-    assert "onnxruntime and onnxruntime-gpu are both installed" in info
+    assert "onnxruntime and onnxruntime-gpu are both installed in one place" in info
     assert "fix: pip uninstall -y onnxruntime onnxruntime-gpu && pip install 'iap-rt[gpu]'" in info

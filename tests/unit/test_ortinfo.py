@@ -72,8 +72,21 @@ def test_both_wheels_installed_is_named_as_the_mess_it_is(fake_ort):
     fake_ort({"onnxruntime": "1.32.0", "onnxruntime-gpu": "1.31.1"}, GPU)
     s = ort_status()
     assert s.flavour == "onnxruntime 1.32.0 + onnxruntime-gpu 1.31.1"
-    assert "onnxruntime and onnxruntime-gpu are both installed" in s.cuda_problem
+    assert "onnxruntime and onnxruntime-gpu are both installed in one place" in s.cuda_problem
     assert s.cuda_fix.startswith("pip uninstall -y onnxruntime onnxruntime-gpu && pip install")
+
+
+def test_a_wheel_in_a_folder_earlier_on_the_path_shadows_the_other(fake_ort, monkeypatch):
+    """The device check installs onnxruntime-gpu into a --target folder ahead of the system's
+    CPU wheel: the imported module is the GPU one, and info says it shadows the other."""
+    fake_ort({"onnxruntime": "1.32.0", "onnxruntime-gpu": "1.31.1"}, GPU)
+    sys.modules["onnxruntime"].__file__ = "/tmp/iap/site/onnxruntime/__init__.py"
+    dirs = {"onnxruntime-gpu": Path("/tmp/iap/site"), "onnxruntime": Path("/usr/lib/site")}
+    monkeypatch.setattr(ortinfo, "dist_dir", dirs.get)
+    monkeypatch.setattr(ortinfo, "cuda_start_problem", lambda: None)
+    s = ort_status()
+    assert s.flavour == "onnxruntime-gpu 1.31.1 (shadows onnxruntime 1.32.0)"
+    assert s.cuda_problem is None
 
 
 def test_gpu_wheel_ready_or_what_it_lacks(fake_ort, monkeypatch):
