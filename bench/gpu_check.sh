@@ -5,24 +5,26 @@
 # 15 minutes of device time in all. At most five calls, each retry-safe: every carried part is
 # its own file with its own sha256, collected once; a stage run twice redoes only its work.
 #
-# Here, once:  bash bench/gpu_check.sh prepare     -> .gpucheck/ (git-ignored: add /.gpucheck/
+# Here, once:  bash bench/gpu_check.sh prepare     -> .gpucheck/ (`resplit` redoes only the split) (git-ignored: add /.gpucheck/
 #              to .git/info/exclude): py/ (diffusers & co. wheels for cp312), ort.NN + ort.NN.sha256
 #              (onnxruntime-gpu for cp312 repacked as one tar.xz, split so that every call
 #              fills its CALL_MB: 64 MiB less the working tree, the first part less the py/ wheels),
 #              ort.sha256 (the whole archive).
-# There (the device tool's `run`, carry in brackets), one call each, back to back:
+# There (the device tool's `run`, carry in brackets), one call each, back to back. With
+# onnxruntime-gpu 1.31.1 (194 MiB as tar.xz -9e) beside a 23 MiB working tree that is five
+# parts, one call each, the last one measuring; a retry costs a sixth call:
 #   1. bash bench/gpu_check.sh start          [.gpucheck/py, .gpucheck/ort.00, .gpucheck/ort.00.sha256]
 #      installs the wheels and the project into /tmp/iap/site and starts the SD 1.5 fp16
 #      build + export in the background (it overlaps the next calls)
-#   2. bash bench/gpu_check.sh collect        [the next parts and their .sha256 files]
-#   3. bash bench/gpu_check.sh collect check  [the last parts, .gpucheck/ort.sha256]
+#   2.-4. bash bench/gpu_check.sh collect     [.gpucheck/ort.0N, .gpucheck/ort.0N.sha256]
+#   5. bash bench/gpu_check.sh collect check  [the last part, its .sha256, .gpucheck/ort.sha256]
 #      assembles + installs onnxruntime-gpu, then measures, writing $OUT/stageN.json after each:
 #        (1) does ONNX Runtime's CUDA provider start, and its cold start (stage1.json)
 #        (2) torch fp16 eager vs ort (IO binding, fused UNet): UNet step and end to end at
 #            512x512, 50 steps, guidance on (stage2.json)
 #        (3) ort-graph, CUDA graphs per network (stage3.json)
 #        (4) only if time is left: exported-vs-fused UNet A/B and torch.compile (stage4_*.json)
-#   4./5. bash bench/gpu_check.sh check       resumes at the first stage without a result
+#   (6.) bash bench/gpu_check.sh check        a retry: resumes at the first stage without a result
 # A stage with a result file is not measured again. `collect` without new parts says which
 # parts it still lacks. The check's budget is CHECK_BUDGET_S seconds (default 420) from the
 # first measurement; stage 4 runs only if at least STAGE4_S (default 150) are left.
@@ -51,7 +53,8 @@ OUT=${OUT:-$ROOT/out}
 CALL_MB=${CALL_MB:-64}   # what one call carries, the working tree included (MiB)
 MAX_CALLS=5
 ORT_VERSION=${ORT_VERSION:-1.31.1}
-PY_WHEELS=${PY_WHEELS:-"diffusers==0.42.1 onnx-graphsurgeon==0.6.1 safetensors==0.7.0"}
+# what the SD 1.5 export needs beyond the machine's torch, transformers (+ safetensors), onnx
+PY_WHEELS=${PY_WHEELS:-"diffusers==0.42.1 onnx-graphsurgeon==0.6.1"}
 CHECK_BUDGET_S=${CHECK_BUDGET_S:-420}
 STAGE4_S=${STAGE4_S:-150}
 T_COMPILE=240
@@ -106,12 +109,17 @@ prepare() {
   rm -rf "$ROOT/prep/x" && mkdir "$ROOT/prep/x"
   unzip -q "$ROOT"/prep/onnxruntime_gpu-*.whl -d "$ROOT/prep/x"  # a wheel is a zip of site-packages
   tar -C "$ROOT/prep/x" -cf - . | xz -T0 -9e >"$ROOT/prep/ort.tar.xz"
-  # every call: CALL_MB less what travels anyway (tracked + untracked-not-ignored files) less 1 MiB
+  resplit
+}
+
+resplit() {  # the archive into parts that fill each call (again after the working tree changed)
+  # every call: CALL_MB less what travels anyway (tracked + untracked-not-ignored files, the
+  # .sha256 files) less MARGIN_KB
   local tree py part
   tree=$(git ls-files -co --exclude-standard -z | xargs -0 du -cb | tail -n 1 | cut -f1)
   py=$(du -cb "$CARRY"/py/*.whl | tail -n 1 | cut -f1)
-  part=$((CALL_MB * 1048576 - tree - 1048576))
-  log "working tree $((tree / 1048576)) MiB, py wheels $((py / 1048576)) MiB: parts of $((part / 1048576)) MiB"
+  part=$((CALL_MB * 1048576 - tree - ${MARGIN_KB:-256} * 1024))
+  log "working tree $((tree / 1024)) KiB, py wheels $((py / 1024)) KiB: parts of $((part / 1024)) KiB"
   split_parts "$ROOT/prep/ort.tar.xz" "$part" "$((part - py))"
 }
 
@@ -294,6 +302,7 @@ fi
 for stage in "$@"; do
   case "$stage" in
   prepare) prepare ;;
+  resplit) resplit ;;
   start) start ;;
   collect) collect ;;
   check) check ;;
