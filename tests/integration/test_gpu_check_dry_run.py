@@ -18,7 +18,9 @@ from iap_rt.bench.sources import cache_root
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_gpu_check_dry_run_rehearses_every_stage(tmp_path, tiny_encoder_dir, tiny_model_dir):
+def test_gpu_check_dry_run_rehearses_every_stage(
+    request, tmp_path, tiny_encoder_dir, tiny_model_dir
+):
     cache = tmp_path / "cache"
     root = cache_root(cache, "tiny")
     shutil.copytree(tiny_encoder_dir, root / "encoder")
@@ -29,6 +31,7 @@ def test_gpu_check_dry_run_rehearses_every_stage(tmp_path, tiny_encoder_dir, tin
                        capture_output=True, text=True, timeout=900)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     out = Path(r.stdout.split("dry run: results in ")[1].split()[0])
+    request.addfinalizer(lambda: shutil.rmtree(out.parent, ignore_errors=True))  # its scratch root
     names = sorted(p.name for p in out.iterdir())
     assert names == ["check.log", "stage1.json", "stage2.json", "stage3.json",
                      "stage4_compile.json", "stage4_exported_unet.json"]  # fmt: skip
