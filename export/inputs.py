@@ -12,8 +12,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from iap_rt.basemodel import PICKLES, check_base_dir
 from iap_rt.errors import ArtifactError, ArtifactNotFoundError, ConfigError, OutputError
 from iap_rt.export.plugin import UNetSource, resolve_unet
+from iap_rt.memory import arch_from_configs
 from iap_rt.modeldir import MANIFEST, read_manifest
 from iap_rt.specs import ModelDims
 
@@ -28,25 +30,13 @@ SCHEDULER_KEYS = (
     "clip_sample",
     "timestep_spacing",
 )
-SD_PARTS = {"unet": "config.json", "vae": "config.json", "scheduler": "scheduler_config.json"}
+SD_PARTS = ("unet", "vae", "scheduler")  # what the export reads of the base
 
 
 def check_sd_dir(base: Path) -> None:
-    """Raise a clear error unless ``base`` is a diffusers SD pipeline directory."""
-    if not base.is_dir():
-        raise ArtifactNotFoundError(
-            f"base model directory {base} does not exist"
-            + (" (it is a file)" if base.exists() else ""),
-            fix="pass --base a local diffusers-format Stable Diffusion directory.",
-        )
-    missing = [f"{d}/{f}" for d, f in SD_PARTS.items() if not (base / d / f).is_file()]
-    if missing:
-        raise ArtifactNotFoundError(
-            f"{base} is not a diffusers Stable Diffusion pipeline directory: "
-            f"missing {', '.join(missing)}",
-            fix="pass the directory that holds model_index.json, unet/, vae/, scheduler/ "
-            "(e.g. a `StableDiffusionPipeline.save_pretrained` output).",
-        )
+    """Raise a clear error unless ``base`` is a supported diffusers SD pipeline directory with
+    safetensors weights for every part the export reads (configs only, nothing loaded)."""
+    check_base_dir(base, SD_PARTS)
 
 
 def _read_json(path: Path) -> dict:
@@ -68,6 +58,7 @@ class ExportInputs:
     scheduler: dict
     vae_scaling_factor: float
     image_size: int  # the UNet's native sample_size in pixels (generate's default)
+    arch: dict  # the manifest's `arch`: what the runtime's memory guard estimates from
 
 
 def read_inputs(
@@ -89,6 +80,7 @@ def read_inputs(
     vae_cfg = _read_json(base / "vae" / "config.json")
     enc_cfg = load_encoder_config(encoder / "config.json")
     meta = _read_json(encoder / META) if (encoder / META).is_file() else {}
+    _check_encoder_weights(encoder, meta, enc_cfg.hidden_size)
     d = int(unet_cfg["cross_attention_dim"])
     width = meta.get("projection_dim") or enc_cfg.hidden_size
     if width != d:
@@ -122,6 +114,29 @@ def read_inputs(
         {k: sched[k] for k in SCHEDULER_KEYS if k in sched},
         float(vae_cfg.get("scaling_factor", 0.18215)),
         int(unet_cfg.get("sample_size", 64)) * dims.vae_scale_factor,
+        arch_from_configs(unet_cfg, vae_cfg),
+    )
+
+
+def _check_encoder_weights(encoder: Path, meta: dict, hidden: int) -> None:
+    """The encoder's weights are safetensors, with the projection its metadata promises."""
+    need = ["model.safetensors"]
+    if meta and meta.get("projection_dim") not in (None, hidden):
+        need.append("projection.safetensors")
+    missing = [n for n in need if not (encoder / n).is_file()]
+    if not missing:
+        return
+    pickles = sorted(p.name for pat in PICKLES for p in encoder.glob(pat))
+    if pickles and "model.safetensors" in missing:
+        raise ArtifactError(
+            f"{encoder} has pickled weights only ({pickles[0]}): iap-rt reads safetensors "
+            "only and has unpickled nothing",
+            fix="convert them once to model.safetensors with a tool and files you trust, "
+            "then rerun.",
+        )
+    raise ArtifactNotFoundError(
+        f"{encoder / missing[0]} is missing: {encoder} is not a complete Chinese encoder",
+        fix="pass --encoder the chinese_encoder/ directory `iap-rt train` wrote.",
     )
 
 

@@ -317,6 +317,7 @@ def _run_export_locked(cfg: ExportConfig, out: Path, echo: Echo) -> Path:
                 encoder=cfg.encoder,
                 vae={"scaling_factor": src.vae_scaling_factor},
                 image_size=src.image_size,
+                arch=src.arch,
                 default_scheduler=cfg.default_scheduler,
                 tool_versions=versions,
                 export_config=cfg.to_dict(),
@@ -365,10 +366,11 @@ def unet_source_record(src: ExportInputs) -> dict:
 
 
 def _same_top_level(previous: dict, cfg: ExportConfig, src: ExportInputs, out: Path) -> bool:
-    """Nothing outside the networks changed either (dims, scheduler default, model id, the
-    UNet's source)."""
+    """Nothing outside the networks changed either (dims, arch, scheduler default, model id,
+    the UNet's source)."""
     return (
         previous.get("dims") == src.dims.to_dict()
+        and previous.get("arch") == src.arch
         and previous.get("unet_source", {"kind": "base"}).get("kind") == src.unet.kind
         and previous.get("default_scheduler") == cfg.default_scheduler
         and previous.get("model_id") == (cfg.model_id or previous.get("model_id"))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from iap_rt.config import GenerateConfig, resolve
+from iap_rt.config import GenerateConfig, ServeConfig, resolve
 from iap_rt.errors import InputError, OutputError
 
 SCHEDULER_CHOICES = ("ddim", "euler", "dpm++")
@@ -39,9 +39,11 @@ def read_prompts_file(path: str) -> list[str]:
 @click.option("--negative", help="Negative prompt (what to steer away from).")
 @click.option("--steps", type=int, help="Denoising steps, 1-1000 [25].")
 @click.option(
-    "--guidance", type=float, help="Classifier-free guidance scale; <= 1 disables it [7.5]."
+    "--guidance", type=float, help="Classifier-free guidance scale, 0-100; <= 1 disables it [7.5]."
 )
-@click.option("--seed", type=int, help="Seed of the first image; image i uses seed+i [0].")
+@click.option(
+    "--seed", type=int, help="Seed of the first image, 0 to 2**63-1; image i uses seed+i [0]."
+)
 @click.option(
     "--height",
     type=int,
@@ -51,9 +53,21 @@ def read_prompts_file(path: str) -> list[str]:
     "--width", type=int, help="Image width in pixels, same rule as --height [model's size]."
 )
 @click.option("--batch-size", type=int, help="Images per prompt [1].")
+@click.option(
+    "--chunk-size", type=int, help="Images per UNet batch; larger batches run as several [8]."
+)
+@click.option(
+    "--memory-limit",
+    help="Refuse a call whose estimated peak memory exceeds this: auto (90% of what is "
+    "available), a size like 12GB, or off [auto].",
+)
 @click.option("--scheduler", help=f"One of {', '.join(SCHEDULER_CHOICES)} [model's default].")
 @click.option("--backend", help=f"One of {', '.join(BACKEND_CHOICES)} [auto].")
-@click.option("--out", help="Output .png (one image) or directory [outputs/].")
+@click.option(
+    "--out",
+    help="One image: a .png, .jpg, .jpeg or .webp file; else a directory of numbered PNGs "
+    "[outputs/].",
+)
 @click.option(
     "--prompts-file", type=click.Path(), help="Generate for every line of this UTF-8 file."
 )
@@ -62,23 +76,35 @@ def read_prompts_file(path: str) -> list[str]:
     "--config", "config_path", type=click.Path(), help="Workspace TOML (default ./iap-rt.toml)."
 )
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
-def generate(prompt, as_json, config_path, prompts_file, no_progress, **options):
-    """Generate images for PROMPT (Chinese text) and write PNGs.
+@click.option(
+    "--server",
+    help="Generate through a running `iap-rt serve` at this URL (e.g. http://127.0.0.1:8000): "
+    "same flags, same PNGs. API key from $IAP_RT_API_KEY.",
+)
+def generate(prompt, as_json, config_path, prompts_file, no_progress, server, **options):
+    """Generate images for PROMPT (Chinese text) and write them.
 
     \b
     Examples:
       iap-rt generate "山水画"
       iap-rt generate "左边有一个红色的圆" --steps 30 --seed 7 --out red.png
       iap-rt generate --prompts-file prompts.txt --batch-size 2 --out outputs/ --json
+      iap-rt generate "山水画" --server http://127.0.0.1:8000
 
-    PNGs carry their generation parameters in an iTXt chunk named "iap-rt".
+    Images carry their generation parameters: PNG in an iTXt chunk named "iap-rt", JPEG and
+    WebP in an XMP packet. Each image is written as soon as its UNet batch is done.
     """
     from iap_rt.backends import get_backend
-    from iap_rt.images import plan_outputs, save_png
+    from iap_rt.images import plan_outputs, save_image
     from iap_rt.modeldir import ModelDir, default_model_dir
-    from iap_rt.pipeline import Pipeline
+    from iap_rt.pipeline import Pipeline, PromptRequest
 
     cfg = resolve(GenerateConfig, "generate", config_path, options)
+    if prompts_file and prompt is not None:
+        raise InputError(
+            "both a PROMPT and --prompts-file were given",
+            fix="pass one: the prompt, or --prompts-file (one prompt per line).",
+        )
     if prompts_file:
         prompts = read_prompts_file(prompts_file)
     elif prompt is not None:
@@ -94,40 +120,63 @@ def generate(prompt, as_json, config_path, prompts_file, no_progress, **options)
             fix=f"use one of {', '.join(SCHEDULER_CHOICES)}.",
         )
 
+    if server:  # the server's model and backend; same PNGs as a local run on them
+        from iap_rt.client import generate_remote
+
+        given = [f"--{k}" for k in ("model", "backend") if options.get(k) is not None]
+        if given:
+            raise InputError(f"{' and '.join(given)} cannot be used with --server",
+                             fix="the server chooses its model and backend; drop them.")  # fmt: skip
+        return generate_remote(server, prompts, cfg, as_json, click.echo)
+
     model = ModelDir.open(cfg.model or default_model_dir())
     backend = get_backend(cfg.backend, model)
-    pipe = Pipeline(model, backend, progress=not (no_progress or as_json))
+    pipe = Pipeline(
+        model,
+        backend,
+        progress=not (no_progress or as_json),
+        chunk_size=cfg.chunk_size,
+        memory_limit=cfg.memory_limit,
+    )
     kwargs = dict(
         negative_prompt=cfg.negative,
         steps=cfg.steps,
         guidance=cfg.guidance,
-        seed=cfg.seed,
         height=cfg.height if cfg.height is not None else pipe.default_size,
         width=cfg.width if cfg.width is not None else pipe.default_size,
-        batch_size=cfg.batch_size,
         scheduler=cfg.scheduler or model.default_scheduler,
     )
-    for p in prompts:  # every input is checked before any work or any file
-        pipe.check_inputs(p, **kwargs)
-    paths = iter(plan_outputs(cfg.out, len(prompts) * cfg.batch_size))
-
+    # every input, the memory of one call and the destination are checked before any work
     for p in prompts:
-        result = pipe(p, **kwargs)
-        for image, seed in zip(result.images, result.seeds):
-            params = dict(result.params, seed=seed)
-            path = save_png(next(paths), image, params)
-            if as_json:
-                click.echo(json.dumps({"path": str(path), **params}, ensure_ascii=False))
-            else:
-                click.echo(f"wrote {path}")
+        pipe.check_inputs(p, seed=cfg.seed, batch_size=cfg.batch_size, **kwargs)
+    first = min(cfg.batch_size, pipe.chunk_size)
+    request = PromptRequest(prompts[0], cfg.negative, cfg.seed, cfg.guidance, first)
+    pipe.check_memory(pipe.plan_call([request], kwargs["height"], kwargs["width"]))
+    paths = plan_outputs(cfg.out, len(prompts) * cfg.batch_size)
+
+    # one call per chunk: memory stays bounded and each image is on disk once its batch is
+    # done (image i of a batch is seed + i generated alone, so the split changes nothing)
+    for p in prompts:
+        for start in range(0, cfg.batch_size, pipe.chunk_size):
+            n = min(pipe.chunk_size, cfg.batch_size - start)
+            result = pipe(p, seed=cfg.seed + start, batch_size=n, **kwargs)
+            for image, seed in zip(result.images, result.seeds):
+                params = dict(result.params, seed=seed)
+                path = save_image(next(paths), image, params)
+                if as_json:
+                    click.echo(json.dumps({"path": str(path), **params}, ensure_ascii=False))
+                else:
+                    click.echo(f"wrote {path}")
 
 
 @click.command("info")
 @click.option("--model", type=click.Path(), help="Model directory (default: the embedded model).")
 def info(model):
-    """Show installed backends, execution providers, TensorRT and the model manifest."""
+    """Show installed backends, TensorRT, the model manifest, its integrity and leftovers."""
     import importlib.metadata
 
+    from iap_rt.errors import ArtifactMismatchError
+    from iap_rt.fileio import leftovers, lock_holder
     from iap_rt.modeldir import ModelDir, default_model_dir
     from iap_rt.ortinfo import ort_status
 
@@ -137,9 +186,38 @@ def info(model):
         click.echo(line)
     trt = _tensorrt_flavours()
     click.echo("TensorRT: " + (", ".join(f"{k} {v}" for k, v in trt.items()) or "not installed"))
-    opened = ModelDir.open(model or default_model_dir())
+    path = Path(model or default_model_dir())
+    opened = ModelDir.open(path, verify=False, clean=False)
     click.echo(f"model: {opened.path}")
+    holder = lock_holder(path)
+    for p in leftovers(path):
+        state = (
+            f"in use by a running export, pid {holder}"
+            if holder
+            else "left by a killed export; the next generate, export or engines run on this "
+            "model removes it"
+        )
+        click.echo(f"leftover: {p} ({_du(p) / 1e6:.1f} MB, {state})")
+    try:
+        hashed = opened.verify()
+        files = opened.recorded_hashes()
+        how = f"hashed {len(hashed)} now" if hashed else "unchanged since verified"
+        click.echo(f"integrity: {len(files)} network file(s) match the manifest ({how})")
+    except ArtifactMismatchError as e:
+        click.echo(f"integrity: FAILED: {e}")
     click.echo(json.dumps(opened.manifest, indent=2, ensure_ascii=False))
+
+
+def _du(path: Path) -> int:
+    """Bytes under ``path`` (files only; vanished entries count 0)."""
+    total = 0
+    for p in path.rglob("*") if path.exists() else ():
+        try:
+            if p.is_file() and not p.is_symlink():
+                total += p.stat().st_size
+        except OSError:
+            continue
+    return total
 
 
 def _tensorrt_flavours() -> dict:
@@ -179,6 +257,7 @@ def init(directory, force):
     ):
         classes[section] = _import_config(target)
     classes["generate"] = GenerateConfig
+    classes["serve"] = ServeConfig
     path = ensure_dir(directory) / WORKSPACE_FILE
     if path.exists() and not force:
         raise OutputError(f"{path} already exists", fix="pass --force to overwrite it.")

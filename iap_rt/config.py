@@ -23,7 +23,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 WORKSPACE_FILE = "iap-rt.toml"
-SECTIONS = ("train", "export", "engines", "generate")
+SECTIONS = ("train", "export", "engines", "generate", "serve")
 
 
 def opt(default, help: str, **kw):
@@ -38,18 +38,57 @@ class GenerateConfig:
     model: str | None = opt(None, "model directory; unset = the embedded default model")
     negative: str = opt("", "negative prompt")
     steps: int = opt(25, "denoising steps (1-1000)")
-    guidance: float = opt(7.5, "classifier-free guidance scale; <= 1 turns guidance off")
-    seed: int = opt(0, "seed of image 0; image i of a batch uses seed + i")
+    guidance: float = opt(7.5, "classifier-free guidance scale, 0-100; <= 1 turns guidance off")
+    seed: int = opt(0, "seed of image 0, 0 to 2**63-1; image i of a batch uses seed + i")
     height: int | None = opt(
-        None, "image height in pixels (a multiple the model sets); unset = model's"
-    )
+        None, "image height in pixels, a multiple of the model's pixel multiple (VAE factor x "
+        "2**UNet down-samplings: 64 for SD 1.5, 16 for the embedded toy); unset = model's size",
+    )  # fmt: skip
     width: int | None = opt(
-        None, "image width in pixels (a multiple the model sets); unset = model's"
+        None, "image width in pixels, same rule as height; unset = the model's size"
     )
     batch_size: int = opt(1, "images per prompt")
+    chunk_size: int = opt(8, "images per UNet batch; bigger batches run as several (less memory)")
+    memory_limit: str = opt(
+        "auto", 'refuse a call whose estimated peak memory is above this: "auto" (90% of what '
+        'is available), a size like "12GB", or "off"',
+    )  # fmt: skip
     scheduler: str | None = opt(None, "ddim, euler or dpm++; unset = the model's default")
     backend: str = opt("auto", "auto, ort or trt")
-    out: str = opt("outputs", "output PNG file (one image) or directory")
+    out: str = opt(
+        "outputs", "output file for one image (.png, .jpg, .jpeg or .webp) or a directory "
+        "for numbered PNGs",
+    )  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeConfig:
+    """Settings of ``iap-rt serve`` (the ``[serve]`` table)."""
+
+    model: str | None = dataclasses.field(
+        default=None, metadata={"help": "model directory; unset = the embedded default model",
+                                "path": True})  # fmt: skip
+    backend: str = opt("auto", "auto, ort or trt")
+    host: str = opt("127.0.0.1", "address the gateway and Triton listen on (0.0.0.0: all)")
+    port: int = opt(8000, "gateway HTTP port (API, web page, health, metrics)")
+    triton_http_port: int = opt(8001, "Triton's HTTP/REST port (KServe v2)")
+    triton_grpc_port: int = opt(8002, "Triton's gRPC port (the gateway talks to this one)")
+    triton_metrics_port: int = opt(8003, "Triton's Prometheus metrics port")
+    max_batch: int = opt(8, "most images Triton batches into one UNet call; 1 = batching off")
+    max_queue_delay_ms: float = opt(10.0, "how long Triton holds a request to fill a batch")
+    instances: int = opt(1, "model instances (pipelines) in Triton")
+    api_key_file: str | None = dataclasses.field(
+        default=None, metadata={"help": "file holding the API key; unset = no key needed",
+                                "path": True})  # fmt: skip
+    triton_url: tuple[str, ...] = opt((), "remote Triton gRPC HOST:PORT list; set = gateway only")
+    no_gateway: bool = opt(False, "run Triton alone (one per GPU node, behind a gateway)")
+    max_queue: int = opt(64, "images queued or generating before requests get 429")
+    timeout_s: float = opt(300.0, "seconds a request may take before it gets 504")
+    max_body_bytes: int = opt(65536, "largest request body, bytes (413 above)")
+    max_prompt_chars: int = opt(1000, "longest prompt / negative prompt, characters")
+    max_n: int = opt(10, "most images per request (n), 1-10")
+    max_steps: int = opt(150, "most denoising steps per request")
+    max_pixels: int = opt(4194304, "most pixels per request: width x height x n")
 
 
 def find_workspace_file(explicit: str | os.PathLike | None = None) -> Path | None:
@@ -70,7 +109,31 @@ def find_workspace_file(explicit: str | os.PathLike | None = None) -> Path | Non
 RENAMED_KEYS = {"ort_cpu_unet": "ort_unet"}
 
 
+def toml_kind(value) -> str:
+    """What a parsed TOML value is, in TOML's words (``an integer``, ``a table``, ...)."""
+    import datetime
+
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a float"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, (list, tuple)):
+        if value and all(isinstance(v, dict) for v in value):
+            return "an array of tables"
+        return "an array"
+    if isinstance(value, (datetime.date, datetime.time)):
+        return "a date/time"
+    return "a value"  # pragma: no cover - tomllib makes nothing else
+
+
 def load_toml(path: Path) -> dict:
+    """The tables of a workspace file; any malformed file is a :class:`ConfigError`."""
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
@@ -78,42 +141,122 @@ def load_toml(path: Path) -> dict:
         raise ConfigError(f"{path} is not valid TOML: {e}", fix="fix the syntax error.") from e
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path} is not UTF-8 text", fix="save it as UTF-8.") from e
-    unknown = [k for k in data if k not in SECTIONS]
-    if unknown:
+    except RecursionError:
         raise ConfigError(
-            f"{path}: unknown table(s) {unknown}",
-            fix=f"valid tables are {', '.join('[' + s + ']' for s in SECTIONS)}.",
-        )
+            f"{path} nests arrays or tables too deeply to read", fix="flatten the file."
+        ) from None
+    except OSError as e:
+        raise ConfigError(
+            f"cannot read {path}: {e.strerror or e}", fix="pass a readable TOML file."
+        ) from e
+    tables = ", ".join(f"[{s}]" for s in SECTIONS)
+    for key, value in data.items():
+        if key not in SECTIONS:
+            what = "table" if isinstance(value, dict) else "key outside any table"
+            raise ConfigError(
+                f"{path}: unknown {what} {key!r}",
+                fix=f"valid tables are {tables}; every setting goes under one of them "
+                "(`iap-rt init` writes a commented template).",
+            )
+        if not isinstance(value, dict):
+            raise ConfigError(
+                f"{path}: {key!r} must be a table, found {toml_kind(value)} "
+                f"({key} = {_show(value)})",
+                fix=f"write the header [{key}] on its own line and its settings below it, "
+                "one `key = value` a line.",
+            )
     return data
 
 
-def _coerce(cls, name: str, value, source: str):
-    """Type-check one value against the dataclass field annotation."""
+def _show(value) -> str:
+    """A parsed value as TOML-ish text, short."""
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, str):
+        text = _toml_value(value)
+    elif isinstance(value, dict):
+        text = "{" + ", ".join(f"{k} = {_show(v)}" for k, v in value.items()) + "}"
+    elif isinstance(value, (list, tuple)):
+        text = "[" + ", ".join(_show(v) for v in value) + "]"
+    else:
+        text = str(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _allowed(hint) -> tuple[list, bool]:
+    """The types a field annotation allows (``tuple[str, ...]`` stays whole) and whether it
+    may be unset (``| None``)."""
     import types
 
-    hints = typing.get_type_hints(cls)
-    hint = hints[name]
-    is_union = typing.get_origin(hint) in (typing.Union, types.UnionType)
-    args = typing.get_args(hint) if is_union else ()
-    allowed = tuple(a for a in args if a is not type(None)) if is_union else (hint,)
-    if value is None:
-        if type(None) in args:
-            return None
-    else:
-        for t in allowed:
-            origin = typing.get_origin(t) or t
-            if origin is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-                return float(value)
-            if origin is int and isinstance(value, bool):
-                continue
-            if isinstance(value, origin):
-                return tuple(value) if origin is tuple else value
-            if origin is tuple and isinstance(value, list):
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        return [a for a in args if a is not type(None)], type(None) in args
+    return [hint], False
+
+
+_KIND_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+_ARRAY_WORDS = {int: "integers", float: "numbers", str: "strings", bool: "booleans"}
+
+
+def expected_kind(hint) -> str:
+    """A field annotation in TOML's words: ``an integer``, ``an array of strings``, ..."""
+    types_, optional = _allowed(hint)
+    words = []
+    for t in types_:
+        origin = typing.get_origin(t) or t
+        if origin is tuple:
+            inner = typing.get_args(t)[:1]
+            words.append(
+                f"an array of {_ARRAY_WORDS.get(inner[0], 'values') if inner else 'values'}"
+            )
+        else:
+            words.append(_KIND_WORDS.get(origin, getattr(origin, "__name__", str(origin))))
+    return " or ".join(words) + (", or left out (unset)" if optional else "")
+
+
+def _coerce(cls, name: str, value, source: str):
+    """Type-check one value against the dataclass field annotation (TOML words in errors)."""
+    import math
+
+    hint = typing.get_type_hints(cls)[name]
+    allowed, optional = _allowed(hint)
+    if value is None and optional:
+        return None
+    for t in allowed:
+        origin = typing.get_origin(t) or t
+        if origin is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                where = (
+                    f"--{name.replace('_', '-')} {value}"
+                    if source == "command line"
+                    else f"{source}: {name} = {value}"
+                )
+                raise ConfigError(
+                    f"{where} is not a finite number",
+                    fix=f"set {name} to a finite number (nan and inf are never valid).",
+                )
+            return float(value)
+        if origin is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if origin in (str, bool) and isinstance(value, origin):
+            return value
+        if origin is tuple and isinstance(value, (list, tuple)):
+            inner = typing.get_args(t)[:1]
+            if not inner or all(isinstance(v, inner[0]) for v in value):
                 return tuple(value)
+    example = _example(cls, name)
+    fix = f"set {name} to {expected_kind(hint)}"
     raise ConfigError(
-        f"{source}: '{name}' = {value!r} has the wrong type, expected {hint}",
-        fix=f"set '{name}' to a value of type {hint}.",
+        f"{source}: {name} = {_show(value)} is {toml_kind(value)}, expected {expected_kind(hint)}",
+        fix=fix + (f", e.g. {name} = {example}." if example else "."),
     )
+
+
+def _example(cls, name: str) -> str | None:
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    if f.default is dataclasses.MISSING or f.default is None:
+        return None
+    return _toml_value(f.default)
 
 
 def resolve(
@@ -124,7 +267,10 @@ def resolve(
 ):
     """Build ``cls`` from defaults < workspace TOML ``[section]`` < ``overrides``.
 
-    ``overrides`` values that are ``None`` mean "not given on the command line".
+    ``overrides`` values that are ``None`` mean "not given on the command line". Every
+    problem with the file (syntax, a table written as a scalar, wrong nesting, wrong types,
+    unknown keys) is a :class:`ConfigError` naming the key, the expected TOML type and the
+    valid keys.
     """
     fields = {f.name for f in dataclasses.fields(cls)}
     values: dict = {}
@@ -134,8 +280,12 @@ def resolve(
         unknown = sorted(set(table) - fields)
         if unknown:
             renamed = [f"{k} -> {RENAMED_KEYS[k]}" for k in unknown if k in RENAMED_KEYS]
+            nested = [k for k in unknown if isinstance(table[k], dict)]
+            why = (
+                f" ([{section}.{nested[0]}] is a sub-table; [{section}] has none)" if nested else ""
+            )
             raise ConfigError(
-                f"{path}: unknown key(s) {unknown} in [{section}]",
+                f"{path}: unknown key(s) {unknown} in [{section}]" + why,
                 fix=(f"renamed: {', '.join(renamed)}; " if renamed else "")
                 + f"valid keys are: {', '.join(sorted(fields))}.",
             )
@@ -143,6 +293,10 @@ def resolve(
         for k, v in table.items():
             v = _coerce(cls, k, v, f"{path} [{section}]")
             if isinstance(v, str) and _is_path_field(cls, k) and v and not os.path.isabs(v):
+                if "\0" in v:
+                    raise ConfigError(
+                        f"{path} [{section}]: {k} holds a NUL character", fix="fix the path."
+                    )
                 v = str((base / v).resolve())  # paths are relative to the config file
             values[k] = v
     for k, v in (overrides or {}).items():

@@ -79,3 +79,13 @@ class BackendUnavailableError(IapRtError):
 
 class OutputError(IapRtError):
     """An output path cannot be created or written."""
+
+
+class ServerError(IapRtError):
+    """An ``iap-rt serve`` gateway could not be reached or answered with an error."""
+
+
+class ResourceError(IapRtError):
+    """A call would need more memory than the limit allows (estimated before allocating)."""
+
+    exit_code = 2

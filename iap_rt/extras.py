@@ -17,6 +17,7 @@ EXTRAS = {
     "train": ("torch", "diffusers", "transformers", "accelerate", "safetensors"),
     "export": ("torch", "diffusers", "transformers", "safetensors", "onnx", "onnxscript"),
     "trt": ("polygraphy", "onnx"),
+    "serve": ("pytriton", "tritonclient", "fastapi", "uvicorn"),
 }
 TORCH_EXTRAS = ("train", "export")
 TORCH_FIRST = (

@@ -112,41 +112,106 @@ def staging_dir(final: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _lock_path(final: Path) -> Path:
+    return final.with_name(f".{final.name}.lock")
+
+
+def leftovers(final: str | os.PathLike) -> list[Path]:
+    """Directories a killed writer of ``final`` left beside it: ``.<name>.<random>`` staging
+    and ``.<name>.old-<random>`` swap-outs (exactly what :func:`staging_dir` / :func:`swap_in`
+    name: mkdtemp's 8 characters of [a-z0-9_], so "a" never matches those of "a.b")."""
+    final = Path(final)
+    ours = re.compile(rf"\.{re.escape(final.name)}\.(old-)?[a-z0-9_]{{8}}")
+    try:
+        entries = list(final.parent.iterdir())
+    except OSError:
+        return []
+    return sorted(
+        p for p in entries if ours.fullmatch(p.name) and p.is_dir() and not p.is_symlink()
+    )
+
+
+def _try_flock(fd: int) -> bool:
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
+def lock_holder(final: str | os.PathLike) -> str | None:
+    """The pid written in ``final``'s lock file while a writer holds it, else None."""
+    lock = _lock_path(Path(final))
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        if _try_flock(fd):
+            return None
+        return os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+    except ImportError:  # pragma: no cover - not POSIX
+        return None
+    finally:
+        os.close(fd)
+
+
+def remove_leftovers(final: str | os.PathLike) -> list[Path]:
+    """Remove what a killed writer left beside ``final`` when no writer holds its lock; return
+    what was removed. Creates nothing when there are no leftovers (a read-only parent, e.g.
+    site-packages, is never touched), and removes nothing while a writer runs."""
+    found = leftovers(final)
+    if not found:
+        return []
+    lock = _lock_path(Path(final))
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        return []
+    try:
+        if not _try_flock(fd):
+            return []  # a live writer: its staging directory is in use
+        found = leftovers(final)  # re-read under the lock
+        for p in found:
+            shutil.rmtree(p, ignore_errors=True)
+        return [p for p in found if not p.exists()]
+    except ImportError:  # pragma: no cover - not POSIX
+        return []
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def exclusive_lock(final: str | os.PathLike, what: str = "iap-rt export") -> Iterator[Path]:
     """Hold ``.<name>.lock`` beside ``final`` for the duration; refuse when another process
-    holds it. Once held, leftovers of killed runs (``.<name>.<random>`` staging and
-    ``.<name>.old-*`` directories) are removed: nobody else can be using them.
+    holds it. Once held, :func:`leftovers` of killed runs are removed: nobody else can be
+    using them.
 
     The lock is an ``flock`` on the lock file, released by the kernel when its process exits,
-    so a killed writer never leaves a stale lock behind (the empty lock file stays). Without ``fcntl`` (Windows) there
-    is no lock and no clean-up."""
+    so a killed writer never leaves a stale lock behind (the empty lock file stays). Without
+    ``fcntl`` (Windows) there is no lock and no clean-up."""
     final = Path(final)
     ensure_dir(final.parent)
-    lock = final.with_name(f".{final.name}.lock")
+    lock = _lock_path(final)
     try:
-        import fcntl
+        import fcntl  # noqa: F401
     except ImportError:  # pragma: no cover - not POSIX
         yield lock
         return
     fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _try_flock(fd):
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
             raise OutputError(
                 f"another {what} (pid {holder}) is writing {final}",
                 fix="wait for it to finish, or stop it (its lock goes with its process).",
-            ) from None
+            )
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
-        # exactly what staging_dir / swap-out name (mkdtemp: 8 characters of [a-z0-9_]), so
-        # "a" never touches the staging directories of a model named "a.b"
-        ours = re.compile(rf"\.{re.escape(final.name)}\.(old-)?[a-z0-9_]{{8}}")
-        for p in final.parent.iterdir():
-            if ours.fullmatch(p.name) and p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p, ignore_errors=True)
+        for p in leftovers(final):
+            shutil.rmtree(p, ignore_errors=True)
         yield lock
     finally:
         os.close(fd)  # releases the flock

@@ -15,18 +15,33 @@ where the embedded default model lives. :class:`ModelDir` opens and checks one; 
 :class:`ArtifactError` subclasses that name the file and the command that fixes it. The export
 stage writes model directories with :func:`new_manifest`, :func:`write_manifest`,
 :func:`network_files` and :func:`read_manifest`.
+
+Integrity: opening a model checks every network file against the sha256 the export recorded,
+before anything runs it. Hashing (about 1 s per GB) happens once per file: the file's
+(size, mtime_ns, ctime_ns, inode, device) is then remembered in a per-user record,
+``~/.cache/iap-rt/verified/<hash of the model's path>.json`` (``IAP_RT_CACHE_DIR`` moves it),
+and a later open that finds the same stamp skips the hash. Any write to the file, a rename
+onto it or an ``mtime`` reset (``touch -d``) changes ``ctime``, which only the kernel sets, so
+a changed file is always hashed again. The record lives in the user's cache, not beside the
+model, because the model directory may be read-only (site-packages, a shared mount, a
+container layer) or a source checkout, and because a record there would be copied along with
+the model (the copy's inode differs, so it would only be ignored).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from iap_rt.errors import ArtifactError, ArtifactMismatchError, ArtifactNotFoundError
-from iap_rt.fileio import write_json_atomic
+from iap_rt.errors import ArtifactError, ArtifactMismatchError, ArtifactNotFoundError, IapRtError
+from iap_rt.fileio import remove_leftovers, sha256_file, write_json_atomic
 from iap_rt.specs import NETWORKS, PRECISIONS, SPEC_VERSION, ModelDims, spec_hash
+
+log = logging.getLogger("iap_rt.modeldir")
 
 MANIFEST = "manifest.json"
 FORMAT = "iap-rt-model"
@@ -84,10 +99,22 @@ class ModelDir:
 
     # ---- opening ------------------------------------------------------------------
     @classmethod
-    def open(cls, path: str | os.PathLike, networks=tuple(NETWORKS)) -> ModelDir:
-        """Open ``path`` and check the manifest, spec hash and every network file."""
+    def open(
+        cls,
+        path: str | os.PathLike,
+        networks=tuple(NETWORKS),
+        verify: bool = True,
+        clean: bool = True,
+    ) -> ModelDir:
+        """Open ``path`` and check the manifest, spec hash and every network file (with
+        ``verify``: their bytes against the manifest's sha256, see :meth:`verify`). With
+        ``clean``, what a killed export left beside ``path`` is removed first (unless an export
+        is running)."""
         path = Path(path)
         fix = REEXPORT.format(path=path)
+        removed = remove_leftovers(path) if clean else []
+        if removed:
+            log.warning("removed what a killed export left: %s", ", ".join(map(str, removed)))
         if not path.exists():
             raise ArtifactNotFoundError(
                 f"model directory {path} does not exist",
@@ -112,6 +139,8 @@ class ModelDir:
             raise ArtifactError(f"{mpath} is not an iap-rt manifest", fix=fix)
         md = cls(path, manifest)
         md._check(networks)
+        if verify:
+            md.verify(networks)
         return md
 
     def _check(self, networks) -> None:
@@ -161,6 +190,69 @@ class ModelDir:
         if not tok.is_file():
             raise ArtifactNotFoundError(f"{tok} is missing", fix=fix)
 
+    # ---- integrity ----------------------------------------------------------------
+    def recorded_hashes(self, networks=tuple(NETWORKS)) -> dict[str, tuple[str, str]]:
+        """File name -> (network, sha256 the export recorded) for every file of ``networks``
+        that has one: the graph, its external data, the UNet's ONNX Runtime variant."""
+        out = {}
+        for net in networks:
+            info = self.manifest["networks"].get(net) or {}
+            for rec in (info, _variant(info, ORT_VARIANT) or {}):
+                for name_key, hash_key in (("file", "sha256"), ("external_data", "data_sha256")):
+                    if rec.get(name_key) and rec.get(hash_key):
+                        out[rec[name_key]] = (net, rec[hash_key])
+        return out
+
+    def verify(self, networks=tuple(NETWORKS)) -> list[str]:
+        """Refuse any network file whose bytes differ from the manifest's sha256
+        (:class:`ArtifactMismatchError` naming the file and the re-export command).
+
+        A file is hashed only when its stamp differs from the one recorded when it last
+        verified (see the module docstring); returns the names hashed this time."""
+        record_path = verified_record_path(self.path)
+        record = _read_record(record_path, self.path)
+        hashed = []
+        for name, (net, want) in self.recorded_hashes(networks).items():
+            f = self.path / name
+            if not f.is_file():
+                raise ArtifactNotFoundError(
+                    f"{f} is missing ({net} network; the manifest lists it)",
+                    fix=self.reexport_fix([net]),
+                )
+            before = _stamp(f)
+            seen = record.get(name)
+            if seen and seen.get("sha256") == want and seen.get("stamp") == before:
+                continue
+            got = sha256_file(f)
+            hashed.append(name)
+            if got != want:
+                record.pop(name, None)
+                _write_record(record_path, self.path, record)
+                raise ArtifactMismatchError(
+                    f"{f} differs from what the export recorded (sha256 {got[:16]}…, manifest "
+                    f"{want[:16]}…): the {net} network was modified or damaged after export; "
+                    "refusing to run it",
+                    fix=self.reexport_fix([net]),
+                )
+            if _stamp(f) == before:  # unchanged while it was hashed
+                record[name] = {"sha256": want, "stamp": before}
+        if hashed:
+            _write_record(record_path, self.path, record)
+        return hashed
+
+    def reexport_fix(self, networks: list[str]) -> str:
+        """The command that rewrites ``networks`` of this directory."""
+        m = self.manifest
+        base, enc = m.get("base_model"), m.get("encoder")
+        if self.path.resolve() == default_model_dir().resolve():
+            return "reinstall iap-rt (pip install --force-reinstall iap-rt): the embedded model is damaged."
+        if base and enc and os.path.isdir(base) and os.path.isdir(enc):
+            return (
+                f"re-export it: iap-rt export --base {base} --encoder {enc} --out {self.path} "
+                f"--networks {','.join(networks)} --force"
+            )
+        return REEXPORT.format(path=self.path)
+
     # ---- accessors ----------------------------------------------------------------
     @property
     def dims(self) -> ModelDims:
@@ -201,6 +293,48 @@ class ModelDir:
     @property
     def default_scheduler(self) -> str:
         return str(self.manifest.get("default_scheduler", "dpm++"))
+
+
+def cache_dir() -> Path:
+    """The per-user iap-rt cache: ``IAP_RT_CACHE_DIR``, else ``$XDG_CACHE_HOME/iap-rt``, else
+    ``~/.cache/iap-rt``."""
+    env = os.environ.get("IAP_RT_CACHE_DIR")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "iap-rt"
+
+
+def verified_record_path(model: str | os.PathLike) -> Path:
+    """Where the verification record of the model directory ``model`` lives."""
+    key = hashlib.sha256(str(Path(model).resolve()).encode("utf-8", "surrogateescape"))
+    return cache_dir() / "verified" / f"{key.hexdigest()[:32]}.json"
+
+
+def _stamp(f: Path) -> list[int]:
+    """What changes whenever the file's bytes can have changed (ctime: set by the kernel)."""
+    st = f.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+
+
+def _read_record(path: Path, model: Path) -> dict:
+    try:
+        data = json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict) or data.get("model") != str(model.resolve()):
+        return {}
+    files = data.get("files")
+    return dict(files) if isinstance(files, dict) else {}
+
+
+def _write_record(path: Path, model: Path, files: dict) -> None:
+    """Remember verified stamps; a cache that cannot be written only costs a re-hash."""
+    try:
+        write_json_atomic(path, {"model": str(model.resolve()), "files": files})
+    except IapRtError as e:
+        log.warning("cannot remember the verified model files (%s); they are hashed again "
+                    "on the next start", e)  # fmt: skip
 
 
 def new_manifest(model_id: str, dims: ModelDims, **extra) -> dict:

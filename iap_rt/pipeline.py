@@ -11,7 +11,9 @@ share steps, size and scheduler. The UNet batch is laid out as ``[uncond rows of
 guidance] + [cond rows of every image]``; every image is computed exactly as it would be alone
 (the networks treat batch rows independently), so image i of a call equals the same prompt and
 seed generated alone, byte for byte. Calls with more images than ``chunk_size`` run as several
-UNet batches one after the other, which bounds the memory a call needs.
+UNet batches one after the other, which bounds the memory a call needs; before allocating
+anything a call's peak memory is estimated and a call above ``memory_limit`` is refused
+(:mod:`iap_rt.memory`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from iap_rt import memory
 from iap_rt.errors import ConfigError, InputError
 from iap_rt.modeldir import ModelDir, default_model_dir
 from iap_rt.schedulers import SCHEDULERS, SchedulerConfig, make_scheduler
@@ -106,13 +109,25 @@ class Pipeline:
     (1, 512, 512, 3)
 
     ``chunk_size``: at most this many images share one UNet batch; larger calls run in chunks.
+    ``memory_limit``: refuse a call whose estimated peak exceeds it: ``"auto"`` (90% of the
+    memory this process can reach), bytes, a size like ``"12GB"``, or ``"off"``.
     """
 
     def __init__(
-        self, model: ModelDir, backend, progress: bool = True, chunk_size: int = DEFAULT_CHUNK
+        self,
+        model: ModelDir,
+        backend,
+        progress: bool = True,
+        chunk_size: int = DEFAULT_CHUNK,
+        memory_limit: int | float | str | None = "auto",
     ):
-        if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-            raise ConfigError(f"chunk size must be an integer >= 1, got {chunk_size!r}")
+        if not _is_int(chunk_size) or chunk_size < 1:
+            raise ConfigError(
+                f"chunk size must be an integer >= 1, got {chunk_size!r}",
+                fix=f"use e.g. --chunk-size {DEFAULT_CHUNK} (images per UNet batch).",
+            )
+        self.memory_limit = memory.parse_limit(memory_limit)
+        self._held: dict[str, float] = {}  # pool -> the largest estimate run so far (GPU)
         self.model = model
         self.backend = backend
         self._runners = None
@@ -120,18 +135,19 @@ class Pipeline:
         self.scheduler_config = SchedulerConfig.from_dict(model.scheduler_config())
         self.dims = model.dims
         self.progress = progress
-        self.chunk_size = chunk_size
+        self.chunk_size = int(chunk_size)
         self._embed_cache: dict[str, np.ndarray] = {}
 
     @classmethod
     def from_dir(
-        cls, path: str | os.PathLike | None = None, backend: str = "auto", progress: bool = True
+        cls, path: str | os.PathLike | None = None, backend: str = "auto", **options
     ) -> Pipeline:
-        """Open ``path`` (default: the embedded model) on ``backend`` (auto, ort, trt)."""
+        """Open ``path`` (default: the embedded model) on ``backend`` (auto, ort, trt);
+        ``options``: progress, chunk_size, memory_limit."""
         from iap_rt.backends import get_backend
 
         model = ModelDir.open(path or default_model_dir())
-        return cls(model, get_backend(backend, model), progress=progress)
+        return cls(model, get_backend(backend, model), **options)
 
     @property
     def runners(self) -> dict:
@@ -167,7 +183,7 @@ class Pipeline:
         self.check_settings(steps, height, width, scheduler)
         if (
             isinstance(guidance, bool)
-            or not isinstance(guidance, (int, float))
+            or not isinstance(guidance, (int, float, np.integer, np.floating))
             or not math.isfinite(guidance)
             or not 0 <= guidance <= MAX_GUIDANCE
         ):
@@ -179,6 +195,7 @@ class Pipeline:
             raise InputError(f"batch size must be an integer >= 1, got {batch_size!r}")
         if not _is_int(seed) or not 0 <= seed <= MAX_SEED:
             raise InputError(f"seed must be an integer from 0 to 2**63-1, got {seed!r}")
+        seed, batch_size = int(seed), int(batch_size)  # Python ints: numpy's would wrap
         if seed + batch_size - 1 > MAX_SEED:
             raise InputError(
                 f"seed {seed} with batch size {batch_size}: image {batch_size - 1} would use "
@@ -211,6 +228,35 @@ class Pipeline:
             raise ConfigError(
                 f"unknown scheduler {scheduler!r}", fix=f"use one of {', '.join(SCHEDULERS)}."
             )
+
+    def estimate_memory(self, call: memory.Call) -> list[memory.Estimate]:
+        """The estimated peak of ``call`` per memory pool on this model and backend."""
+        return memory.estimate(
+            self.model,
+            self.backend.name,
+            str(self.backend.device),
+            bool(getattr(self.backend, "fused_unet", False)),
+            call,
+        )
+
+    def check_memory(self, call: memory.Call) -> list[memory.Estimate]:
+        """Refuse ``call`` (:class:`~iap_rt.errors.ResourceError`, with the number and the
+        fix) when its estimated peak exceeds ``memory_limit``; return the estimates."""
+        estimates = memory.guard(
+            self.estimate_memory, call, self.memory_limit, self._held if self._runners else {},
+            self.default_size, self.dims.pixel_multiple,
+        )  # fmt: skip
+        for e in estimates:
+            self._held[e.pool] = max(self._held.get(e.pool, 0.0), e.total)
+        return estimates
+
+    def plan_call(self, requests: Sequence[PromptRequest], height: int, width: int):
+        """The :class:`~iap_rt.memory.Call` of ``requests``: its images, the largest chunk
+        and (at most) how many of that chunk's images are guided."""
+        images = sum(int(r.batch_size) for r in requests)
+        guided = sum(int(r.batch_size) for r in requests if r.guidance > 1.0)
+        chunk = min(self.chunk_size, images)
+        return memory.Call(images, chunk, min(chunk, guided), height, width)
 
     def clear_cache(self) -> None:
         """Forget cached prompt embeddings (the next call runs the text encoder again)."""
@@ -271,6 +317,7 @@ class Pipeline:
                 r.prompt, r.negative_prompt, steps, r.guidance, r.seed, height, width,
                 r.batch_size, scheduler,
             )  # fmt: skip
+        self.check_memory(self.plan_call(requests, height, width))  # before any allocation
         t_start = time.perf_counter()
         timings = Timings()
         shape = (self.dims.latent_channels, *_latent_hw(height, width, self.dims))
@@ -313,7 +360,7 @@ class Pipeline:
                 "model_id": self.model.model_id,
                 "backend": f"{self.backend.name}:{self.backend.device}",
             }
-            seeds = [r.seed + i for i in range(r.batch_size)]
+            seeds = [int(r.seed) + i for i in range(r.batch_size)]
             results.append(
                 GenerationResult(
                     images_all[start:end], latents_all[start:end], seeds, params, timings
@@ -383,16 +430,21 @@ def _flatten(requests: Sequence[PromptRequest], shape: tuple[int, ...]) -> list[
     images = []
     for k, r in enumerate(requests):
         if r.latents is not None:
-            noise = np.asarray(r.latents, dtype=np.float32)
+            try:
+                noise = np.asarray(r.latents, dtype=np.float32)
+            except (TypeError, ValueError) as e:
+                raise InputError(f"latents must be a float array: {e}") from None
             if noise.shape != (r.batch_size, *shape):
                 raise InputError(
                     f"latents of shape {noise.shape}, expected {(r.batch_size, *shape)}"
                 )
+            if not np.isfinite(noise).all():
+                raise InputError("latents hold nan or inf", fix="pass finite initial noise.")
         else:
-            noise = initial_noise(r.seed, r.batch_size, shape)
+            noise = initial_noise(int(r.seed), int(r.batch_size), shape)
         for i in range(r.batch_size):
             images.append(
-                _Image(k, r.seed + i, r.prompt, r.negative_prompt, float(r.guidance), noise[i])
+                _Image(k, int(r.seed) + i, r.prompt, r.negative_prompt, float(r.guidance), noise[i])
             )
     return images
 

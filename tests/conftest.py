@@ -11,6 +11,24 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest  # noqa: E402
 
 
+def pytest_configure(config):
+    """Verification records (iap_rt.modeldir) go to a per-run directory, not ~/.cache."""
+    if "IAP_RT_CACHE_DIR" not in os.environ:
+        import tempfile
+
+        config._iap_rt_cache = tempfile.mkdtemp(prefix="iap-rt-test-cache-")
+        os.environ["IAP_RT_CACHE_DIR"] = config._iap_rt_cache
+
+
+def pytest_unconfigure(config):
+    cache = getattr(config, "_iap_rt_cache", None)
+    if cache:
+        import shutil
+
+        shutil.rmtree(cache, ignore_errors=True)
+        os.environ.pop("IAP_RT_CACHE_DIR", None)
+
+
 def _has_cuda() -> bool:
     try:
         import torch

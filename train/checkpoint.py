@@ -7,7 +7,8 @@
         ema.safetensors        EMA of the encoder weights (when ema_decay > 0)
         optimizer.safetensors  AdamW state tensors; param groups in the metadata
         rng.safetensors        torch CPU/CUDA and numpy RNG states
-        state.json             step, LR scheduler, python RNG, resolved config
+        state.json             step, LR scheduler, python RNG, resolved config, processes
+                               and global batch
 
 A checkpoint is written into a hidden temp directory and renamed into place when complete,
 so a kill at any moment leaves either the whole checkpoint or none.
@@ -46,8 +47,10 @@ def list_checkpoints(out: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def prepare_resume(out: Path, cfg: TrainConfig, resume: bool) -> Path | None:
-    """The checkpoint to resume from (or None); refuse anything that would overwrite a run."""
+def prepare_resume(out: Path, cfg: TrainConfig, resume: bool, processes: int = 1) -> Path | None:
+    """The checkpoint to resume from (or None); refuse anything that would overwrite a run,
+    and a checkpoint whose config or global batch (``batch_size x grad_accum x processes``:
+    how it is split may change) differs from this run's."""
     ckpts = list_checkpoints(out)
     if not resume:
         if ckpts or (out / "chinese_encoder").exists():
@@ -66,11 +69,23 @@ def prepare_resume(out: Path, cfg: TrainConfig, resume: bool) -> Path | None:
     if state.get("format") != FORMAT or state.get("version") != VERSION:
         raise ArtifactMismatchError(f"{path} is not an iap-rt v{VERSION} training checkpoint")
     conflicts = resume_conflicts(state["config"], cfg)
+    saved = state.get("global_batch") or (
+        state["config"]["batch_size"] * state["config"]["grad_accum"] * state.get("processes", 1)
+    )
+    now = cfg.batch_size * cfg.grad_accum * processes
+    if saved != now:
+        was = state["config"]["batch_size"], state["config"]["grad_accum"]
+        conflicts.append(
+            f"global batch: checkpoint {saved} (batch_size {was[0]} x grad_accum {was[1]} x "
+            f"{state.get('processes', 1)} processes), now {now} (batch_size {cfg.batch_size} x "
+            f"grad_accum {cfg.grad_accum} x {processes} processes)"
+        )
     if conflicts:
         raise ArtifactMismatchError(
             f"--resume: the checkpoint {path.name} was made with a different config: "
             + "; ".join(conflicts),
-            fix="resume with the checkpoint's settings, or start a new run in a new --out.",
+            fix="resume with the checkpoint's settings (any split of the same global batch "
+            "over --batch-size, --grad-accum and processes), or start a new run in a new --out.",
         )
     return path
 

@@ -1,59 +1,176 @@
-"""``iap-rt train``: the click command (loaded lazily by ``iap_rt.cli``)."""
+"""``iap-rt train``: the click command (loaded lazily by ``iap_rt.cli``).
+
+Every :class:`~iap_rt.train.config.TrainConfig` field is an option, generated from the field
+(name, type, help, default), so the command line, ``iap-rt.toml`` and the recorded config can
+never drift apart. Options left out keep the TOML value or the default (shown by ``--help``).
+``--num-processes N`` (and ``--num-machines``...) hand the same command to N processes through
+:mod:`~iap_rt.train.launch`.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shlex
+import typing
 
 import click
 
-from iap_rt.train.config import OBJECTIVES, PRECISIONS
+from iap_rt.train.config import OBJECTIVES, PRECISIONS, SCHEDULES, TrainConfig
+
+CHOICES = {"objective": OBJECTIVES, "lr_schedule": SCHEDULES, "mixed_precision": PRECISIONS}
+REQUIRED = ("base", "encoder", "data", "out")
+LAUNCH = ("num_processes", "num_machines", "machine_rank", "main_process_ip", "main_process_port")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _base_type(hint):
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return (args[0] if args else hint) if typing.get_args(hint) else hint
+
+
+def config_options(f):
+    """One click option per TrainConfig field (default None: "not given", so the TOML wins)."""
+    hints = typing.get_type_hints(TrainConfig)
+    for fld in reversed(dataclasses.fields(TrainConfig)):
+        kind = _base_type(hints[fld.name])
+        kind = typing.get_origin(kind) or kind
+        help_ = fld.metadata.get("help", "")
+        if fld.name in REQUIRED:
+            help_ += "  [required, here or in iap-rt.toml]"
+        elif fld.default is not None:
+            shown = str(fld.default).lower() if isinstance(fld.default, bool) else fld.default
+            help_ += f"  [default: {shown}]"
+        kw = dict(default=None, help=help_)
+        if kind is bool:
+            flag = _flag(fld.name)
+            f = click.option(f"{flag}/--no-{flag[2:]}", fld.name, **kw)(f)
+        elif kind is tuple:
+            kw["help"] = help_ + "; repeat the option for several"
+            f = click.option(_flag(fld.name), fld.name, multiple=True, **kw)(f)
+        elif fld.name in CHOICES:
+            f = click.option(_flag(fld.name), fld.name, type=click.Choice(CHOICES[fld.name]), **kw)(
+                f
+            )
+        else:
+            f = click.option(_flag(fld.name), fld.name, type=kind, **kw)(f)
+    return f
 
 
 @click.command("train")
-@click.option("--base", help="Diffusers SD pipeline directory (unet/ vae/ text_encoder/ ...).")
-@click.option("--encoder", help="HF BERT/RoBERTa dir, chinese_encoder/, or a config.json.")
-@click.option("--data", help="JSONL/CSV with image,zh,en (paths relative to the file).")
-@click.option("--out", help="Output directory.")
-@click.option("--objective", type=click.Choice(OBJECTIVES), help="Training objective.")
-@click.option("--layers", help="Cross-attention layers: all, or e.g. down,mid,up.")
-@click.option("--max-steps", type=int, help="Optimizer steps.")
-@click.option("--batch-size", type=int, help="Samples per process per micro-batch.")
-@click.option("--grad-accum", type=int, help="Micro-batches per optimizer step.")
-@click.option("--lr", type=float, help="Peak learning rate.")
-@click.option("--warmup-steps", type=int, help="Linear warm-up steps before the peak rate.")
-@click.option("--resolution", type=int, help="Image side in pixels (multiple of 8).")
-@click.option("--seed", type=int, help="Random seed.")
-@click.option("--mixed-precision", type=click.Choice(PRECISIONS), help="GPU mixed precision.")
-@click.option("--val-data", help="Held-out JSONL/CSV for validation.")
-@click.option("--cache-dir", help="Latent/embedding cache directory (default OUT/cache).")
+@config_options
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --out.")
 @click.option("--cache-only", is_flag=True, help="Build the latent/embedding cache and exit.")
 @click.option("--config", "config_path", help="TOML file with a [train] table.")
-def train(resume: bool, cache_only: bool, config_path: str | None, **options) -> None:
+@click.option(
+    "--num-processes",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Training processes on this machine (one per GPU); >1 starts and watches them.",
+)
+@click.option("--num-machines", type=int, default=1, show_default=True, help="Machines in the job.")
+@click.option(
+    "--machine-rank", type=int, default=0, show_default=True, help="This machine (0 = main)."
+)
+@click.option("--main-process-ip", help="Address of machine rank 0 (several machines).")
+@click.option(
+    "--main-process-port", type=int, help="Its port; default: a free one, 29500 across machines."
+)
+@click.pass_context
+def train(ctx, resume: bool, cache_only: bool, config_path: str | None, **options) -> None:
     """IAP-train a Chinese text encoder against a frozen English Stable Diffusion.
 
     \b
     iap-rt train --base sd15/ --encoder bert-base-chinese/ --data pairs.jsonl --out run/
-    iap-rt train ...same options... --resume  # continue after a kill
+    iap-rt train ...same options... --resume             # continue after a stop or a kill
+    iap-rt train ...same options... --num-processes 8    # 8 GPUs (or CPU processes)
     """
     from iap_rt.config import resolve
     from iap_rt.extras import require
 
     require("train", "train")  # before anything imports torch
-    from iap_rt.train.config import TrainConfig
+
+    launch = {k: options.pop(k) for k in LAUNCH}
+    options = {k: (v or None) if isinstance(v, tuple) else v for k, v in options.items()}
+    args = _config_args(options, config_path, resume, cache_only)
+    command = shlex.join(["iap-rt", "train", *args, *_launch_args(launch)])
+    cfg = resolve(TrainConfig, "train", config_path, options)
+    if launch["num_processes"] > 1 or launch["num_machines"] > 1:
+        from iap_rt.train.launch import launch as start
+
+        cfg.check()  # fail once here rather than in every process
+        top = ["--debug"] if (ctx.parent and ctx.parent.params.get("debug")) else []
+        top += ["--verbose"] if (ctx.parent and ctx.parent.params.get("verbose")) else []
+        code = start(
+            [*top, "train", *args],
+            launch["num_processes"],
+            launch["num_machines"],
+            launch["machine_rank"],
+            launch["main_process_ip"],
+            launch["main_process_port"],
+            command,
+        )
+        if code:
+            raise SystemExit(code)
+        return
+    _run(cfg, resume, cache_only, command)
+
+
+def _run(cfg: TrainConfig, resume: bool, cache_only: bool, command: str) -> None:
     from iap_rt.train.trainer import run
 
-    cfg = resolve(TrainConfig, "train", config_path, options)
-    summary = run(cfg, resume=resume, cache_only=cache_only)
+    summary = run(cfg, resume=resume, cache_only=cache_only, command=command)
+    if not summary.get("main", True):
+        return
     data = summary.get("data", {})
     if cache_only:
         click.echo(
             f"cache ready in {data.get('cache_dir')}: {data.get('usable')} usable rows, "
-            f"{data.get('bad')} skipped, {data.get('latents_encoded')} images and "
+            f"{data.get('bad')} skipped, {data.get('images_hashed')} images hashed, "
+            f"{data.get('latents_encoded')} images and "
             f"{data.get('english_encoded')} captions encoded"
         )
         return
-    click.echo(json.dumps({k: v for k, v in summary.items() if k != "data"}, ensure_ascii=False))
+    click.echo(
+        json.dumps(
+            {k: v for k, v in summary.items() if k not in ("data", "main")}, ensure_ascii=False
+        )
+    )
     if data.get("bad"):
         click.echo(f"skipped {data['bad']} of {data['rows']} rows (missing or corrupt images)")
     click.echo(f"wrote {cfg.out}/chinese_encoder (export it with `iap-rt export`)")
+
+
+def _config_args(options: dict, config_path, resume: bool, cache_only: bool) -> list[str]:
+    """The command-line arguments that reproduce these options (for workers and the resume
+    hint)."""
+    out: list[str] = []
+    for fld in dataclasses.fields(TrainConfig):
+        v = options.get(fld.name)
+        if v is None:
+            continue
+        if isinstance(v, bool):
+            out.append(_flag(fld.name) if v else "--no-" + _flag(fld.name)[2:])
+        elif isinstance(v, tuple):
+            for item in v:
+                out += [_flag(fld.name), str(item)]
+        else:
+            out += [_flag(fld.name), str(v)]
+    if config_path:
+        out += ["--config", str(config_path)]
+    out += ["--resume"] if resume else []
+    out += ["--cache-only"] if cache_only else []
+    return out
+
+
+def _launch_args(launch: dict) -> list[str]:
+    defaults = {"num_processes": 1, "num_machines": 1, "machine_rank": 0}
+    out = []
+    for k, v in launch.items():
+        if v is not None and v != defaults.get(k):
+            out += [_flag(k), str(v)]
+    return out

@@ -30,9 +30,13 @@ class TrainConfig:
     # ---- inputs / outputs
     base: str | None = opt(None, "diffusers SD pipeline directory (unet/ vae/ text_encoder/ ...)")
     encoder: str | None = opt(None, "HF BERT/RoBERTa directory, chinese_encoder/, or config.json")
-    data: str | None = opt(None, "JSONL or CSV of image,zh,en (image paths relative to the file)")
+    data: str | None = opt(
+        None, "JSONL, CSV or Parquet of image,zh,en (image paths relative to the file)"
+    )
     out: str | None = opt(None, "output directory (chinese_encoder/, checkpoints/, metrics.jsonl)")
-    val_data: str | None = _path("held-out JSONL/CSV for validation; unset = hold out val_count")
+    val_data: str | None = _path(
+        "held-out JSONL/CSV/Parquet for validation; unset = hold out val_count"
+    )
     cache_dir: str | None = _path("latent + English-embedding cache; unset = OUT/cache")
     # ---- method
     objective: str = opt("pivot", "pivot (IAP, one UNet pass), full, embed or denoise")
@@ -103,9 +107,11 @@ class TrainConfig:
 
 
 # fields that may change between a checkpoint and --resume without changing the trajectory
+# (batch_size and grad_accum: only their product with the number of processes, the global
+# batch, matters; checkpoint.prepare_resume checks that)
 RESUME_FREE = frozenset(
     {"out", "cache_dir", "log_every", "val_every", "checkpoint_every", "keep_checkpoints"}
-    | {"sample_prompts", "sample_steps", "val_data", "val_count"}
+    | {"sample_prompts", "sample_steps", "val_data", "val_count", "batch_size", "grad_accum"}
 )
 
 
@@ -115,6 +121,8 @@ def resume_conflicts(saved: dict, cfg: TrainConfig) -> list[str]:
     free = set(RESUME_FREE)
     if cfg.lr_schedule == "constant":
         free.add("max_steps")  # a constant schedule does not depend on the horizon
+    if not cfg.val_data:
+        free.discard("val_count")  # held out of --data: it changes the training rows
     out = []
     for k in sorted(set(now) | set(saved)):
         if k in free:

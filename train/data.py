@@ -1,114 +1,52 @@
-"""Training data: (image, Chinese caption, English caption) triples and their on-disk cache.
+"""Images and the on-disk cache of everything frozen (VAE latents, English CLIP embeddings).
 
-``--data`` is JSONL (one ``{"image", "zh", "en"}`` object a line) or CSV with those columns;
-image paths are relative to the data file. Images are resized (shorter side) and centre
-cropped to the resolution; missing or corrupt images are skipped and counted.
-
-The frozen parts of every step are computed once and cached as safetensors shards:
+Images (:mod:`~iap_rt.train.rows` says where they come from) are resized (shorter side) and
+centre cropped to the resolution. The frozen parts of every step are computed once and
+cached as safetensors shards::
 
     CACHE/latents-<vae fingerprint>-r<resolution>/shard-*.safetensors
         <sha256 of image bytes> -> (2, C, h, w)  VAE posterior mean and std
+    CACHE/latents-.../bad-*.json                 images that failed to decode: key -> reason
     CACHE/english-<text encoder fingerprint>/shard-*.safetensors
         <sha256 of caption>     -> (S, D)        English CLIP last hidden state
 
-so later epochs and later runs skip the VAE and the CLIP encoder. A shard is written
-atomically once complete; a killed cache build loses at most the shard in progress.
+so later epochs and later runs skip the VAE and the CLIP encoder. Several processes build one
+cache together: rank ``r`` of ``n`` encodes the missing keys with ``key mod n == r``
+(:func:`owner`), each rank writes whole shards named by the hash of their keys, each atomically,
+so no file is ever written by two ranks and there is nothing to merge but a directory listing
+(:meth:`ShardCache.rescan` after a barrier). A killed build loses at most the shards in
+progress; rerunning continues it.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import io
 import json
 import logging
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+import sys
+import time
+from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from iap_rt.errors import ArtifactNotFoundError, InputError
-from iap_rt.fileio import atomic_path, ensure_dir
+from iap_rt.fileio import atomic_path, ensure_dir, write_json_atomic
+from iap_rt.train.rows import Rows
 
 log = logging.getLogger("iap_rt.train")
-COLUMNS = ("image", "zh", "en")
 SHARD_SIZE = 256  # entries per shard
+OPEN_SHARDS = 64  # shard files kept open for reading
 
 
-@dataclass(frozen=True)
-class Triple:
-    image: Path  # absolute path
-    zh: str
-    en: str
-    row: int  # 1-based line (JSONL) or data row (CSV) in the data file
-
-
-def read_triples(path: str | Path) -> list[Triple]:
-    """Parse a JSONL/CSV data file; raise :class:`InputError` naming the file, row and column."""
-    path = Path(path)
-    if not path.is_file():
-        raise ArtifactNotFoundError(
-            f"data file {path} does not exist", fix="pass --data a JSONL or CSV file."
-        )
-    suffix = path.suffix.lower()
-    if suffix not in (".jsonl", ".json", ".csv"):
-        raise InputError(f"data file {path}: unknown format {suffix!r}; expected .jsonl or .csv")
-    try:
-        text = path.read_text("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise InputError(f"data file {path} is not UTF-8 text", fix="save it as UTF-8.") from e
-    rows = _jsonl_rows(path, text) if suffix != ".csv" else _csv_rows(path, text)
-    triples = []
-    for row, rec in rows:
-        for col in COLUMNS:
-            if col not in rec or rec[col] is None:
-                raise InputError(
-                    f"{path} row {row} has no {col!r} column (found {sorted(rec)})",
-                    fix=f"give every row the columns {', '.join(COLUMNS)}.",
-                )
-            if not isinstance(rec[col], str):
-                raise InputError(f"{path} row {row}: {col!r} must be a string, got {rec[col]!r}")
-        triples.append(Triple((path.parent / rec["image"]).resolve(), rec["zh"], rec["en"], row))
-    if not triples:
-        raise InputError(
-            f"data file {path} has zero rows",
-            fix=f"add rows with the columns {', '.join(COLUMNS)}.",
-        )
-    return triples
-
-
-def _jsonl_rows(path: Path, text: str) -> Iterable[tuple[int, dict]]:
-    for i, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path} line {i} is not valid JSON: {e.msg}") from e
-        if not isinstance(rec, dict):
-            raise InputError(f"{path} line {i} is not a JSON object")
-        yield i, rec
-
-
-def _csv_rows(path: Path, text: str) -> Iterable[tuple[int, dict]]:
-    reader = csv.DictReader(io.StringIO(text))
-    missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
-    if missing:
-        raise InputError(
-            f"{path} has no {', '.join(repr(m) for m in missing)} column(s) in its header "
-            f"(found {reader.fieldnames})",
-            fix=f"the first line must name the columns {','.join(COLUMNS)}.",
-        )
-    yield from enumerate(reader, start=1)
-
-
-def load_image(path: Path, resolution: int) -> torch.Tensor:
-    """Image file -> ``(3, R, R)`` float in [-1, 1]: shorter side resized to R, centre crop."""
-    import numpy as np
+def load_image(data: bytes, resolution: int) -> torch.Tensor:
+    """Encoded image -> ``(3, R, R)`` float in [-1, 1]: shorter side resized to R, centre crop."""
     from PIL import Image, ImageOps
 
-    with Image.open(path) as img:
+    with Image.open(io.BytesIO(data)) as img:
         img = ImageOps.exif_transpose(img).convert("RGB")
     w, h = img.size
     s = resolution / min(w, h)
@@ -129,17 +67,31 @@ def text_key(text: str) -> str:
 
 
 class ShardCache:
-    """A directory of safetensors shards holding ``key -> tensor``."""
+    """A directory of safetensors shards holding ``key -> tensor`` (+ keys known to be bad)."""
 
     def __init__(self, root: Path):
+        self.root = Path(root)  # created by the first write
+        self._index: dict[str, Path] = {}
+        self.bad: dict[str, str] = {}
+        self._open: OrderedDict[Path, object] = OrderedDict()
+        self._seen: set[Path] = set()
+        self.rescan()
+
+    def rescan(self) -> None:
+        """Index the shards (and bad lists) written since the last scan, by any process."""
         from safetensors import safe_open
 
-        self.root = Path(root)  # created by the first write_shard
-        self._index: dict[str, Path] = {}
-        self._open: dict[Path, object] = {}
-        for f in sorted(self.root.glob("shard-*.safetensors")) if self.root.is_dir() else ():
-            with safe_open(str(f), "pt") as h:
-                self._index.update(dict.fromkeys(h.keys(), f))
+        if not self.root.is_dir():
+            return
+        for f in sorted(self.root.glob("shard-*.safetensors")):
+            if f not in self._seen:
+                with safe_open(str(f), "pt") as h:
+                    self._index.update(dict.fromkeys(h.keys(), f))
+                self._seen.add(f)
+        for f in sorted(self.root.glob("bad-*.json")):
+            if f not in self._seen:
+                self.bad.update(json.loads(f.read_text("utf-8")))
+                self._seen.add(f)
 
     def __contains__(self, key: str) -> bool:
         return key in self._index
@@ -151,7 +103,11 @@ class ShardCache:
         from safetensors import safe_open
 
         f = self._index[key]
-        if f not in self._open:
+        if f in self._open:
+            self._open.move_to_end(f)
+        else:
+            if len(self._open) >= OPEN_SHARDS:
+                self._open.popitem(last=False)
             self._open[f] = safe_open(str(f), "pt")
         return self._open[f].get_tensor(key)
 
@@ -164,83 +120,120 @@ class ShardCache:
         with atomic_path(path) as tmp:
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
         self._index.update(dict.fromkeys(tensors, path))
+        self._seen.add(path)
         return path
+
+    def write_bad(self, bad: dict[str, str]) -> None:
+        name = hashlib.sha256("\n".join(sorted(bad)).encode()).hexdigest()[:20]
+        path = write_json_atomic(ensure_dir(self.root) / f"bad-{name}.json", bad)
+        self.bad.update(bad)
+        self._seen.add(path)
+
+
+def owner(key: str, world: int) -> int:
+    """The rank that encodes cache entry ``key`` (a hex digest: uniform over the ranks)."""
+    return int(key[:12], 16) % world
 
 
 def fill_cache(
-    cache: ShardCache, items: dict[str, object], encode: Callable[[list], torch.Tensor], chunk: int
+    cache: ShardCache,
+    todo: dict[str, object],
+    encode: Callable[[list], list[torch.Tensor | str]],
+    chunk: int,
+    rank: int = 0,
+    world: int = 1,
+    what: str = "items",
+    progress: bool = True,
+    stop: Callable[[], bool] = lambda: False,
 ) -> int:
-    """Encode the ``key -> input`` items missing from ``cache`` in chunks; return how many."""
-    todo = [(k, v) for k, v in items.items() if k not in cache]
+    """Encode this rank's share (:func:`owner`) of the ``key -> input`` items missing from
+    ``cache``.
+
+    ``encode`` returns, per input, a tensor or the reason it failed (a string: the key is
+    recorded as bad). Shows a progress bar with the rate and ETA on ``progress``; checks
+    ``stop()`` between chunks (what is written stays). Returns how many items this rank did
+    (encoded or found bad)."""
+    from tqdm import tqdm
+
+    keys = sorted(
+        k for k in todo if owner(k, world) == rank and k not in cache and k not in cache.bad
+    )
+    if not keys:
+        return 0
     pending: dict[str, torch.Tensor] = {}
-    for i in range(0, len(todo), chunk):
-        part = todo[i : i + chunk]
-        out = encode([v for _, v in part])  # (n, ...)
-        pending.update({k: t.float().cpu() for (k, _), t in zip(part, out)})
-        if len(pending) >= SHARD_SIZE:
-            cache.write_shard(pending)
-            pending = {}
-    if pending:
-        cache.write_shard(pending)
-    return len(todo)
-
-
-@dataclass
-class ScanResult:
-    """Usable triples with their image keys, and the bad rows (reason per row)."""
-
-    triples: list[Triple] = field(default_factory=list)
-    image_keys: list[str] = field(default_factory=list)
-    bad: list[tuple[Triple, str]] = field(default_factory=list)
-    key_to_path: dict[str, Path] = field(default_factory=dict)
-
-
-def scan_images(triples: list[Triple], resolution: int, cache: ShardCache) -> ScanResult:
-    """Hash every image; decode those not yet cached to find corrupt ones."""
-    res, seen = ScanResult(), {}
-    for t in triples:
-        if t.image not in seen:
-            seen[t.image] = _check_image(t.image, resolution, cache)
-        key, reason = seen[t.image]
-        if reason:
-            res.bad.append((t, reason))
-            continue
-        res.triples.append(t)
-        res.image_keys.append(key)
-        res.key_to_path.setdefault(key, t.image)
-    return res
-
-
-def _check_image(path: Path, resolution: int, cache: ShardCache) -> tuple[str, str | None]:
+    bad: dict[str, str] = {}
+    share = f" (rank {rank}'s 1/{world})" if world > 1 else ""
+    bar = tqdm(
+        total=len(keys),
+        desc=f"cache {what}{share}",
+        unit=what.split()[0],
+        disable=not progress,
+        mininterval=0.5 if sys.stderr.isatty() else 10.0,
+        dynamic_ncols=True,
+    )
+    done = 0
     try:
-        key = sha256_bytes(path.read_bytes())
-    except OSError as e:
-        return "", f"cannot read: {e.strerror or e}"
-    if key not in cache:
-        try:
-            load_image(path, resolution)
-        except Exception as e:  # PIL raises many types for broken files
-            return key, f"not a readable image: {type(e).__name__}: {e}"
-    return key, None
+        for i in range(0, len(keys), chunk):
+            if stop():
+                break
+            part = keys[i : i + chunk]
+            for k, out in zip(part, encode([todo[k] for k in part])):
+                if isinstance(out, str):
+                    bad[k] = out
+                else:
+                    pending[k] = out.float().cpu()
+            if len(pending) >= SHARD_SIZE:
+                cache.write_shard(pending)
+                pending = {}
+            done += len(part)
+            bar.update(len(part))
+    finally:
+        if pending:
+            cache.write_shard(pending)
+        if bad:
+            cache.write_bad(bad)
+        bar.close()
+    return done
 
 
-def check_bad(scan: ScanResult, total: int, max_fraction: float, source: Path) -> None:
+def await_entries(cache: ShardCache, expected: int, timeout: float = 120.0) -> None:
+    """Rescan until ``cache`` holds ``expected`` entries (good + bad): what every rank wrote.
+    A network filesystem may list another machine's new files only after a while."""
+    deadline = time.monotonic() + timeout
+    while True:
+        cache.rescan()
+        if len(cache) + len(cache.bad) >= expected:
+            return
+        if time.monotonic() > deadline:
+            raise ArtifactNotFoundError(
+                f"the cache {cache.root} holds {len(cache) + len(cache.bad)} entries after "
+                f"{timeout:.0f}s, but the processes wrote {expected} in all",
+                fix="put --cache-dir (and --out) on a filesystem every machine shares.",
+            )
+        time.sleep(1.0)
+
+
+def check_bad(rows: Rows, scan, max_fraction: float, quiet: bool = False) -> None:
     """Raise when no row is usable or more than ``max_fraction`` of rows are bad."""
-    for t, why in scan.bad[:5]:
-        log.warning("skipping %s row %d (%s): %s", source.name, t.row, t.image, why)
-    examples = "; ".join(f"row {t.row} {t.image.name}: {why}" for t, why in scan.bad[:3])
-    if not scan.triples:
+    total, nbad = len(rows), len(rows) - len(scan.usable)
+    bad_rows = np.flatnonzero(np.isin(rows.image, np.fromiter(scan.bad, np.int64)))[:5]
+    why = [f"{rows.where(r)}: {scan.bad[int(rows.image[r])]}" for r in bad_rows]
+    if not quiet:
+        for w in why:
+            log.warning("skipping %s", w)
+    examples = "; ".join(why[:3])
+    if not len(scan.usable):
         raise InputError(
-            f"{source} has zero usable rows: all {total} image(s) are missing or corrupt "
+            f"{rows.path} has zero usable rows: all {total} image(s) are missing or corrupt "
             f"(e.g. {examples})",
             fix="check the image paths (they are relative to the data file).",
         )
-    frac = len(scan.bad) / total
+    frac = nbad / total
     if frac > max_fraction:
         raise InputError(
-            f"{len(scan.bad)} of {total} rows of {source} ({frac:.0%}) have missing or corrupt "
+            f"{nbad} of {total} rows of {rows.path} ({frac:.0%}) have missing or corrupt "
             f"images, more than max_bad_fraction={max_fraction} (e.g. {examples})",
-            fix="fix or remove those rows, or raise max_bad_fraction in [train].",
+            fix="fix or remove those rows, or raise --max-bad-fraction.",
         )
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from iap_rt.basemodel import check_base_dir
 from iap_rt.errors import ArtifactError, ArtifactNotFoundError, ConfigError
 from iap_rt.tokenizer import PromptTokenizer, bert_chinese_vocab_path, build_wordpiece_tokenizer
 from iap_rt.train.encoder import META, ChineseTextEncoder, load_encoder_config
@@ -31,20 +32,9 @@ class Frozen:
 
 
 def check_base(base: Path) -> None:
-    """Raise unless ``base`` is a diffusers SD pipeline directory with every part we use."""
-    if not base.is_dir():
-        raise ArtifactNotFoundError(
-            f"base model directory {base} does not exist",
-            fix="pass --base a local diffusers-format Stable Diffusion directory.",
-        )
-    missing = [d + "/" for d in BASE_SUBDIRS if not (base / d).is_dir()]
-    if missing:
-        raise ArtifactNotFoundError(
-            f"{base} is not a diffusers Stable Diffusion pipeline directory: missing "
-            f"{', '.join(missing)}",
-            fix="pass the directory a `StableDiffusionPipeline.save_pretrained` wrote "
-            f"(with {', '.join(BASE_SUBDIRS)}).",
-        )
+    """Raise unless ``base`` is a supported diffusers SD pipeline directory (SD 1.x/2.x shaped:
+    SDXL, SD3, Flux, ... are refused) with every part we use, weights as safetensors."""
+    check_base_dir(base, BASE_SUBDIRS)
 
 
 def check_encoder(path: Path) -> None:

@@ -8,7 +8,7 @@ import torch
 
 from iap_rt.fileio import atomic_path, ensure_dir
 from iap_rt.tokenizer import PromptTokenizer
-from iap_rt.train.dataset import CachedSet, batch_to, make_batch
+from iap_rt.train.dataset import CachedSet, batch_to, make_batch, val_seeds
 from iap_rt.train.models import Frozen
 from iap_rt.train.objectives import IapUNet, alignment_metrics
 
@@ -24,8 +24,8 @@ def validate(
     dtype = frozen.unet.dtype
     for start in range(0, len(ds), batch_size):
         idx = list(range(start, min(start + batch_size, len(ds))))
-        g = torch.Generator().manual_seed(seed + 7919 * start)
-        b = batch_to(make_batch(ds, idx, g, frozen, dropout=0.0), device, dtype)
+        b = make_batch(ds, idx, val_seeds(seed, idx), frozen, dropout=0.0)
+        b = batch_to(b, device, dtype)
         zh = encoder(b["zh_ids"], b["zh_mask"])  # (B, S_zh, D)
         m = alignment_metrics(iap, b["x_t"], b["t"], b["en"], zh)
         for k in totals:

@@ -31,3 +31,5 @@ def test_wheel_carries_licences_and_every_package(tmp_path):
             rel = init.relative_to(ROOT / folder).as_posix()
             assert f"{target}/{rel}" in names, f"{folder}/{rel} is not in the wheel"
     assert "iap_rt/data/default_model/manifest.json" in names
+    for asset in ("index.html", "app.js", "style.css"):  # the web page of `iap-rt serve`
+        assert f"iap_rt/serve/web/{asset}" in names, asset

@@ -1,0 +1,186 @@
+"""The OpenAI-compatible images request: parsing, limits and the error shape.
+
+``POST /v1/images/generations`` takes OpenAI's fields (``prompt``, ``n``, ``size`` "WxH",
+``response_format`` ``b64_json``; ``model`` and ``user`` are accepted and ignored) and ours
+(``negative_prompt``, ``seed``, ``steps``, ``guidance_scale``, ``scheduler``). :func:`parse`
+turns a body into an :class:`ImageJob` or raises :class:`ApiError`, which the gateway answers
+in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``. The model's own rules
+(size multiples, steps, guidance, seed range, scheduler) are ``Pipeline.check_inputs``, the
+same as ``iap-rt generate``; the server's limits (:class:`Limits`) come on top.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from dataclasses import dataclass
+
+from iap_rt.errors import IapRtError
+from iap_rt.serve.protocol import Row
+
+OPENAI_FIELDS = ("prompt", "n", "size", "response_format", "model", "user")
+OUR_FIELDS = ("negative_prompt", "seed", "steps", "guidance_scale", "scheduler")
+DEFAULT_STEPS = 25
+DEFAULT_GUIDANCE = 7.5
+
+
+class ApiError(Exception):
+    """An HTTP error answered in OpenAI's shape; ``headers`` go with it (``Retry-After``)."""
+
+    def __init__(
+        self, status: int, message: str, type: str = "invalid_request_error",
+        param: str | None = None, code: str | None = None, headers: dict | None = None,
+    ):  # fmt: skip
+        super().__init__(message)
+        self.status, self.message, self.type = status, message, type
+        self.param, self.code, self.headers = param, code, headers or {}
+
+    def body(self) -> dict:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message: str, type: str, param: str | None = None, code: str | None = None):
+    """OpenAI's error object."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for, on top of the model's own rules."""
+
+    max_body_bytes: int = 65536
+    max_prompt_chars: int = 1000
+    max_n: int = 10
+    max_steps: int = 150
+    max_pixels: int = 4 * 1024 * 1024  # height x width x n
+
+
+@dataclass(frozen=True)
+class ImageJob:
+    """A validated request: ``n`` images, image i with seed ``seed + i``."""
+
+    prompt: str
+    negative_prompt: str
+    n: int
+    seed: int
+    steps: int
+    guidance: float
+    height: int
+    width: int
+    scheduler: str
+
+    def rows(self) -> list[Row]:
+        return [
+            Row(self.prompt, self.negative_prompt, self.seed + i, self.steps, self.guidance,
+                self.height, self.width, self.scheduler)
+            for i in range(self.n)
+        ]  # fmt: skip
+
+
+def _bad(param: str | None, message: str, code: str = "invalid_value") -> ApiError:
+    return ApiError(400, message, param=param, code=code)
+
+
+def _int(body: dict, name: str, default):
+    v = body.get(name, default)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise _bad(name, f"'{name}' must be an integer, got {json.dumps(v)}")
+    return v
+
+
+def _str(body: dict, name: str, default):
+    v = body.get(name, default)
+    if v is None:
+        return default
+    if not isinstance(v, str):
+        raise _bad(name, f"'{name}' must be a string, got {json.dumps(v)}")
+    return v
+
+
+# the first words of a Pipeline.check_inputs message -> the request field it is about
+_PARAM_OF = {"height": "size", "width": "size", "steps": "steps", "guidance": "guidance_scale",
+             "seed": "seed", "unknown scheduler": "scheduler", "batch size": "n"}  # fmt: skip
+
+
+def parse(raw: bytes, limits: Limits, rules=None) -> ImageJob:
+    """Parse and validate one request body. ``rules``: a ``Pipeline`` whose ``check_inputs``
+    and defaults apply (the model's size, default scheduler); None leaves those to Triton."""
+    try:
+        body = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _bad(None, f"the request body is not valid JSON: {e}", "invalid_json") from None
+    if not isinstance(body, dict):
+        raise _bad(None, "the request body must be a JSON object", "invalid_json")
+    unknown = sorted(set(body) - set(OPENAI_FIELDS) - set(OUR_FIELDS))
+    if unknown:
+        raise _bad(
+            unknown[0], f"unrecognized request argument(s): {', '.join(unknown)}; valid: "
+            f"{', '.join(OPENAI_FIELDS + OUR_FIELDS)}", "unknown_parameter",
+        )  # fmt: skip
+    if "prompt" not in body:
+        raise _bad("prompt", "'prompt' is required", "missing_required_parameter")
+    prompt = _str(body, "prompt", "")
+    if not prompt.strip():
+        raise _bad("prompt", "'prompt' must not be empty")
+    if len(prompt) > limits.max_prompt_chars:
+        raise _bad("prompt", f"'prompt' has {len(prompt)} characters; this server allows "
+                   f"{limits.max_prompt_chars}", "prompt_too_long")  # fmt: skip
+    negative = _str(body, "negative_prompt", "")
+    if len(negative) > limits.max_prompt_chars:
+        raise _bad("negative_prompt", f"'negative_prompt' has {len(negative)} characters; "
+                   f"this server allows {limits.max_prompt_chars}", "prompt_too_long")  # fmt: skip
+    n = _int(body, "n", 1)
+    if not 1 <= n <= limits.max_n:
+        raise _bad("n", f"'n' must be from 1 to {limits.max_n}, got {n}")
+    fmt = _str(body, "response_format", "b64_json")
+    if fmt != "b64_json":
+        raise _bad("response_format", f"response_format {fmt!r} is not supported: this server "
+                   "returns images inline only; use 'b64_json'", "unsupported_value")  # fmt: skip
+    _str(body, "model", None), _str(body, "user", None)  # accepted, ignored (one model)
+    steps = _int(body, "steps", DEFAULT_STEPS)
+    if not 1 <= steps <= limits.max_steps:
+        raise _bad("steps", f"'steps' must be from 1 to {limits.max_steps} on this server, "
+                   f"got {steps}")  # fmt: skip
+    guidance = body.get("guidance_scale", DEFAULT_GUIDANCE)
+    if guidance is None:
+        guidance = DEFAULT_GUIDANCE
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)):
+        raise _bad(
+            "guidance_scale", f"'guidance_scale' must be a number, got {json.dumps(guidance)}"
+        )
+    seed = _int(body, "seed", None)
+    if seed is None:
+        seed = secrets.randbelow(2**31)
+    scheduler = _str(body, "scheduler", "")
+    height, width = _size(_str(body, "size", "auto"), rules)
+    if height * width * n > limits.max_pixels:
+        raise _bad("size", f"{n} image(s) of {width}x{height} are {height * width * n} pixels; "
+                   f"this server allows {limits.max_pixels} per request", "too_many_pixels")  # fmt: skip
+    if rules is not None:
+        try:
+            rules.check_inputs(
+                prompt, negative, steps, float(guidance), seed, height or rules.default_size,
+                width or rules.default_size, n, scheduler or rules.model.default_scheduler,
+            )  # fmt: skip
+        except IapRtError as e:
+            param = next((p for k, p in _PARAM_OF.items() if e.message.startswith(k)), None)
+            raise _bad(param, e.message + (f" ({e.fix})" if e.fix else "")) from None
+    return ImageJob(prompt, negative, n, seed, steps, float(guidance), height, width, scheduler)
+
+
+def _size(size: str, rules) -> tuple[int, int]:
+    """``"WxH"`` -> (height, width); ``"auto"`` -> the model's size (0 when unknown here)."""
+    if size == "auto":
+        d = rules.default_size if rules is not None else 0
+        return d, d
+    m = re.fullmatch(r"\s*(\d{1,5})\s*[xX×]\s*(\d{1,5})\s*", size)
+    if not m:
+        raise _bad("size", f"'size' must be \"WIDTHxHEIGHT\" (e.g. \"512x512\") or \"auto\", "
+                   f"got {size!r}")  # fmt: skip
+    width, height = int(m.group(1)), int(m.group(2))
+    if not width or not height:
+        raise _bad("size", f"'size' must be positive, got {size!r}")
+    return height, width

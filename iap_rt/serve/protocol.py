@@ -1,0 +1,93 @@
+"""The contract of the Triton model ``iap_rt``: its tensors, and one row = one image.
+
+The gateway sends each image of a request as its own one-row inference, so Triton's dynamic
+batcher can put any images of any requests together (up to ``--max-batch`` rows). A row's
+inputs: ``prompt``, ``negative_prompt``, ``scheduler`` (UTF-8 bytes; ``""`` = the model's
+default scheduler), ``seed`` (int64), ``steps``, ``height``, ``width`` (int32; 0 = the model's
+size) and ``guidance`` (fp64, so the parameters recorded in the PNG are the float the client
+sent). Outputs per row: ``image`` (H, W, 3 uint8), ``params`` (the JSON the PNG records),
+``batch`` (how many images shared the UNet batch) and ``error`` (``""`` or a JSON object with
+``status``, ``type`` and ``message``: one bad row never fails the rows batched with it).
+This module is plain numpy, shared by the Triton side and the clients.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+MODEL_NAME = "iap_rt"
+
+# name -> (numpy dtype, Triton dtype); every input is one value per row
+INPUTS = {
+    "prompt": (np.object_, "BYTES"),
+    "negative_prompt": (np.object_, "BYTES"),
+    "scheduler": (np.object_, "BYTES"),
+    "seed": (np.int64, "INT64"),
+    "steps": (np.int32, "INT32"),
+    "height": (np.int32, "INT32"),
+    "width": (np.int32, "INT32"),
+    "guidance": (np.float64, "FP64"),
+}
+# name -> (numpy dtype, Triton dtype, per-row shape)
+OUTPUTS = {
+    "image": (np.uint8, "UINT8", (-1, -1, 3)),
+    "params": (np.object_, "BYTES", (1,)),
+    "batch": (np.int32, "INT32", (1,)),
+    "error": (np.object_, "BYTES", (1,)),
+}
+
+
+@dataclass(frozen=True)
+class Row:
+    """One image to generate."""
+
+    prompt: str
+    negative_prompt: str = ""
+    seed: int = 0
+    steps: int = 25
+    guidance: float = 7.5
+    height: int = 0  # 0: the model's size
+    width: int = 0
+    scheduler: str = ""  # "": the model's default
+
+    def to_inputs(self) -> dict[str, np.ndarray]:
+        """The row as Triton inputs, each of shape (1, 1)."""
+        out = {}
+        for name, (dtype, _) in INPUTS.items():
+            v = getattr(self, name)
+            v = v.encode("utf-8") if isinstance(v, str) else v
+            out[name] = np.array([[v]], dtype=dtype)
+        return out
+
+
+def rows_from_inputs(data: dict[str, np.ndarray]) -> list[Row | str]:
+    """The rows of one Triton request (arrays of shape (rows, 1)); a row that cannot be
+    decoded (bytes that are not UTF-8, a missing input) becomes the reason as a string."""
+    n = len(next(iter(data.values()))) if data else 0
+    rows: list[Row | str] = []
+    for i in range(n):
+        try:
+            values = {}
+            for name, (dtype, _) in INPUTS.items():
+                v = np.asarray(data[name]).reshape(n, -1)[i, 0]
+                if dtype is np.object_:
+                    v = bytes(v).decode("utf-8")
+                elif dtype is np.float64:
+                    v = float(v)
+                else:
+                    v = int(v)
+                values[name] = v
+            rows.append(Row(**values))
+        except KeyError as e:
+            rows.append(f"input {e.args[0]!r} is missing")
+        except UnicodeDecodeError as e:
+            rows.append(f"text input is not UTF-8 (byte {e.start})")
+    return rows
+
+
+def error_json(status: int, message: str, kind: str) -> bytes:
+    """The ``error`` output of a failed row."""
+    return json.dumps({"status": status, "type": kind, "message": message}).encode("utf-8")
