@@ -18,8 +18,12 @@ import numpy as np
 from iap_rt.errors import EngineBuildError
 from iap_rt.specs import DERIVED_AXES, DYNAMIC_AXES, ModelDims, NetworkSpec
 
-# how TensorRT names a fused multi-head-attention layer (``_gemm_mha_v2``, ``fmha``, ...)
-FUSED_ATTENTION = re.compile(r"mha|flash_?attention", re.IGNORECASE)
+# a fused multi-head-attention kernel, matched on the engine layer's *name* only
+# (``_gemm_mha_v1_myl0_1``, ``fmha_v2_...``, ``..._flash_attn``), never on the ONNX node names a
+# layer carries in its metadata: diffusers names every node of an attention block
+# ``.../attentions.0/...``, so a search of the whole layer text counts unfused layers too
+FUSED_ATTENTION = re.compile(r"(?:^|_)(?:gemm_)?f?mha(?:_|v\d|$)|(?:^|_)flash_?att", re.IGNORECASE)
+ONNX_LAYER = re.compile(r"\[ONNX Layer: ([^\]]+)\]")  # a layer's source ONNX nodes
 UNSUPPORTED_NODE_HINT = (
     "re-export with opset 18 and plain attention (iap-rt export), or check the op against "
     "TensorRT's ONNX operator support list."
@@ -208,19 +212,52 @@ def build_engine(
     return BuiltEngine(plan, io, seconds, new_cache, messages, layers)
 
 
-def layer_summary(log: list[str]) -> dict | None:
-    """Layers of the engine from TensorRT's detailed layer dump (``Name: ..., LayerType: ...``
-    lines, logged at verbose level by TensorRT-RTX even without a GPU): how many, and which
-    are fused multi-head attention. None when the log has no layer dump."""
-    names = []
+@dataclass(frozen=True)
+class Layer:
+    """One layer of a built engine: its name and the ONNX nodes it was made from."""
+
+    name: str
+    onnx_nodes: tuple[str, ...]
+
+    @property
+    def fused_attention(self) -> bool:
+        return bool(FUSED_ATTENTION.search(self.name))
+
+
+def log_layers(log: list[str]) -> list[Layer]:
+    """The layers of TensorRT's detailed layer dump in the builder's verbose log
+    (``Name: X, LayerType: ..., Metadata: [ONNX Layer: a][ONNX Layer: b]...`` lines; TensorRT-RTX
+    logs it while building, even without a GPU)."""
+    out = []
     for msg in log:
-        for line in msg.splitlines():
+        for line in str(msg).splitlines():
             if line.startswith("Name: ") and ", LayerType: " in line:
-                names.append(line[len("Name: ") : line.index(", LayerType: ")])
-    if not names:
+                name = line[len("Name: ") : line.index(", LayerType: ")]
+                out.append(Layer(name, tuple(ONNX_LAYER.findall(line))))
+    return out
+
+
+def inspector_layers(info: dict) -> list[Layer]:
+    """The layers of the engine inspector's JSON (``get_engine_information``): dicts with
+    ``Name`` and ``Metadata`` in a DETAILED build, bare names otherwise."""
+    out = []
+    for rec in info.get("Layers", []):
+        if isinstance(rec, dict):
+            meta = str(rec.get("Metadata", ""))
+            out.append(Layer(str(rec.get("Name", "")), tuple(ONNX_LAYER.findall(meta))))
+        else:
+            out.append(Layer(str(rec), ()))
+    return out
+
+
+def layer_summary(log: list[str]) -> dict | None:
+    """Layers of the engine from TensorRT's detailed layer dump in the verbose log: how many,
+    and which are fused multi-head attention. None when the log has no layer dump."""
+    layers = log_layers(log)
+    if not layers:
         return None
-    fused = [n for n in names if FUSED_ATTENTION.search(n)]
-    return {"layers": len(names), "fused_attention": len(fused), "fused_attention_names": fused}
+    fused = [ly.name for ly in layers if ly.fused_attention]
+    return {"layers": len(layers), "fused_attention": len(fused), "fused_attention_names": fused}
 
 
 def _parser_error(err) -> str:
@@ -251,9 +288,51 @@ class FusionReport:
     """Which ONNX Softmax nodes TensorRT put inside a fused multi-head-attention kernel."""
 
     softmax: list[str]  # every Softmax node of the ONNX graph
-    fused: list[str]  # those a ``_gemm_mha`` layer of the built engine names as its source
+    fused: list[str]  # those a fused-attention layer of the built engine names as its source
     engine_bytes: int | None
     build_s: float
+
+    def problems(self) -> list[str]:
+        """Why the attention did not all fuse (empty: every Softmax is inside a fused kernel).
+        A graph without a Softmax has no attention to check: that is a problem too, so the
+        check can never pass vacuously."""
+        if not self.softmax:
+            return ["the graph has no Softmax node: there is no attention to check"]
+        unfused = [s for s in self.softmax if s not in self.fused]
+        if unfused:
+            return [
+                f"{len(unfused)} of {len(self.softmax)} attention Softmax nodes are not inside a "
+                f"fused multi-head-attention kernel: {', '.join(unfused[:5])}"
+                + (" ..." if len(unfused) > 5 else "")
+            ]
+        return []
+
+
+def fusion_report(layers: list[Layer], softmax: list[str], engine_bytes=None, build_s=0.0):
+    """Match the graph's Softmax nodes against the fused-attention layers' source nodes."""
+    sources = {n for ly in layers if ly.fused_attention for n in ly.onnx_nodes}
+    return FusionReport(softmax, [s for s in softmax if s in sources], engine_bytes, build_s)
+
+
+def check_fusion(report: FusionReport, what: str) -> None:
+    """Raise :class:`EngineBuildError` unless every attention of ``what`` became one fused
+    kernel."""
+    problems = report.problems()
+    if problems:
+        raise EngineBuildError(
+            f"{what}: " + "; ".join(problems),
+            fix="export with the fusable attention pattern (iap-rt export swaps in a plain "
+            "MatMul -> Softmax -> MatMul processor) and fp16 (--fp16): TensorRT fuses "
+            "fp16 attention with SD-sized heads only.",
+        )
+
+
+def softmax_nodes(onnx_path: Path) -> list[str]:
+    """The names of every Softmax node of an ONNX graph (weights not loaded)."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    return [n.name for n in graph.node if n.op_type == "Softmax"]
 
 
 def fused_softmaxes(trt, onnx_path: Path, shapes: Callable[[str, tuple], tuple]) -> FusionReport:
@@ -261,8 +340,6 @@ def fused_softmaxes(trt, onnx_path: Path, shapes: Callable[[str, tuple], tuple])
     attentions became one fused kernel. ``shapes(input_name, parsed_shape)`` gives each input's
     static shape. Works without a GPU on TensorRT-RTX, which logs the layer dump while building.
     """
-    import onnx
-
     log: list[str] = []
     logger = _logger(trt, [], log)
     t0 = time.perf_counter()
@@ -281,12 +358,6 @@ def fused_softmaxes(trt, onnx_path: Path, shapes: Callable[[str, tuple], tuple])
     cfg.add_optimization_profile(prof)
     engine = builder.build_serialized_network(net, cfg)
     build_s = time.perf_counter() - t0
-    layers = [ln for ln in "\n".join(log).splitlines() if ln.startswith("Name:")]
-    graph = onnx.load(str(onnx_path), load_external_data=False).graph
-    softmax = [n.name for n in graph.node if n.op_type == "Softmax"]
-    fused = [
-        s
-        for s in softmax
-        if any(f"[ONNX Layer: {s}]" in ln and ln.startswith("Name: _gemm_mha") for ln in layers)
-    ]
-    return FusionReport(softmax, fused, engine.nbytes if engine is not None else None, build_s)
+    layers = log_layers(log)
+    nbytes = engine.nbytes if engine is not None else None
+    return fusion_report(layers, softmax_nodes(onnx_path), nbytes, build_s)

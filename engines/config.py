@@ -43,7 +43,7 @@ class EngineConfig:
     networks: str = opt("", "comma-separated networks to build, e.g. 'unet'; empty = all three")
     compute_capabilities: str = opt(
         "", "TensorRT-RTX target GPUs, e.g. '8.6,8.9' or 'current'; empty = its portable "
-        "default (compute capability 8.0 and newer). Full TensorRT always targets this GPU",
+        "default (compute capabilities 8.6, 8.9 and 12.0). Full TensorRT always targets this GPU",
     )  # fmt: skip
     optimization_level: int = opt(3, "builder optimisation level 0-5 (higher: slower build)")
     workspace_mb: int = opt(0, "builder workspace limit in MiB; 0 = TensorRT's default")

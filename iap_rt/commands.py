@@ -175,17 +175,15 @@ def info(model):
     """Show installed backends, TensorRT, the model manifest, its integrity and leftovers."""
     import importlib.metadata
 
-    import onnxruntime as ort
-
     from iap_rt.errors import ArtifactMismatchError
     from iap_rt.fileio import leftovers, lock_holder
     from iap_rt.modeldir import ModelDir, default_model_dir
+    from iap_rt.ortinfo import ort_status
 
     version = importlib.metadata.version("iap-rt")
     click.echo(f"iap-rt {version}  python {sys.version.split()[0]}")
-    click.echo(
-        f"onnxruntime {ort.__version__}: providers {', '.join(ort.get_available_providers())}"
-    )
+    for line in ort_status().lines():  # the wheel, its providers, what CUDA lacks + the fix
+        click.echo(line)
     trt = _tensorrt_flavours()
     click.echo("TensorRT: " + (", ".join(f"{k} {v}" for k, v in trt.items()) or "not installed"))
     path = Path(model or default_model_dir())

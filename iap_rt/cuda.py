@@ -1,9 +1,13 @@
-"""The CUDA runtime, through ctypes, and what the GPU is.
+"""The CUDA runtime and driver, through ctypes, and what the GPU is.
 
 :class:`CudaRuntime` wraps the few CUDA runtime calls the TensorRT backend needs (device
 memory, one stream, async copies, CUDA graph capture) on the ``libcudart`` that polygraphy
-locates (``polygraphy.cuda``), never torch. :func:`gpu_info` names the device engines are
-checked against; it answers None where there is no usable GPU.
+locates (``polygraphy.cuda``), never torch. Each call follows its C signature in
+``cuda_runtime_api.h`` (the argument order is pinned by a test against a strict fake).
+:func:`gpu_info` names the device engines are checked against (None where there is no usable
+GPU) and :func:`no_gpu_reason` says why not: polygraphy missing, no CUDA runtime, no driver,
+no device. :func:`driver_devices` asks the driver alone (``libcuda``), which is all ONNX
+Runtime's CUDA provider needs besides its own libraries.
 """
 
 from __future__ import annotations
@@ -31,16 +35,31 @@ class GpuInfo:
         return f"{self.cc[0]}.{self.cc[1]}"
 
 
+# cudaError_t values worth naming in a message
+CUDA_ERRORS = {
+    3: "cudaErrorInitializationError",
+    34: "cudaErrorStubLibrary (a stub libcuda: no NVIDIA driver)",
+    35: "cudaErrorInsufficientDriver (the NVIDIA driver is older than this CUDA runtime)",
+    100: "cudaErrorNoDevice (no CUDA-capable GPU)",
+    999: "cudaErrorUnknown",
+}
+
+
 class CudaRuntime:
-    """The few CUDA runtime calls the backend needs, on the library polygraphy locates."""
+    """The few CUDA runtime calls the backend needs, on the library polygraphy locates
+    (or ``lib``, any object with the ``cuda*`` functions: tests pass a fake)."""
 
-    H2D, D2H = 1, 2
-    CAPTURE_GLOBAL = 0
+    H2D, D2H = 1, 2  # cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost
+    # cudaStreamCaptureModeThreadLocal: only this thread's unsafe CUDA calls (cudaMalloc, ...)
+    # break the capture, not those of other threads (ORT, Python threads) in the process
+    CAPTURE_THREAD_LOCAL = 1
 
-    def __init__(self):
-        from polygraphy import cuda as pcuda
+    def __init__(self, lib=None):
+        if lib is None:
+            from polygraphy import cuda as pcuda
 
-        self.lib = pcuda.wrapper().handle
+            lib = pcuda.wrapper().handle
+        self.lib = lib
 
     def check(self, rc: int, what: str) -> None:
         if rc != 0:
@@ -57,6 +76,12 @@ class CudaRuntime:
     def device_count(self) -> int:
         n = ctypes.c_int(0)
         return n.value if self.lib.cudaGetDeviceCount(ctypes.byref(n)) == 0 else 0
+
+    def device_count_rc(self) -> tuple[int, int]:
+        """(devices, cudaError_t of cudaGetDeviceCount)."""
+        n = ctypes.c_int(0)
+        rc = int(self.lib.cudaGetDeviceCount(ctypes.byref(n)))
+        return (n.value if rc == 0 else 0), rc
 
     def device(self, index: int) -> GpuInfo:
         attr = ctypes.c_int()
@@ -97,14 +122,27 @@ class CudaRuntime:
         self.check(rc, "cudaMemcpyAsync")
 
     def begin_capture(self, stream: int) -> None:
-        rc = self.lib.cudaStreamBeginCapture(ctypes.c_void_p(stream), self.CAPTURE_GLOBAL)
+        # cudaStreamBeginCapture(cudaStream_t stream, cudaStreamCaptureMode mode)
+        rc = self.lib.cudaStreamBeginCapture(
+            ctypes.c_void_p(stream), ctypes.c_int(self.CAPTURE_THREAD_LOCAL)
+        )
         self.check(rc, "cudaStreamBeginCapture")
 
     def end_capture(self, stream: int) -> int:
-        return self._ptr_out("cudaStreamEndCapture", ctypes.c_void_p(stream))
+        # cudaStreamEndCapture(cudaStream_t stream, cudaGraph_t *pGraph): the stream first
+        graph = ctypes.c_void_p()
+        rc = self.lib.cudaStreamEndCapture(ctypes.c_void_p(stream), ctypes.byref(graph))
+        self.check(rc, "cudaStreamEndCapture")
+        return graph.value or 0
 
-    def instantiate(self, graph: int) -> int:  # CUDA >= 12 signature
+    def instantiate(self, graph: int) -> int:
+        # CUDA >= 12: cudaGraphInstantiate(cudaGraphExec_t *pGraphExec, cudaGraph_t graph,
+        # unsigned long long flags)
         return self._ptr_out("cudaGraphInstantiate", ctypes.c_void_p(graph), ctypes.c_ulonglong(0))
+
+    def destroy_stream(self, stream: int) -> None:
+        if stream:
+            self.lib.cudaStreamDestroy(ctypes.c_void_p(stream))
 
     def launch(self, graph_exec: int, stream: int) -> None:
         rc = self.lib.cudaGraphLaunch(ctypes.c_void_p(graph_exec), ctypes.c_void_p(stream))
@@ -117,14 +155,72 @@ class CudaRuntime:
             self.lib.cudaGraphDestroy(ctypes.c_void_p(graph))
 
 
+@dataclass(frozen=True)
+class GpuProbe:
+    """What :func:`probe` found: the GPU, or why there is none usable here."""
+
+    gpu: GpuInfo | None
+    reason: str | None = None  # None when ``gpu`` is set
+
+
 @functools.lru_cache(maxsize=8)
-def gpu_info(index: int = 0) -> GpuInfo | None:
-    """The CUDA device ``index``, or None without a usable GPU/driver/CUDA runtime."""
+def probe(index: int = 0) -> GpuProbe:
+    """The CUDA device ``index`` through the CUDA runtime, or the reason there is none."""
     try:
         cuda = CudaRuntime()
-        if cuda.device_count() <= index:
-            return None
-        return cuda.device(index)
-    except Exception as e:  # no libcudart, no driver, no device: all mean "no GPU here"
-        log.debug("no CUDA GPU: %s", e)
-        return None
+    except ImportError as e:
+        return GpuProbe(
+            None,
+            f"polygraphy is not installed ({e}); the TensorRT backend reaches the CUDA runtime "
+            "through it: pip install 'iap-rt[trt]'",
+        )
+    except Exception as e:  # OSError from ctypes, PolygraphyException: no libcudart
+        return GpuProbe(
+            None,
+            f"the CUDA runtime library (libcudart) could not be loaded ({str(e)[:200]}): "
+            "install the CUDA runtime (pip install nvidia-cuda-runtime) or put its directory "
+            "on LD_LIBRARY_PATH",
+        )
+    try:
+        count, rc = cuda.device_count_rc()
+        if rc != 0:
+            return GpuProbe(
+                None,
+                f"cudaGetDeviceCount failed with cudaError {rc} "
+                f"({CUDA_ERRORS.get(rc, 'see cuda_runtime_api.h')}): check nvidia-smi",
+            )
+        if count <= index:
+            return GpuProbe(None, f"no CUDA device {index}: {count} visible")
+        return GpuProbe(cuda.device(index))
+    except Exception as e:  # a broken driver: say so, do not crash the caller
+        log.debug("CUDA device query failed: %s", e)
+        return GpuProbe(None, f"querying CUDA device {index} failed: {str(e)[:200]}")
+
+
+def gpu_info(index: int = 0) -> GpuInfo | None:
+    """The CUDA device ``index``, or None without a usable GPU/driver/CUDA runtime/polygraphy
+    (:func:`no_gpu_reason` says which)."""
+    return probe(index).gpu
+
+
+def no_gpu_reason(index: int = 0) -> str:
+    """Why :func:`gpu_info` found no GPU ``index`` (what is missing)."""
+    return probe(index).reason or "a CUDA GPU is visible"
+
+
+def driver_devices() -> tuple[int, str | None]:
+    """(CUDA devices the NVIDIA driver reports, why none) through ``libcuda`` alone
+    (``cuInit`` + ``cuDeviceGetCount``): what ONNX Runtime's CUDA provider needs of the
+    machine besides its own CUDA libraries."""
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return 0, "no NVIDIA driver (libcuda.so.1 is not on this machine)"
+    rc = int(lib.cuInit(ctypes.c_uint(0)))
+    if rc != 0:  # CUresult: 100 = CUDA_ERROR_NO_DEVICE, 35/34 = driver problems
+        return 0, f"the NVIDIA driver did not initialise (cuInit returned CUresult {rc})"
+    n = ctypes.c_int(0)
+    rc = int(lib.cuDeviceGetCount(ctypes.byref(n)))
+    if rc != 0 or n.value == 0:
+        return 0, "the NVIDIA driver reports no CUDA device"
+    return n.value, None

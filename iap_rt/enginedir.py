@@ -45,8 +45,12 @@ SIDECAR_FORMAT = "iap-rt-engine"
 SIDECAR_VERSION = 1
 ENGINE_SUFFIX = ".plan"
 SIDECAR_SUFFIX = ".json"
-RTX_PORTABLE = "portable"  # TensorRT-RTX's default targets: compute capability 8.0 and newer
-RTX_PORTABLE_MIN_CC = (8, 0)
+RTX_PORTABLE = "portable"  # the engine dir of TensorRT-RTX's default targets (no explicit list)
+# the GPUs a TensorRT-RTX engine built without explicit targets runs on (its support matrix:
+# "portable across devices with compute capabilities 8.6, 8.9, and 12.0"); always cut down to
+# what the installed TensorRT-RTX itself lists (:func:`supported_ccs`)
+RTX_PORTABLE_CCS = ((8, 6), (8, 9), (12, 0))
+RUNTIME_CACHE_SUFFIX = ".cache"  # TensorRT-RTX's JIT runtime cache, per GPU (runtime_cache_path)
 
 
 # ---- installed TensorRT ---------------------------------------------------------------
@@ -73,6 +77,42 @@ def import_trt(flavour: str):
 
 def trt_version(trt) -> str:
     return str(trt.__version__)
+
+
+def supported_ccs(trt) -> tuple[tuple[int, int], ...] | None:
+    """The compute capabilities the installed TensorRT runs engines on, from its own list:
+    TensorRT-RTX's ``ComputeCapability`` enum (``SM75`` ... ``SM121``; 1.7 has no SM90, so no
+    H100/H200). None where the module lists none (full TensorRT: every GPU it was built for)."""
+    enum = getattr(trt, "ComputeCapability", None)
+    if enum is None:
+        return None
+    out = []
+    for name in getattr(enum, "__members__", {}):
+        m = re.fullmatch(r"SM(\d+)(\d)", name)  # SM75 -> 7.5, SM120 -> 12.0, SM121 -> 12.1
+        if m:
+            out.append((int(m.group(1)), int(m.group(2))))
+    return tuple(sorted(out)) or None
+
+
+def _cc_list(ccs) -> str:
+    return ", ".join(f"{a}.{b}" for a, b in ccs)
+
+
+def unsupported_gpu_reason(flavour: str, trt, gpu: GpuInfo) -> str | None:
+    """Why the installed ``flavour`` cannot run engines on ``gpu`` (None: it can)."""
+    ccs = supported_ccs(trt)
+    if ccs is None or gpu.cc in ccs:
+        return None
+    return (
+        f"{flavour} {trt_version(trt)} runs engines on compute capabilities {_cc_list(ccs)} "
+        f"only; this GPU ({gpu.name}) is {gpu.cc_str}"
+    )
+
+
+def portable_ccs(trt=None) -> tuple[tuple[int, int], ...]:
+    """The GPUs a portable TensorRT-RTX engine runs on (those the installed one lists)."""
+    ccs = supported_ccs(trt) if trt is not None else None
+    return tuple(c for c in RTX_PORTABLE_CCS if ccs is None or c in ccs)
 
 
 # ---- tags, names, profiles -------------------------------------------------------------
@@ -205,10 +245,10 @@ def sidecar_problems(
     if gpu is not None:
         targets = list(sc.get("target", {}).get("compute_capabilities", []))
         if sc.get("flavour") == "tensorrt_rtx" and not targets:
-            if gpu.cc < RTX_PORTABLE_MIN_CC:
+            if gpu.cc not in RTX_PORTABLE_CCS:
                 out.append(
                     f"compute_capability: engine targets TensorRT-RTX's portable set "
-                    f"(8.0 and newer), this GPU ({gpu.name}) is {gpu.cc_str}"
+                    f"({_cc_list(RTX_PORTABLE_CCS)}), this GPU ({gpu.name}) is {gpu.cc_str}"
                 )
         elif gpu.cc_str not in targets:
             out.append(
@@ -280,9 +320,17 @@ def find_engine_dir(model: ModelDir, flavour: str, gpu: GpuInfo) -> Path | None:
     dirs = [d for d in sorted(root.iterdir()) if d.is_dir() and d.name.startswith("tensorrt_rtx-")]
     ranked = [d for d in dirs if d.name == f"tensorrt_rtx-{sm}"]
     ranked += [d for d in dirs if sm in d.name.split("-")[1:] and d not in ranked]
-    if gpu.cc >= RTX_PORTABLE_MIN_CC:
+    if gpu.cc in RTX_PORTABLE_CCS:
         ranked += [d for d in dirs if d.name == f"tensorrt_rtx-{RTX_PORTABLE}"]
     return next((d for d in ranked if sidecars(d)), None)
+
+
+def runtime_cache_path(engine_dir: Path, gpu: GpuInfo) -> Path:
+    """TensorRT-RTX's JIT runtime cache for ``gpu`` beside its engines: the kernels compiled
+    for this GPU, so that the next process loads them instead of compiling again. One per
+    compute capability (a portable engine dir serves several GPUs; TensorRT-RTX rejects a
+    cache from another GPU, TensorRT-RTX or driver and rebuilds it)."""
+    return engine_dir / f"runtime-sm{gpu.cc[0]}{gpu.cc[1]}{RUNTIME_CACHE_SUFFIX}"
 
 
 def engines_usable(model, device: int = 0) -> bool:
@@ -297,7 +345,12 @@ def engines_usable(model, device: int = 0) -> bool:
             d = find_engine_dir(model, flavour, gpu)
             if d is None:
                 continue
-            version = trt_version(import_trt(flavour))
+            trt = import_trt(flavour)
+            reason = unsupported_gpu_reason(flavour, trt, gpu)
+            if reason:  # e.g. TensorRT-RTX on an H100/H200 (SM90): ONNX Runtime instead
+                log.info("TensorRT engines not usable: %s", reason)
+                continue
+            version = trt_version(trt)
             if all(_usable_any(d, n, model, flavour, version, gpu) for n in NETWORKS):
                 return True
     except Exception as e:  # auto-selection must never fail: fall back to ONNX Runtime

@@ -55,3 +55,37 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if item.get_closest_marker("gpu"):
                 item.add_marker(skip)
+
+
+@pytest.fixture
+def attention_onnx(tmp_path):
+    """``make(name, dtype="fp16", head=32, seq=64) -> Path``: one self-attention, MatMul ->
+    Mul -> Softmax -> MatMul, its nodes named as diffusers names them
+    (``/down_blocks.0/attentions.0/transformer_blocks.0/attn1/...``). fp16 with an SD-sized
+    head is what TensorRT fuses into one kernel; fp32 or a 4-wide head cannot fuse."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper, save
+
+    def make(name: str, dtype: str = "fp16", head: int = 32, seq: int = 64):
+        elem = TensorProto.FLOAT16 if dtype == "fp16" else TensorProto.FLOAT
+        np_dtype = np.float16 if dtype == "fp16" else np.float32
+        p = "/down_blocks.0/attentions.0/transformer_blocks.0/attn1"
+        nodes = [
+            helper.make_node("Transpose", ["x"], ["kt"], perm=[0, 2, 1], name=f"{p}/Transpose"),
+            helper.make_node("MatMul", ["x", "kt"], ["scores"], name=f"{p}/MatMul"),
+            helper.make_node("Mul", ["scores", "scale"], ["scaled"], name=f"{p}/Mul"),
+            helper.make_node("Softmax", ["scaled"], ["probs"], axis=-1, name=f"{p}/Softmax"),
+            helper.make_node("MatMul", ["probs", "x"], ["y"], name=f"{p}/MatMul_1"),
+        ]
+        graph = helper.make_graph(
+            nodes,
+            "attention",
+            [helper.make_tensor_value_info("x", elem, [2, seq, head])],
+            [helper.make_tensor_value_info("y", elem, [2, seq, head])],
+            [numpy_helper.from_array(np.array(head**-0.5, np_dtype), "scale")],
+        )
+        path = tmp_path / f"{name}.onnx"
+        save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+        return path
+
+    return make

@@ -5,9 +5,10 @@
     python -m iap_rt.train.bench_torch build ARCH ROOT                # tiny | sd15 sources
 
 - ``worker``: the reference backends, :class:`iap_rt.train.reference.TorchPipeline` in eager
-  PyTorch (fp32 on CPU; fp16 with diffusers' default SDPA attention on CUDA), optionally the
-  UNet under ``torch.compile``; measured by :func:`iap_rt.bench.protocol.measure` like every
-  other backend.
+  PyTorch (fp32 on CPU; fp16 with diffusers' default SDPA attention on CUDA, the VAE at the
+  model directory's VAE precision so that the VAE decode is compared like for like, and
+  timed at fp16 and fp32 both), optionally the UNet under ``torch.compile``; measured by
+  :func:`iap_rt.bench.protocol.measure` like every other backend.
 - ``build``: ``ROOT/sd`` (a diffusers base without the CLIP text encoder, which the reference
   does not use) and ``ROOT/encoder`` (a ``chinese_encoder/``) with random seeded weights from
   the configs in :mod:`iap_rt.train.tiny` / :mod:`iap_rt.train.sd15`, each marked complete
@@ -27,8 +28,16 @@ from iap_rt.bench.protocol import LoadedBackend, RunTimes, WorkerSpec, worker_ma
 from iap_rt.errors import BackendUnavailableError, ConfigError
 from iap_rt.extras import install_hint
 from iap_rt.fileio import write_text_atomic
+from iap_rt.modeldir import ModelDir
 
 BUILDABLE = ("tiny", "sd15")
+
+
+def torch_dtype(precision: str):
+    """``"fp16"``/``"fp32"`` -> the torch dtype."""
+    import torch
+
+    return {"fp16": torch.float16, "fp32": torch.float32}[precision]
 
 
 def load_torch(spec: WorkerSpec) -> LoadedBackend:
@@ -60,29 +69,72 @@ def load_torch(spec: WorkerSpec) -> LoadedBackend:
     cuda = spec.device in ("auto", "cuda") and torch.cuda.is_available()
     dev = torch.device("cuda" if cuda else "cpu")
     dtype = torch.float16 if cuda else torch.float32
+    vae_precision = ModelDir.open(spec.model_dir).precision("vae_decoder") if cuda else "fp32"
+    vae_dtype = torch_dtype(vae_precision)
     if spec.threads:
         torch.set_num_threads(spec.threads)
-    ref = TorchPipeline.from_dirs(spec.model_dir, spec.base_dir, spec.encoder_dir, dev, dtype)
+    ref = TorchPipeline.from_dirs(
+        spec.model_dir, spec.base_dir, spec.encoder_dir, dev, dtype, vae_dtype=vae_dtype
+    )
     compiled = spec.backend == "torch-compile"
     if compiled:
         ref.unet = torch.compile(ref.unet)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
         name = torch.cuda.get_device_name(dev)
-        device = f"cuda ({name}, fp16, SDPA{', torch.compile' if compiled else ''})"
+        device = f"cuda ({name}, fp16, {vae_precision} VAE, SDPA"
+        device += f"{', torch.compile' if compiled else ''})"
     else:
         device = f"cpu (fp32, eager{', torch.compile' if compiled else ''})"
 
     args, kwargs = spec.pipeline_args()
+    last = {}
 
     def generate():
         res = ref(*args, **kwargs)
+        last["latents"] = res.latents
         return RunTimes.from_timings(res.timings, res.timings.unet_cpu_s), res.latents
 
     def peak_gpu_mb() -> float | None:
         return torch.cuda.max_memory_reserved() / 2**20 if cuda else None
 
-    return LoadedBackend(generate, device, load_start, peak_gpu_mb=peak_gpu_mb)
+    def extra() -> dict:  # after the runs (and the peak memory): the VAE at both precisions
+        prec = "fp16" if dtype == torch.float16 else "fp32"
+        out = {"precision": {"text_encoder": prec, "unet": prec, "vae_decoder": vae_precision}}
+        if cuda:  # fp16 vs fp32 VAE decode matters on a GPU only
+            out["vae_decode_by_precision"] = vae_decode_by_precision(ref, last["latents"])
+        return out
+
+    return LoadedBackend(generate, device, load_start, peak_gpu_mb=peak_gpu_mb, extra=extra)
+
+
+def vae_decode_by_precision(ref, latents, precisions=("fp16", "fp32"), repeat: int = 3) -> dict:
+    """Median seconds of ``ref``'s VAE decode of ``latents`` (numpy, the final latents) in each
+    precision (a copy of the VAE cast to it; the pipeline's own VAE is left as it was)."""
+    import copy
+    import statistics
+
+    import torch
+
+    own, own_dtype = ref.vae, ref.vae_dtype
+    z = torch.from_numpy(latents).to(ref.device)
+    out = {}
+    try:
+        for p in precisions:
+            dt = torch_dtype(p)
+            ref.vae = own if dt == own_dtype else copy.deepcopy(own).to(dt)
+            ref.vae_dtype = dt
+            times = []
+            for _ in range(repeat + 1):  # the first decode warms the kernels up
+                ref.sync()
+                t0 = time.perf_counter()
+                ref.decode(z)
+                ref.sync()
+                times.append(time.perf_counter() - t0)
+            out[p] = statistics.median(times[1:])
+    finally:
+        ref.vae, ref.vae_dtype = own, own_dtype
+    return out
 
 
 def build_sources(arch: str, root: str | os.PathLike) -> Path:

@@ -78,8 +78,9 @@ class TorchPipeline:
 
     ``encoder`` and ``tokenizer`` are needed by :meth:`__call__` and :meth:`encode` only;
     :meth:`denoise` and :meth:`decode` take embeddings and latents from anywhere. The UNet
-    and VAE run in ``dtype`` (fp16 on CUDA for the bench); latents, the scheduler and the
-    guidance combination stay float32, as in the runtime.
+    runs in ``dtype`` (fp16 on CUDA for the bench), the VAE in ``vae_dtype`` (default
+    ``dtype``; the bench matches the model directory's VAE precision); latents, the scheduler
+    and the guidance combination stay float32, as in the runtime.
     """
 
     def __init__(
@@ -91,11 +92,13 @@ class TorchPipeline:
         tokenizer=None,
         default_scheduler: str = "dpm++",
         dtype: torch.dtype = torch.float32,
+        vae_dtype: torch.dtype | None = None,
     ):
         self.unet, self.vae, self.encoder, self.tokenizer = unet, vae, encoder, tokenizer
         self.scheduler_config = scheduler_config
         self.default_scheduler = default_scheduler
         self.dtype = dtype
+        self.vae_dtype = vae_dtype or dtype
         self.device = next(unet.parameters()).device
         self.scaling_factor = float(vae.config.scaling_factor)
         self.latent_channels = int(vae.config.latent_channels)
@@ -109,6 +112,7 @@ class TorchPipeline:
         encoder_dir: str | os.PathLike,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
+        vae_dtype: torch.dtype | None = None,
     ) -> TorchPipeline:
         """The PyTorch sources of an exported model directory: UNet and VAE from the diffusers
         ``base_dir``, our encoder from ``encoder_dir``; tokenizer, scheduler config and default
@@ -125,7 +129,8 @@ class TorchPipeline:
         base = Path(base_dir)
         kw = {"use_safetensors": True, "torch_dtype": dtype}
         unet = UNet2DConditionModel.from_pretrained(base / "unet", **kw).to(device).eval()
-        vae = AutoencoderKL.from_pretrained(base / "vae", **kw).to(device).eval()
+        vae_kw = {**kw, "torch_dtype": vae_dtype or dtype}
+        vae = AutoencoderKL.from_pretrained(base / "vae", **vae_kw).to(device).eval()
         encoder = ChineseTextEncoder.load(encoder_dir).to(device, dtype).eval()
         return cls(
             unet,
@@ -135,6 +140,7 @@ class TorchPipeline:
             tokenizer=PromptTokenizer.from_dir(model.tokenizer_dir),
             default_scheduler=model.default_scheduler,
             dtype=dtype,
+            vae_dtype=vae_dtype,
         )
 
     def sync(self) -> None:
@@ -208,7 +214,7 @@ class TorchPipeline:
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Final latents (B, C, h, w) -> the VAE's images (B, 3, H, W), about [-1, 1]."""
-        z = (latents / self.scaling_factor).to(self.dtype)
+        z = (latents / self.scaling_factor).to(self.vae_dtype)
         return self.vae.decode(z, return_dict=False)[0]
 
     # ---- the whole generation --------------------------------------------------------------

@@ -16,18 +16,19 @@ from iap_rt.errors import (
     ConfigError,
 )
 from iap_rt.modeldir import REEXPORT, ModelDir
+from iap_rt.onnxsig import read_inputs
+from iap_rt.ortinfo import CPU_INSTALL, GPU_INSTALL
 from iap_rt.specs import NETWORKS, ModelDims, NetworkSpec
-
-_ORT_TYPES = {
-    "tensor(float)": np.dtype(np.float32),
-    "tensor(float16)": np.dtype(np.float16),
-    "tensor(int64)": np.dtype(np.int64),
-}
 
 
 def available_providers() -> list[str]:
-    import onnxruntime as ort
-
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise BackendUnavailableError(
+            f"ONNX Runtime is not installed ({e})",
+            fix=f"{CPU_INSTALL}, or on an NVIDIA GPU: {GPU_INSTALL}.",
+        ) from e
     return list(ort.get_available_providers())
 
 
@@ -51,6 +52,11 @@ class OrtRunner:
         (``onnxruntime/python/tools/transformers/models/stable_diffusion/ort_utils.py``,
         MIT). If ONNX Runtime refuses the capture, the runner falls back to plain binding
         and says why in ``cuda_graph_error``.
+
+    The inputs are checked against the shape contract from the ONNX file itself (no weights
+    read, :mod:`iap_rt.onnxsig`), so a network costs one session per use: the plain session
+    is opened at load, except under ``cuda_graph``, where the first call opens the graph
+    session of its shapes (and the plain one only if ONNX Runtime refuses the capture).
     """
 
     def __init__(
@@ -78,10 +84,10 @@ class OrtRunner:
         self.cuda_graph = cuda_graph
         self.cuda_graph_error: str | None = None
         self.output_names = spec.output_names
-        self.session = self._open()
         self._check_signature(path)
-        if cuda_graph:  # each set of shapes gets its own session: free this one's memory
-            self.session = None
+        self.sessions_opened = 0
+        # under cuda_graph each set of shapes gets its own session, opened on first use
+        self.session = None if cuda_graph else self._open()
         self._bound: _Bound | None = None
 
     def _open(self, options=None, providers=None):
@@ -97,6 +103,7 @@ class OrtRunner:
                 f"ONNX Runtime cannot load {self.path}: {str(e).splitlines()[0][:300]}",
                 fix=REEXPORT.format(path=os.path.dirname(self.path)),
             ) from e
+        self.sessions_opened += 1
         first = providers[0] if isinstance(providers[0], str) else providers[0][0]
         if first not in session.get_providers():
             # ONNX Runtime only warns and runs on the CPU when a provider's libraries (CUDA,
@@ -104,14 +111,14 @@ class OrtRunner:
             raise BackendUnavailableError(
                 f"ONNX Runtime could not start {first} for {self.path} (it has "
                 f"{session.get_providers()}); its CUDA/cuDNN libraries did not load",
-                fix="install onnxruntime-gpu with its CUDA libraries (pip install "
-                "'onnxruntime-gpu[cuda,cudnn]', matching your driver) or put CUDA 13 and "
-                "cuDNN 9 on LD_LIBRARY_PATH; or run with device='cpu'.",
+                fix=f"{GPU_INSTALL} (onnxruntime-gpu with its CUDA and cuDNN libraries as "
+                "nvidia-* wheels) or put the CUDA and cuDNN it was built for on "
+                "LD_LIBRARY_PATH; `iap-rt info` says what is missing; or run with device='cpu'.",
             )
         return session
 
     def _check_signature(self, path) -> None:
-        got = {i.name: _ORT_TYPES.get(i.type, i.type) for i in self.session.get_inputs()}
+        got = read_inputs(path)
         want = {t.name: t.numpy_dtype(self.precision) for t in self.spec.inputs}
         if got != want:
             raise ArtifactMismatchError(
@@ -229,12 +236,13 @@ class OrtBackend(Backend):
         if device == "cuda" and "CUDAExecutionProvider" not in providers:
             raise BackendUnavailableError(
                 f"ONNX Runtime has no CUDA execution provider (has {providers})",
-                fix="pip install onnxruntime-gpu (a CUDA build matching your driver).",
+                fix=f"pip uninstall -y onnxruntime && {GPU_INSTALL} (`iap-rt info` names the "
+                "installed ONNX Runtime wheel).",
             )
         if cuda_graph and device != "cuda":
             raise ConfigError(
                 "CUDA graphs need the CUDA execution provider (this backend runs on the CPU)",
-                fix="install onnxruntime-gpu and use device='cuda', or turn cuda_graph off.",
+                fix=f"{GPU_INSTALL} and use device='cuda', or turn cuda_graph off.",
             )
         if device == "cuda":
             _preload_cuda_libraries()

@@ -11,11 +11,16 @@ activation buffer shared by all engines (they run one after another on the strea
 to the largest. Optional CUDA graph of the UNet step: TensorRT-RTX's built-in capture,
 or a captured ``execute_async_v3`` for full TensorRT. CUDA goes through
 :class:`iap_rt.cuda.CudaRuntime`, never torch.
+
+TensorRT-RTX compiles its kernels on this GPU when a context first runs (JIT): the backend
+loads its runtime cache from beside the engines (``engines/<gpu-tag>/runtime-smXY.cache``)
+and saves it back on :meth:`TensorRTBackend.close`, so only the first process on a GPU
+compiles; ``kernel_specialization="eager"`` compiles the shape-specialised kernels before
+the first image instead of running it on fallback kernels (benches and tests use it).
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +37,7 @@ from iap_rt.errors import (
     BackendUnavailableError,
     ConfigError,
 )
+from iap_rt.fileio import write_bytes_atomic
 from iap_rt.modeldir import ModelDir
 from iap_rt.specs import NETWORKS
 
@@ -85,17 +91,39 @@ class TensorRTBackend(Backend):
 
     ``flavour``: auto | tensorrt | tensorrt_rtx. ``cuda_graph``: capture the UNet step in a
     CUDA graph; None = what the engines were built with (``iap-rt engines build
-    --cuda-graph``). Options meant for other backends are ignored.
+    --cuda-graph``). ``kernel_specialization`` (TensorRT-RTX): ``lazy`` (its default: the
+    first runs of a new shape use fallback kernels while the specialised ones compile),
+    ``eager`` (compile them before the first run) or ``none``. ``runtime_cache``: load/save
+    TensorRT-RTX's JIT runtime cache beside the engines. Options meant for other backends
+    are ignored.
     """
 
     name = "trt"
+    SPECIALIZATIONS = ("lazy", "eager", "none")
 
-    def __init__(self, flavour: str = "auto", cuda_graph: bool | None = None, device: int = 0, **_):
+    def __init__(
+        self,
+        flavour: str = "auto",
+        cuda_graph: bool | None = None,
+        device: int = 0,
+        kernel_specialization: str = "lazy",
+        runtime_cache: bool = True,
+        **_,
+    ):
         if flavour != "auto" and flavour not in ed.FLAVOURS:
             raise ConfigError(
                 f"unknown TensorRT flavour {flavour!r}", fix=f"use auto, {', '.join(ed.FLAVOURS)}."
             )
+        if kernel_specialization not in self.SPECIALIZATIONS:
+            raise ConfigError(
+                f"unknown kernel specialization {kernel_specialization!r}",
+                fix=f"use one of {', '.join(self.SPECIALIZATIONS)}.",
+            )
         self.flavour, self.cuda_graph, self.index = flavour, cuda_graph, device
+        self.kernel_specialization = kernel_specialization
+        self.use_runtime_cache = runtime_cache
+        self._runtime_cache = None  # TensorRT-RTX IRuntimeCache shared by every context
+        self._runtime_cache_path: Path | None = None
         self._gpu: GpuInfo | None = None
         self._trt = None
         self._cuda: cudart.CudaRuntime | None = None
@@ -115,6 +143,14 @@ class TensorRTBackend(Backend):
         flavours = ed.installed_flavours() if self.flavour == "auto" else [self.flavour]
         if not flavours:
             ed.import_trt("tensorrt_rtx")  # raises the install hint
+        reasons = {f: ed.unsupported_gpu_reason(f, ed.import_trt(f), gpu) for f in flavours}
+        if all(reasons.values()):  # e.g. TensorRT-RTX 1.7 on an H100/H200 (SM90)
+            raise BackendUnavailableError(
+                "no installed TensorRT runs on this GPU: " + "; ".join(reasons.values()),
+                fix="use --backend ort (ONNX Runtime's CUDA provider), or install full TensorRT "
+                "(pip install tensorrt-cu13), which runs on every recent NVIDIA GPU.",
+            )
+        flavours = [f for f in flavours if not reasons[f]]
         for f in flavours:
             d = ed.find_engine_dir(model, f, gpu)
             if d is not None:
@@ -132,7 +168,7 @@ class TensorRTBackend(Backend):
         gpu = cudart.gpu_info(self.index)
         if gpu is None:
             raise BackendUnavailableError(
-                f"no CUDA GPU {self.index} is visible (no NVIDIA driver or device)",
+                f"no CUDA GPU {self.index} for TensorRT: {cudart.no_gpu_reason(self.index)}",
                 fix="use --backend ort, or run on a machine with an NVIDIA GPU.",
             )
         self.close()
@@ -143,6 +179,8 @@ class TensorRTBackend(Backend):
         self._cuda = cuda = cudart.CudaRuntime()
         cuda.set_device(self.index)  # TensorRT deserializes onto the current device
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        if self.use_runtime_cache:
+            self._runtime_cache_path = ed.runtime_cache_path(edir, gpu)
         by_net: dict[str, list[_Engine]] = {}
         # 1. check every sidecar and engine file, then deserialize
         for net in NETWORKS:
@@ -197,8 +235,10 @@ class TensorRTBackend(Backend):
         if hasattr(engine, "create_runtime_config"):
             rc = engine.create_runtime_config()
             rc.set_execution_context_allocation_strategy(user)
-            if graph and self.flavour == "tensorrt_rtx":
-                rc.cuda_graph_strategy = trt.CudaGraphStrategy.WHOLE_GRAPH_CAPTURE
+            if self.flavour == "tensorrt_rtx":
+                if graph:
+                    rc.cuda_graph_strategy = trt.CudaGraphStrategy.WHOLE_GRAPH_CAPTURE
+                self._jit_settings(trt, rc)
             ctx = engine.create_execution_context(rc)
         else:
             ctx = engine.create_execution_context(user)
@@ -208,6 +248,33 @@ class TensorRTBackend(Backend):
                 fix="close other GPU programs, or use --backend ort.",
             )
         return ctx
+
+    def _jit_settings(self, trt, rc) -> None:
+        """TensorRT-RTX's JIT: kernel specialisation strategy and the shared runtime cache."""
+        strategy = trt.DynamicShapesKernelSpecializationStrategy
+        rc.dynamic_shapes_kernel_specialization_strategy = getattr(
+            strategy, self.kernel_specialization.upper()
+        )
+        if self._runtime_cache_path is None:
+            return
+        if self._runtime_cache is None:
+            self._runtime_cache = rc.create_runtime_cache()
+            path = self._runtime_cache_path
+            if path.is_file() and not self._runtime_cache.deserialize(path.read_bytes()):
+                log.info("runtime cache %s is from another GPU/driver/TensorRT: rebuilding", path)
+        rc.set_runtime_cache(self._runtime_cache)
+
+    def save_runtime_cache(self) -> Path | None:
+        """Write TensorRT-RTX's runtime cache beside the engines (atomically); None where
+        there is none or the engine directory is read-only."""
+        if self._runtime_cache is None or self._runtime_cache_path is None:
+            return None
+        try:
+            write_bytes_atomic(self._runtime_cache_path, self._runtime_cache.serialize())
+        except OSError as e:  # an installed, read-only model directory: compile next time
+            log.warning("could not save the runtime cache %s: %s", self._runtime_cache_path, e)
+            return None
+        return self._runtime_cache_path
 
     def _allocate(self, trt, e: _Engine) -> None:
         """Device buffers for every I/O tensor at the profile's largest shapes, bound once."""
@@ -256,16 +323,17 @@ class TensorRTBackend(Backend):
         if cuda is not None:
             if self._stream:
                 cuda.sync(self._stream)
+            self.save_runtime_cache()  # the kernels compiled in this process
             for e in self._engines:
                 self._drop_graph(e)
                 for ptr in (e.buffers or {}).values():
                     cuda.free(ptr)
             cuda.free(self._shared)
-            if self._stream:
-                cuda.lib.cudaStreamDestroy(ctypes.c_void_p(self._stream))
+            cuda.destroy_stream(self._stream)
         for e in self._engines:  # contexts before engines
             e.context = None
         self._engines, self._shared, self._stream = [], 0, 0
+        self._runtime_cache = None
 
 
 def _device_memory_size(engine) -> int:

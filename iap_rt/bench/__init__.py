@@ -9,7 +9,9 @@ How a run works (:func:`iap_rt.bench.run.run_bench`):
    process, into a cache directory (default ``~/.cache/iap-rt/bench``), once; latency does
    not depend on the weight values. ``toy`` needs a trained toy model directory.
 2. **one subprocess per backend** (:mod:`.protocol`), one after the other, so that each
-   backend's peak RSS (``VmHWM``) is its own and no backend warms another's caches. The
+   backend's peak RSS (``VmHWM``) is its own and no backend warms another's caches; each
+   under its ``--timeout`` (killed past it and reported ``timed_out``), the result JSON
+   written after every backend (``complete: false`` until the last). The
    ``ort``/``trt`` workers (``python -m iap_rt.bench.worker``) never import torch; the
    ``torch``/``torch-compile`` worker is ``python -m iap_rt.train.bench_torch worker``, which
    runs :class:`iap_rt.train.reference.TorchPipeline`.
@@ -21,7 +23,9 @@ How a run works (:func:`iap_rt.bench.run.run_bench`):
 4. the parent adds the machine (:mod:`.machine`), the config, each backend's speed-up over
    ``torch`` (``torch time / backend time``) and the final-latents difference to ``torch`` (a
    check that every backend did the same work), and writes the JSON (:mod:`.report`:
-   :data:`~iap_rt.bench.report.RESULT_FIELDS`).
+   :data:`~iap_rt.bench.report.RESULT_FIELDS`). Each result records the precision of every
+   network it ran; torch runs the VAE at the model directory's VAE precision (like for like)
+   and, on CUDA, also times the VAE decode at fp16 and fp32 (``vae_decode_by_precision``).
 
 ``runtime overhead per step`` = (denoising loop time - UNet time) / steps: the scheduler, the
 guidance combination, copies, dtype casts, feed checks and Python. The UNet time is measured

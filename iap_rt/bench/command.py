@@ -13,7 +13,6 @@ from iap_rt.bench.config import ARCHES, BenchConfig
 from iap_rt.bench.report import check_document, format_table
 from iap_rt.bench.run import run_bench
 from iap_rt.errors import IapRtError
-from iap_rt.fileio import write_json_atomic
 
 
 @click.command("bench")
@@ -59,6 +58,18 @@ from iap_rt.fileio import write_json_atomic
 )
 @click.option("--fp16", is_flag=True, help="Benchmark an fp16 ONNX export (for GPUs).")
 @click.option(
+    "--fp16-vae",
+    is_flag=True,
+    help="With --fp16: the VAE decoder in fp16 too. torch always runs the VAE at the model "
+    "directory's VAE precision (like for like).",
+)
+@click.option(
+    "--timeout",
+    help="Seconds each backend's worker may take before it is killed: 600, or per backend "
+    "torch=900,ort=300 (a bare number is the default for the rest). The JSON (--out) is "
+    "written after every backend.",
+)
+@click.option(
     "--ort-unet",
     type=click.Choice(("fused", "exported")),
     default="fused",
@@ -87,9 +98,7 @@ def bench(backends, out, as_json, **options):
     def log(msg: str) -> None:
         click.echo(msg, err=True)
 
-    doc = run_bench(cfg, command=command, log=log)
-    if out:
-        write_json_atomic(out, doc)
+    doc = run_bench(cfg, command=command, log=log, out=out)
     if as_json:
         click.echo(json.dumps(doc, indent=2, ensure_ascii=False))
     else:

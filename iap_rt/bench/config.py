@@ -36,11 +36,39 @@ class BenchConfig:
     threads: int | None = None  # intra-op threads (torch and ORT); None: all cores
     device: str = "auto"  # auto | cpu | cuda
     fp16: bool = False  # export/run an fp16 ONNX (GPU); torch on CUDA is fp16 regardless
+    fp16_vae: bool = False  # with fp16: the VAE decoder in fp16 too (torch matches the model's)
     ort_unet: str = "fused"  # ort backends: the fused-attention UNet graph, or "exported"
     model: str | None = None  # an existing model directory instead of the cache
     base: str | None = None  # diffusers base for the torch reference (with --model)
     encoder: str | None = None  # chinese_encoder/ for the torch reference (with --model)
     cache_dir: str | None = None  # default ~/.cache/iap-rt/bench
+    # seconds each backend's worker may take (load, warm-up and runs) before it is killed:
+    # "600" for all, "torch=900,ort=300" per backend, or both ("torch=900,600"); None: no limit
+    timeout: str | None = None
+
+    def timeout_for(self, backend: str) -> float | None:
+        """The time limit of ``backend``'s worker (None: none)."""
+        default, per = None, {}
+        for item in (self.timeout or "").split(","):
+            item = item.strip()
+            if not item:
+                continue
+            name, sep, value = item.rpartition("=")
+            try:
+                seconds = float(value)
+            except ValueError:
+                seconds = -1.0
+            if seconds <= 0 or (sep and name not in BACKENDS):
+                raise ConfigError(
+                    f"--timeout item {item!r} is not SECONDS or BACKEND=SECONDS",
+                    fix=f"e.g. --timeout 600 or --timeout torch=900,ort=300 (backends: "
+                    f"{', '.join(BACKENDS)}; seconds > 0).",
+                )
+            if sep:
+                per[name] = seconds
+            else:
+                default = seconds
+        return per.get(backend, default)
 
     def check(self) -> None:
         """Raise :class:`ConfigError` naming the first invalid option and its valid values."""
@@ -63,6 +91,13 @@ class BenchConfig:
             if not isinstance(v, int) or v < 1:
                 flag = f"--{name.replace('_', '-')}"
                 raise ConfigError(f"{flag} must be >= 1, got {v!r}", fix=f"pass e.g. {flag} 1.")
+        if self.fp16_vae and not self.fp16:
+            raise ConfigError(
+                "--fp16-vae makes the VAE decoder of an fp16 export fp16 too",
+                fix="pass --fp16 with it (or drop --fp16-vae).",
+            )
+        for backend in self.backends:
+            self.timeout_for(backend)
         if self.threads is not None and self.threads < 1:
             raise ConfigError(
                 f"--threads must be >= 1, got {self.threads}",

@@ -186,14 +186,28 @@ def last_line(text: str) -> str:
     return lines[-1][:500] if lines else "(no output)"
 
 
-def spawn_worker(spec: WorkerSpec, workdir: Path, threads: int | None) -> dict:
-    """Run one worker subprocess; return its result or ``{"status": ..., "reason": ...}``."""
+def spawn_worker(
+    spec: WorkerSpec, workdir: Path, threads: int | None, timeout: float | None = None
+) -> dict:
+    """Run one worker subprocess; return its result or ``{"status": ..., "reason": ...}``.
+    A worker still running after ``timeout`` seconds is killed (a hung CUDA call, a stuck
+    compile): ``{"status": "error", "reason": "timed out ...", "timed_out": True}``."""
     spec_file = workdir / f"{spec.backend}.spec.json"
     out_file = workdir / f"{spec.backend}.result.json"
     write_text_atomic(spec_file, json.dumps(asdict(spec), ensure_ascii=False))
     module = WORKER_MODULES[spec.backend]
     cmd = [sys.executable, "-m", module, "worker", str(spec_file), str(out_file)]
-    proc = subprocess.run(cmd, env=child_env(threads), capture_output=True, text=True)
+    try:
+        proc = subprocess.run(
+            cmd, env=child_env(threads), capture_output=True, text=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired as e:  # run() has killed the worker
+        tail = last_line(e.stderr.decode() if isinstance(e.stderr, bytes) else e.stderr or "")
+        return {
+            "status": "error",
+            "reason": f"timed out after {timeout:g} s (killed; last output: {tail})",
+            "timed_out": True,
+        }
     if out_file.is_file():
         return json.loads(out_file.read_text("utf-8"))
     if proc.returncode < 0:

@@ -36,6 +36,31 @@ def notes(cfg: BenchConfig) -> list[str]:
     return out
 
 
+def precision_notes(results: list[dict]) -> list[str]:
+    """Where a backend ran a network at another precision than ``torch`` (its figures for that
+    network, and e2e, are then not like for like), and the VAE decode at both precisions
+    where a worker measured both."""
+    ref = next((r for r in results if r["backend"] == "torch"), None)
+    out = []
+    for r in results:
+        if ref is None or r is ref or not r.get("precision") or not ref.get("precision"):
+            continue
+        differ = {
+            n: (p, ref["precision"][n])
+            for n, p in r["precision"].items()
+            if n in ref["precision"] and p != ref["precision"][n]
+        }
+        if differ:
+            what = ", ".join(f"{n} in {p} (torch: {t})" for n, (p, t) in differ.items())
+            out.append(f"{r['backend']} runs {what}: not like for like with torch.")
+    for r in results:
+        both = r.get("vae_decode_by_precision")
+        if both:
+            figures = ", ".join(f"{p} {s:.4g} s" for p, s in sorted(both.items()))
+            out.append(f"{r['backend']}: VAE decode by precision (median): {figures}.")
+    return out
+
+
 def check_document(doc: dict) -> list[str]:
     """Problems with a result document's layout (empty list: it is well formed)."""
     problems = []

@@ -1,5 +1,9 @@
 """The parent process of ``iap-rt bench``: sources -> one worker per backend -> the result
-document (machine, config, results, skipped, notes, command; see :mod:`iap_rt.bench`)."""
+document (machine, config, results, skipped, notes, command; see :mod:`iap_rt.bench`).
+
+Each worker runs under its backend's time limit (``--timeout``), and with ``out`` the document
+is written (atomically) after every backend, ``"complete": false`` until the last one: a hang
+or a killed session keeps what was measured."""
 
 from __future__ import annotations
 
@@ -12,16 +16,18 @@ import numpy as np
 from iap_rt.bench.config import NEGATIVE_PROMPT, PROMPT, TORCH_BACKENDS, BenchConfig
 from iap_rt.bench.machine import loadavg, machine_info
 from iap_rt.bench.protocol import WorkerSpec, spawn_worker
-from iap_rt.bench.report import UNITS, notes
+from iap_rt.bench.report import UNITS, notes, precision_notes
 from iap_rt.bench.sources import prepare_sources, resolve_size
 from iap_rt.bench.stats import add_ratios, summarise
 from iap_rt.errors import ConfigError
+from iap_rt.fileio import write_json_atomic
 from iap_rt.modeldir import ModelDir
 from iap_rt.schedulers import SCHEDULERS
 
 
-def run_bench(cfg: BenchConfig, command: str = "", log=print) -> dict:
-    """Run every requested backend; return the result document (see :mod:`iap_rt.bench`)."""
+def run_bench(cfg: BenchConfig, command: str = "", log=print, out=None) -> dict:
+    """Run every requested backend; return the result document (see :mod:`iap_rt.bench`),
+    written to ``out`` (if given) after each backend."""
     cfg.check()
     machine = machine_info()
     sources = prepare_sources(cfg, log=log)
@@ -32,6 +38,46 @@ def run_bench(cfg: BenchConfig, command: str = "", log=print) -> dict:
         raise ConfigError(
             f"unknown scheduler {scheduler!r}", fix=f"use one of {', '.join(SCHEDULERS)}."
         )
+    do_cfg = cfg.guidance > 1.0
+    config = {
+        "arch": cfg.arch,
+        "height": height,
+        "width": width,
+        "steps": cfg.steps,
+        "batch_size": cfg.batch_size,
+        "repeat": cfg.repeat,
+        "warmup": cfg.warmup,
+        "guidance": float(cfg.guidance),
+        "unet_batch": 2 * cfg.batch_size if do_cfg else cfg.batch_size,
+        "scheduler": scheduler,
+        "seed": cfg.seed,
+        "threads": cfg.threads or os.cpu_count(),
+        "device": cfg.device,
+        "backends": list(cfg.backends),
+        "timeout_s": {b: cfg.timeout_for(b) for b in cfg.backends},
+        "model_id": model.model_id,
+        "precision": {n: model.precision(n) for n in model.manifest["networks"]},
+        "model_dir": str(sources.model_dir),
+        "model_build_s": sources.build_s,
+        "prompt": PROMPT,
+        "negative_prompt": NEGATIVE_PROMPT,
+    }
+
+    def document(results, skipped, latents, complete: bool) -> dict:
+        results = [dict(r) for r in results]  # ratios on copies: the runs go on
+        add_ratios(results, latents)
+        machine["loadavg_end"] = loadavg()
+        return {
+            "machine": machine,
+            "config": config,
+            "results": results,
+            "skipped": list(skipped),
+            "notes": notes(cfg) + precision_notes(results),
+            "complete": complete,
+            "command": command,
+            "units": UNITS,
+        }
+
     results, skipped, latents = [], [], {}
     with tempfile.TemporaryDirectory(prefix="iap-rt-bench-") as tmp:
         for backend in dict.fromkeys(cfg.backends):
@@ -59,47 +105,21 @@ def run_bench(cfg: BenchConfig, command: str = "", log=print) -> dict:
                 ort_unet=cfg.ort_unet,
             )
             log(f"{backend}: measuring ({cfg.warmup} warm-up + {cfg.repeat} runs) ...")
-            raw = spawn_worker(spec, Path(tmp), cfg.threads)
+            raw = spawn_worker(spec, Path(tmp), cfg.threads, cfg.timeout_for(backend))
             if raw.get("status") in ("unavailable", "error"):
-                skipped.append(
-                    {"backend": backend, "reason": raw["reason"], "error": raw["status"] == "error"}
-                )
+                skip = {"backend": backend, "reason": raw["reason"]}
+                skip["error"] = raw["status"] == "error"
+                if raw.get("timed_out"):
+                    skip["timed_out"] = True
+                skipped.append(skip)
                 log(f"{backend}: {raw['status']} ({raw['reason']})")
-                continue
-            results.append(summarise(raw))
-            if Path(spec.latents_out).is_file():
-                latents[backend] = np.load(spec.latents_out)
-    add_ratios(results, latents)
-    machine["loadavg_end"] = loadavg()
-    do_cfg = cfg.guidance > 1.0
-    config = {
-        "arch": cfg.arch,
-        "height": height,
-        "width": width,
-        "steps": cfg.steps,
-        "batch_size": cfg.batch_size,
-        "repeat": cfg.repeat,
-        "warmup": cfg.warmup,
-        "guidance": float(cfg.guidance),
-        "unet_batch": 2 * cfg.batch_size if do_cfg else cfg.batch_size,
-        "scheduler": scheduler,
-        "seed": cfg.seed,
-        "threads": cfg.threads or os.cpu_count(),
-        "device": cfg.device,
-        "backends": list(cfg.backends),
-        "model_id": model.model_id,
-        "precision": {n: model.precision(n) for n in model.manifest["networks"]},
-        "model_dir": str(sources.model_dir),
-        "model_build_s": sources.build_s,
-        "prompt": PROMPT,
-        "negative_prompt": NEGATIVE_PROMPT,
-    }
-    return {
-        "machine": machine,
-        "config": config,
-        "results": results,
-        "skipped": skipped,
-        "notes": notes(cfg),
-        "command": command,
-        "units": UNITS,
-    }
+            else:
+                results.append(summarise(raw))
+                if Path(spec.latents_out).is_file():
+                    latents[backend] = np.load(spec.latents_out)
+            if out:
+                write_json_atomic(out, document(results, skipped, latents, complete=False))
+    doc = document(results, skipped, latents, complete=True)
+    if out:
+        write_json_atomic(out, doc)
+    return doc

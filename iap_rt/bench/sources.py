@@ -42,7 +42,8 @@ def default_cache_dir() -> Path:
 
 
 def cache_root(cache_dir: str | os.PathLike | None, arch: str) -> Path:
-    """Where the built ``arch`` lives: ``sd/``, ``encoder/``, ``model-fp32/``, ``model-fp16/``."""
+    """Where the built ``arch`` lives: ``sd/``, ``encoder/``, ``model-fp32/``, ``model-fp16/``,
+    ``model-fp16-vae16/``."""
     return Path(cache_dir or default_cache_dir()) / f"{arch}-seed{BUILD_SEED}"
 
 
@@ -61,7 +62,7 @@ def prepare_sources(cfg: BenchConfig, log=print) -> Sources:
         return _given_sources(cfg)
     if cfg.arch == "toy":
         return _toy_sources()
-    precision = "fp16" if cfg.fp16 else "fp32"
+    precision = ("fp16" if cfg.fp16 else "fp32") + ("-vae16" if cfg.fp16_vae else "")
     root = cache_root(cfg.cache_dir, cfg.arch)
     sources = Sources(root / f"model-{precision}", root / "sd", root / "encoder")
     if model_ok(sources.model_dir) and all(
@@ -91,6 +92,7 @@ def export_args(cfg: BenchConfig, sources: Sources) -> list[str]:
         *("--base", str(sources.base_dir), "--encoder", str(sources.encoder_dir)),
         *("--out", str(sources.model_dir), "--model-id", f"{cfg.arch}-random-seed{BUILD_SEED}"),
         *("--engines", "none", "--fp16" if cfg.fp16 else "--no-fp16"),
+        "--fp16-vae" if cfg.fp16_vae else "--no-fp16-vae",
     ]
 
 

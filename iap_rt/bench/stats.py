@@ -49,7 +49,7 @@ def summarise(raw: dict) -> dict:
     entry["import_s"] = raw["import_s"]
     entry["loadavg_before_after"] = raw.get("loadavg")
     entry["latents_absmax"] = raw.get("latents_absmax")  # final latents, last run
-    for key in ("unet_graph", "cuda_graph"):
+    for key in ("unet_graph", "cuda_graph", "precision", "vae_decode_by_precision"):
         if key in raw:
             entry[key] = raw[key]
     entry["runs"] = raw["runs"]  # the raw per-run timings the figures above come from

@@ -85,7 +85,8 @@ def load_runtime(spec: WorkerSpec) -> LoadedBackend:
         device += ", CUDA graph)" if spec.backend == "ort-graph" else ")"
 
     def extra() -> dict:  # asked after the runs: CUDA graphs are captured on first use
-        out = {}
+        # the graphs' own precisions (ORT runs them as they are, TensorRT strongly typed)
+        out: dict = {"precision": {n: model.precision(n) for n in runners}}
         if spec.backend.startswith("ort"):
             out["unet_graph"] = os.path.basename(pipe.runners["unet"].runner.path)
         if spec.backend == "ort-graph":

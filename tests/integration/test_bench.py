@@ -130,3 +130,31 @@ def test_bench_export_step_is_a_valid_export_command(tmp_path):
         "none",
         "sd15-random-seed0",
     )
+    params = export.make_context("export", export_args(BenchConfig(fp16=True), sources)[1:]).params
+    assert params["fp16_vae"] is False
+    cfg = BenchConfig(arch="sd15", fp16=True, fp16_vae=True)
+    assert export.make_context("export", export_args(cfg, sources)[1:]).params["fp16_vae"] is True
+
+
+def test_torch_vae_runs_at_the_requested_precision_and_is_timed_at_both(
+    tiny_model_dir, tiny_sd_dir, tiny_encoder_dir
+):
+    """The torch reference decodes with a VAE in ``vae_dtype`` (the bench passes the model
+    directory's VAE precision), and ``vae_decode_by_precision`` times fp16 and fp32 both,
+    leaving the pipeline's own VAE as it was."""
+    import numpy as np
+    import torch
+
+    from iap_rt.train.bench_torch import vae_decode_by_precision
+    from iap_rt.train.reference import TorchPipeline
+
+    ref = TorchPipeline.from_dirs(
+        tiny_model_dir, tiny_sd_dir, tiny_encoder_dir, vae_dtype=torch.float16
+    )
+    assert ref.dtype == torch.float32 and next(ref.unet.parameters()).dtype == torch.float32
+    assert next(ref.vae.parameters()).dtype == torch.float16
+    latents = np.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    assert ref.decode(torch.from_numpy(latents)).dtype == torch.float16
+    times = vae_decode_by_precision(ref, latents, repeat=1)
+    assert set(times) == {"fp16", "fp32"} and all(t > 0 for t in times.values())
+    assert ref.vae_dtype == torch.float16 and next(ref.vae.parameters()).dtype == torch.float16

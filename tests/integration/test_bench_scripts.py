@@ -1,6 +1,6 @@
 """Every script under ``bench/`` runs at tiny size (``bench/ort_cpu_mha.py``, which needs
-no torch, is in ``tests/unit/test_bench_no_torch.py``; ``bench/gpu_session.sh`` stages GPU
-runs through the device tool and is not run here). Each writes its JSON to a temporary file;
+no torch, is in ``tests/unit/test_bench_no_torch.py``; ``bench/gpu_check.sh`` is rehearsed by
+``test_gpu_check_dry_run.py``). Each writes its JSON to a temporary file;
 the checks are on its layout and on what it did, never on its timings."""
 
 from __future__ import annotations

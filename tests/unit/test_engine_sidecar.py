@@ -348,7 +348,7 @@ class FakeCuda:
         self.capturing: list | None = None
         self.graphs: dict[int, list] = {}
         self.launches = 0
-        self.lib = types.SimpleNamespace(cudaStreamDestroy=lambda s: 0)
+        self.streams_destroyed: list[int] = []
 
     def set_device(self, index):
         assert index == 0
@@ -364,6 +364,9 @@ class FakeCuda:
 
     def stream(self):
         return 7
+
+    def destroy_stream(self, stream):
+        self.streams_destroyed.append(stream)
 
     def sync(self, stream):
         assert stream == 7
@@ -478,10 +481,7 @@ class FakeEngine:
         return self.dtypes[name]
 
     def create_runtime_config(self):
-        return types.SimpleNamespace(
-            set_execution_context_allocation_strategy=lambda s: setattr(self, "strategy", s),
-            cuda_graph_strategy="disabled",
-        )
+        return FakeRuntimeConfig(self)
 
     def create_execution_context(self, config):
         if not isinstance(config, str):  # a runtime config (TensorRT-RTX, TensorRT >= 10.11)
@@ -496,6 +496,42 @@ class FakeEngine:
         if self.net == "text_encoder":
             return np.broadcast_to(x["input_ids"][..., None], shape)
         return np.broadcast_to(x["latent_sample"].mean(axis=(1, 2, 3))[:, None, None, None], shape)
+
+
+class FakeRuntimeCache:
+    """TensorRT-RTX's runtime cache: the bytes it was loaded from + kernels "compiled" since."""
+
+    def __init__(self):
+        self.kernels: list[str] = []
+
+    def deserialize(self, blob):
+        text = bytes(blob).decode()
+        if not text.startswith("cache:"):
+            return False  # another GPU/driver/version: TensorRT-RTX refuses it
+        self.kernels = [k for k in text[len("cache:") :].split(",") if k]
+        return True
+
+    def serialize(self):
+        return ("cache:" + ",".join(self.kernels)).encode()
+
+
+class FakeRuntimeConfig:
+    def __init__(self, engine):
+        self.engine, self.cuda_graph_strategy = engine, "disabled"
+        self.dynamic_shapes_kernel_specialization_strategy = "lazy"
+        self.runtime_cache = None
+
+    def set_execution_context_allocation_strategy(self, strategy):
+        self.engine.strategy = strategy
+
+    def create_runtime_cache(self):
+        self.engine.caches_created = getattr(self.engine, "caches_created", 0) + 1
+        return FakeRuntimeCache()
+
+    def set_runtime_cache(self, cache):
+        self.runtime_cache = cache
+        cache.kernels.append(f"{self.engine.net}-kernel")  # JIT-compiled on first use
+        return True
 
 
 FULL_TRT_TAG = ed.gpu_tag("tensorrt", RTX_4090)
@@ -523,6 +559,9 @@ def sim(model_copy, monkeypatch):
         TensorIOMode=types.SimpleNamespace(INPUT="in", OUTPUT="out"),
         nptype=lambda dtype: dtype,
         CudaGraphStrategy=types.SimpleNamespace(WHOLE_GRAPH_CAPTURE="whole-graph"),
+        DynamicShapesKernelSpecializationStrategy=types.SimpleNamespace(
+            LAZY="lazy", EAGER="eager", NONE="none"
+        ),
     )
     engines = {}
 
@@ -576,7 +615,7 @@ def test_buffers_shared_memory_and_results(sim):
 
     allocated = set(sim.cuda.mem)
     backend.close()
-    assert set(sim.cuda.freed) == allocated
+    assert set(sim.cuda.freed) == allocated and sim.cuda.streams_destroyed == [7]
 
 
 def test_rtx_cuda_graph_uses_its_built_in_capture(sim):
@@ -625,3 +664,46 @@ def test_cuda_graph_default_comes_from_the_unet_sidecar(sim):
     write_engine(sim.md.path, "unet", profile={"axes": AXES["unet"]}, runtime={"cuda_graph": True})
     rt.TensorRTBackend().load(sim.md)
     assert sim.engines["unet"].runtime_config.cuda_graph_strategy == "whole-graph"
+
+
+# ---- TensorRT-RTX JIT: kernel specialisation and the runtime cache --------------------------
+def _runtime_configs(sim):
+    return [c for e in sim.engines.values() for c in [e.runtime_config]]
+
+
+def test_rtx_runtime_cache_is_shared_saved_on_close_and_reloaded(sim):
+    cache_file = sim.md.path / "engines" / "tensorrt_rtx-portable" / "runtime-sm89.cache"
+    backend = rt.TensorRTBackend(kernel_specialization="eager")
+    backend.load(sim.md)
+    configs = _runtime_configs(sim)
+    assert {c.dynamic_shapes_kernel_specialization_strategy for c in configs} == {"eager"}
+    caches = {id(c.runtime_cache) for c in configs}
+    assert len(caches) == 1 and None not in {c.runtime_cache for c in configs}  # one, shared
+    assert not cache_file.exists()
+    backend.close()
+    first = cache_file.read_bytes().decode()
+    assert first.startswith("cache:") and "unet-kernel" in first
+    # the next process starts from the saved kernels (and adds what it compiles)
+    again = rt.TensorRTBackend()
+    again.load(sim.md)
+    cache = _runtime_configs(sim)[0].runtime_cache
+    assert cache.kernels[: len(first.split(","))] == first[len("cache:") :].split(",")
+    assert {c.dynamic_shapes_kernel_specialization_strategy for c in _runtime_configs(sim)} == {
+        "lazy"  # TensorRT-RTX's own default unless asked
+    }
+    again.close()
+
+
+def test_rtx_runtime_cache_from_elsewhere_is_rebuilt_not_fatal(sim):
+    cache_file = sim.md.path / "engines" / "tensorrt_rtx-portable" / "runtime-sm89.cache"
+    cache_file.write_bytes(b"\x00 a cache from another GPU")
+    backend = rt.TensorRTBackend(runtime_cache=True)
+    backend.load(sim.md)
+    backend.close()
+    assert cache_file.read_bytes().startswith(b"cache:")
+    off = rt.TensorRTBackend(runtime_cache=False)
+    off.load(sim.md)
+    assert all(c.runtime_cache is None for c in _runtime_configs(sim))
+    off.close()
+    with pytest.raises(ConfigError, match="kernel specialization"):
+        rt.TensorRTBackend(kernel_specialization="sometimes")
