@@ -46,7 +46,9 @@ def _has_cuda() -> bool:
 
 def pytest_collection_modifyitems(config, items):
     if os.environ.get("IAP_RT_SLOW") != "1":
-        skip_slow = pytest.mark.skip(reason="slow test (real size, or minutes): IAP_RT_SLOW=1 runs it")
+        skip_slow = pytest.mark.skip(
+            reason="slow test (real size, or minutes): IAP_RT_SLOW=1 runs it"
+        )
         for item in items:
             if item.get_closest_marker("slow"):
                 item.add_marker(skip_slow)
