@@ -1,6 +1,6 @@
 """Training throughput and peak memory of ``pivot`` vs ``full`` vs ``denoise`` (CPU).
 
-Each objective runs in its own subprocess, so ``peak_rss_mb`` (``ru_maxrss``) is that
+Each objective runs in its own subprocess, so ``peak_rss_mb`` (VmHWM, reset by exec) is that
 objective's alone. A child builds the UNet (random weights from its config), the Chinese
 encoder (BERT from its config) and AdamW, then times whole optimizer steps through the
 trainer's own code (``IapUNet`` + ``objective_loss`` + backward + clip + AdamW) on a fixed
@@ -16,12 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from iap_rt.bench.machine import machine_info, peak_rss_mb
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ARCHS = {
@@ -29,11 +29,6 @@ ARCHS = {
     "tiny": dict(resolution=64, batch_size=8, steps=60, warmup=5, max_length=32),
     "sd15": dict(resolution=256, batch_size=1, steps=3, warmup=1, max_length=77),
 }
-
-
-def rss_mb() -> float:
-    """Peak resident set size of this process so far (Linux: ru_maxrss is in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def child(arch: str, objective: str, a: dict, threads: int) -> dict:
@@ -59,7 +54,7 @@ def child(arch: str, objective: str, a: dict, threads: int) -> dict:
     sched = DDPMScheduler.from_config(SD15_SCHEDULER)
     iap = IapUNet(unet, "all")
     opt = torch.optim.AdamW(encoder.parameters(), lr=1e-5)
-    setup_mb = rss_mb()
+    setup_mb = peak_rss_mb()
 
     b, h = a["batch_size"], a["resolution"] // 8
     g = torch.Generator().manual_seed(0)
@@ -94,9 +89,9 @@ def child(arch: str, objective: str, a: dict, threads: int) -> dict:
         "s_per_step_mean": sum(timed) / len(timed),
         "s_per_step_min": min(timed),
         "s_per_step_max": max(timed),
-        "peak_rss_mb": rss_mb(),
+        "peak_rss_mb": peak_rss_mb(),
         "setup_rss_mb": setup_mb,  # after building UNet, encoder, AdamW
-        "train_rss_mb": rss_mb() - setup_mb,  # what the training steps added on top
+        "train_rss_mb": peak_rss_mb() - setup_mb,  # what the training steps added on top
         "steps_timed": len(timed),
         "first_loss": losses[0],
         "last_loss": losses[-1],
@@ -107,25 +102,11 @@ def child(arch: str, objective: str, a: dict, threads: int) -> dict:
 
 
 def machine(threads: int) -> dict:
+    """The shared machine record plus this benchmark's torch settings."""
     import torch
 
-    cpu = ""
-    if Path("/proc/cpuinfo").is_file():
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return {
-        "platform": platform.platform(),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "memory_gib": round(mem, 1),
-        "torch_threads": threads,
-        "torch": torch.__version__,
-        "device": "cpu",
-        "niceness": os.nice(0),
-    }
+    return {**machine_info(), "torch_threads": threads, "torch": torch.__version__,
+            "device": "cpu", "niceness": os.nice(0)}  # fmt: skip
 
 
 def main(argv=None) -> None:

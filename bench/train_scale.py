@@ -29,14 +29,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import resource
 import shlex
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from iap_rt.bench.machine import machine_info, peak_rss_mb
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -47,30 +47,12 @@ ARCHS = {
 }
 
 
-def machine() -> dict:
-    cpu = ""
-    if Path("/proc/cpuinfo").is_file():
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return {
-        "platform": platform.platform(),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "memory_gib": round(mem, 1),
-        "load_avg_at_start": os.getloadavg(),
-        "python": platform.python_version(),
-    }
-
-
 def write_result(name: str, report: dict, argv: list[str]) -> Path:
     from iap_rt.fileio import write_json_atomic
 
     report = {
         "command": shlex.join(["python", "bench/train_scale.py", *argv]),
-        "machine": machine(),
+        "machine": machine_info(),
         **report,
     }
     path = RESULTS / name
@@ -261,20 +243,11 @@ def cache_child(args) -> None:
         rec[f"{p['what']}_encoded"] = p["items"]
         rec[f"{p['what']}_s"] = round(p["s"], 3)
         rec[f"{p['what']}_per_s"] = round(p["items"] / max(p["s"], 1e-9), 2)
-    rec["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    rec["peak_rss_mb"] = round(peak_rss_mb(), 1)
     print(json.dumps(rec))
 
 
 # ---- indexing a million rows ----------------------------------------------------------------
-
-
-def peak_rss_mb() -> float:
-    """Peak RSS of this process's memory image (VmHWM, reset by exec; ``ru_maxrss`` keeps the
-    high-water mark of the process it was forked from, which here generated the data file)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def index(args, argv) -> None:
@@ -307,13 +280,15 @@ def index(args, argv) -> None:
 
 def index_child(args) -> None:
     """What ``iap-rt train`` does with the data before loading a model, timed per phase."""
-    rss = peak_rss_mb  # this process's own peak (ru_maxrss would include the parent's at fork)
     t0 = time.perf_counter()
     from iap_rt.train.config import TrainConfig
     from iap_rt.train.data import text_key
     from iap_rt.train.dataset import plan_sets, read_sets
 
-    rec = {"import_s": round(time.perf_counter() - t0, 2), "rss_after_imports_mb": round(rss(), 1)}
+    rec = {
+        "import_s": round(time.perf_counter() - t0, 2),
+        "rss_after_imports_mb": round(peak_rss_mb(), 1),
+    }
     cfg = TrainConfig(
         base=args.base, encoder=args.encoder, data=args.data, out=args.out, val_count=1000
     )
@@ -331,7 +306,7 @@ def index_child(args) -> None:
         keys += 1
     rec["english_keys_s"] = round(time.perf_counter() - t, 2)
     rec["total_s"] = round(rec["read_s"] + rec["plan_s"] + rec["english_keys_s"], 2)
-    rec["peak_rss_mb"] = round(rss(), 1)
+    rec["peak_rss_mb"] = round(peak_rss_mb(), 1)
     rec["rows_indexed"] = len(rows)
     rec["distinct_images"] = len(rows.images)
     rec["caption_bytes_mb"] = round((rows.zh.nbytes + rows.en.nbytes) / 2**20, 1)
