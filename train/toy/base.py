@@ -96,6 +96,10 @@ class BaseConfig:
     lr: float = 8e-4
     warmup_steps: int = 200
     weight_decay: float = 0.01
+    # Linear decay of the learning rate to 0 over this final fraction of the budget (CPU time, or
+    # ``max_steps`` when that ends the run first); 0 = constant after warm-up (v1's base). A short
+    # run ends on a cooled-down model instead of one still bouncing at the peak rate.
+    lr_decay_fraction: float = 0.0
     ema_decay: float = 0.999
     caption_dropout: float = 0.1
     seed: int = 0
@@ -304,6 +308,15 @@ def _load_checkpoint(ckpt: Path, both, ema, opt) -> dict:
 
 
 # ---- training ------------------------------------------------------------------------------------
+def learning_rate(cfg: BaseConfig, step: int, done: float) -> float:
+    """The rate at ``step`` with fraction ``done`` of the run behind: linear warm-up over
+    ``warmup_steps``, constant, then (``lr_decay_fraction`` > 0) linear decay to 0 at the end."""
+    lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps)
+    if cfg.lr_decay_fraction > 0:
+        lr *= min(1.0, max(0.0, (1.0 - done) / cfg.lr_decay_fraction))
+    return lr
+
+
 def train_base(
     data_dir: str | os.PathLike,
     out: str | os.PathLike,
@@ -394,7 +407,10 @@ def train_base(
         if elapsed >= budget or (max_steps is not None and state["step"] >= max_steps):
             break
         step = state["step"]
-        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps)
+        done = elapsed / budget
+        if max_steps is not None:
+            done = max(done, step / max(1, max_steps))
+        lr = learning_rate(cfg, step, done)
         for g in opt.param_groups:
             g["lr"] = lr
         idx = torch.randint(0, len(x), (cfg.batch_size,), generator=gen)
