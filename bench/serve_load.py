@@ -19,18 +19,19 @@ size the server formed; no failed request in the soak; RSS growth over the soak 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import http.client
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+
+from iap_rt.bench.machine import machine_info
+from iap_rt.serve.triton import free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -40,41 +41,6 @@ PROMPTS = [
     "中间有一个绿色的三角形",
     "上面有一个黄色的十字",
 ]
-
-
-def machine_info() -> dict:
-    """CPU, cores, memory, load and the versions that matter here."""
-    import importlib.metadata as md
-    import platform
-
-    info = {"cpu": platform.machine(), "cores": os.cpu_count(), "memory_gb": None,
-            "python": platform.python_version(), "loadavg_start": list(os.getloadavg())}  # fmt: skip
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                info["memory_gb"] = round(int(line.split()[1]) / 2**20, 1)
-    versions = {}
-    for pkg in ("iap-rt", "onnxruntime", "onnxruntime-gpu", "numpy", "nvidia-pytriton",
-                "tritonclient", "fastapi", "uvicorn"):  # fmt: skip
-        with contextlib.suppress(md.PackageNotFoundError):
-            versions[pkg] = md.version(pkg)
-    info["versions"] = versions
-    return info
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 class Server:

@@ -24,6 +24,10 @@ VERSION_PACKAGES = (
     "tensorrt-rtx",
     "tensorrt-rtx-cu13",
     "polygraphy",
+    "nvidia-pytriton",
+    "tritonclient",
+    "fastapi",
+    "uvicorn",
 )
 
 

@@ -66,6 +66,19 @@ def check_port_free(host: str, port: int, option: str) -> None:
             ) from None
 
 
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """``n`` distinct ports on ``host`` that were free a moment ago (all bound at once, so no
+    two are the same), for a server and its Triton HTTP/gRPC/metrics ports in tests and benches."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def load_pipelines(settings: TritonSettings) -> list:
     """``instances`` pipelines on the model, networks loaded (each instance its own)."""
     from iap_rt.backends import get_backend

@@ -21,19 +21,9 @@ import pytest
 
 pytest.importorskip("pytriton", reason="the [serve] extra is not installed")
 
+from iap_rt.serve.triton import free_ports  # noqa: E402
+
 START_TIMEOUT_S = 300  # Triton + model load; a loaded 2-core CI machine is slow
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct ports that were free a moment ago."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 @dataclass
