@@ -2,7 +2,7 @@
 # One lean device check of the GPU path (issue 15), sized for the lent GPU machine: one H200,
 # Python 3.12, torch + CUDA 13, onnx and the CPU onnxruntime; no diffusers, no TensorRT, no
 # network; files arrive only with a `run` call (64 MiB a call, the working tree included), and
-# 15 minutes of device time in all. At most five calls, each retry-safe: every carried part is
+# 15 minutes of device time in all. At most seven calls, each retry-safe: every carried part is
 # its own file with its own sha256, collected once; a stage run twice redoes only its work.
 #
 # Here, once:  bash bench/gpu_check.sh prepare     -> .gpucheck/ (`resplit` redoes only the split) (git-ignored: add /.gpucheck/
@@ -11,20 +11,22 @@
 #              fills its CALL_MB: 64 MiB less the working tree, the first part less the py/ wheels),
 #              ort.sha256 (the whole archive).
 # There (the device tool's `run`, carry in brackets), one call each, back to back. With
-# onnxruntime-gpu 1.31.1 (194 MiB as tar.xz -9e) beside a 23 MiB working tree that is five
-# parts, one call each, the last one measuring; a retry costs a sixth call:
+# onnxruntime-gpu 1.31.1 (194 MiB as tar.xz -9e) beside a 23 MiB working tree that was five
+# parts, one call each, the last one measuring; a retry costs a sixth call. Since the toy v2
+# base is committed (iap_rt/data/toy2_base, 10 MiB) the tree is 33 MiB and `resplit` makes
+# seven parts:
 #   1. bash bench/gpu_check.sh start          [.gpucheck/py, .gpucheck/ort.00, .gpucheck/ort.00.sha256]
 #      installs the wheels and the project into /tmp/iap/site and starts the SD 1.5 fp16
 #      build + export in the background (it overlaps the next calls)
-#   2.-4. bash bench/gpu_check.sh collect     [.gpucheck/ort.0N, .gpucheck/ort.0N.sha256]
-#   5. bash bench/gpu_check.sh collect check  [the last part, its .sha256, .gpucheck/ort.sha256]
+#   2.-6. bash bench/gpu_check.sh collect     [.gpucheck/ort.0N, .gpucheck/ort.0N.sha256]
+#   7. bash bench/gpu_check.sh collect check  [the last part, its .sha256, .gpucheck/ort.sha256]
 #      assembles + installs onnxruntime-gpu, then measures, writing $OUT/stageN.json after each:
 #        (1) does ONNX Runtime's CUDA provider start, and its cold start (stage1.json)
 #        (2) torch fp16 eager vs ort (IO binding, fused UNet): UNet step and end to end at
 #            512x512, 50 steps, guidance on (stage2.json)
 #        (3) ort-graph, CUDA graphs per network (stage3.json)
 #        (4) only if time is left: exported-vs-fused UNet A/B and torch.compile (stage4_*.json)
-#   (6.) bash bench/gpu_check.sh check        a retry: resumes at the first stage without a result
+#   (8.) bash bench/gpu_check.sh check        a retry: resumes at the first stage without a result
 # A stage with a result file is not measured again. `collect` without new parts says which
 # parts it still lacks. The check's budget is CHECK_BUDGET_S seconds (default 420) from the
 # first measurement; stage 4 runs only if at least STAGE4_S (default 150) are left.
@@ -51,7 +53,7 @@ CACHE=${GPU_CHECK_CACHE:-$ROOT/cache}
 RESULTS=$ROOT/results
 OUT=${OUT:-$ROOT/out}
 CALL_MB=${CALL_MB:-64}   # what one call carries, the working tree included (MiB)
-MAX_CALLS=5
+MAX_CALLS=7
 ORT_VERSION=${ORT_VERSION:-1.31.1}
 # what the SD 1.5 export needs beyond the machine's torch, transformers (+ safetensors), onnx
 PY_WHEELS=${PY_WHEELS:-"diffusers==0.42.1 onnx-graphsurgeon==0.6.1"}
@@ -159,6 +161,36 @@ install_ort() {  # the parts -> onnxruntime-gpu in $SITE, once
   log "onnxruntime archive installed into $SITE"
 }
 
+install_project() {  # the repo into $SITE: pip, or (no build backend there) its packages copied
+  if [[ ${GPU_CHECK_INSTALL:-pip} == pip ]] &&
+    python3 -m pip install -q --no-index --no-deps --no-build-isolation --target "$SITE" "$REPO"; then
+    return 0
+  fi
+  # The device's python may lack setuptools >= 69 / wheel, and nothing can be downloaded there.
+  # The install is only packages (pyproject's packages and package-dir) and a dist-info that
+  # importlib.metadata reads: lay them out by hand. GPU_CHECK_INSTALL=copy forces this path.
+  python3 - "$REPO" "$SITE" <<'PY'
+import shutil, sys, tomllib
+from pathlib import Path
+
+repo, site = Path(sys.argv[1]), Path(sys.argv[2])
+meta = tomllib.loads((repo / "pyproject.toml").read_text("utf-8"))
+dirs = meta["tool"]["setuptools"].get("package-dir", {})
+for pkg in meta["tool"]["setuptools"]["packages"]:
+    parent = max((k for k in dirs if pkg == k or pkg.startswith(k + ".")), key=len, default=None)
+    rel = dirs[parent] + pkg[len(parent):].replace(".", "/") if parent else pkg.replace(".", "/")
+    dst = site / pkg.replace(".", "/")
+    shutil.copytree(repo / rel, dst, dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+project = meta["project"]
+info = site / f"{project['name'].replace('-', '_')}-{project['version']}.dist-info"
+info.mkdir(exist_ok=True)
+(info / "METADATA").write_text(
+    f"Metadata-Version: 2.1\nName: {project['name']}\nVersion: {project['version']}\n")
+PY
+  log "project installed by copying its packages (no pip build)"
+}
+
 start() {
   collect
   if [[ ! -f $ROOT/site.installed ]]; then
@@ -166,7 +198,7 @@ start() {
     if compgen -G "$CARRY/py/*.whl" >/dev/null; then
       python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$CARRY"/py/*.whl
     fi
-    python3 -m pip install -q --no-index --no-deps --no-build-isolation --target "$SITE" "$REPO"
+    install_project
     touch "$ROOT/site.installed"
     log "project and wheels installed into $SITE"
   fi

@@ -1,6 +1,7 @@
 """``bench/gpu_check.sh --dry-run`` rehearses the device check on the CPU: a stand-in archive
 carried in three checksummed parts over three "calls" (start, collect, collect + check),
-assembled and installed, the background build of the bench model, and every measuring
+assembled and installed, the project laid out without a build backend (the fallback for a
+device python without setuptools), the background build of the bench model, and every measuring
 stage (CPU providers, the tiny model), each writing its result; a retry measures nothing
 again. The cache is pre-filled with the session's tiny model (the export is not paid twice);
 the torch sources are built by the script's background step."""
@@ -26,7 +27,9 @@ def test_gpu_check_dry_run_rehearses_every_stage(
     shutil.copytree(tiny_encoder_dir, root / "encoder")
     (root / "encoder" / ".complete").write_text("layout 1\n")
     shutil.copytree(tiny_model_dir, root / "model-fp32")
-    env = {**os.environ, "GPU_CHECK_CACHE": str(cache), "T_COMPILE_DRY": "5"}
+    # GPU_CHECK_INSTALL=copy: the fallback for a device python that cannot build the project
+    env = {**os.environ, "GPU_CHECK_CACHE": str(cache), "T_COMPILE_DRY": "5",
+           "GPU_CHECK_INSTALL": "copy"}  # fmt: skip
     r = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--dry-run"], env=env,
                        capture_output=True, text=True, timeout=900)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
@@ -38,6 +41,7 @@ def test_gpu_check_dry_run_rehearses_every_stage(
     log = (out / "check.log").read_text()
     assert "3 parts of" in log and "onnxruntime archive installed" in log
     assert log.count("collected 1 new part(s)") == 3
+    assert "project installed by copying its packages" in log
     stage1 = json.loads((out / "stage1.json").read_text())
     assert stage1["device"] == "cpu" and stage1["cold_start_s"] > 0
     assert "CPUExecutionProvider" in stage1["providers"]
