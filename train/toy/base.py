@@ -481,16 +481,17 @@ def train_base(
     return out
 
 
-def shipped_base_dir() -> Path:
-    """The toy English base shipped as package data (what the default model was made from)."""
+def shipped_base_dir(name: str = "toy_base", command: str = "toy") -> Path:
+    """A toy English base shipped as package data: ``toy_base`` (world v1, what the default model
+    was made from) or ``toy2_base`` (world v2, ``command`` = ``toy2``)."""
     from importlib import resources
 
-    path = Path(str(resources.files("iap_rt") / "data" / "toy_base"))
+    path = Path(str(resources.files("iap_rt") / "data" / name))
     if not (path / "model_index.json").is_file():
         raise ArtifactNotFoundError(
-            f"{path} is missing: this install has no shipped toy base",
-            fix="reinstall iap-rt, or train one: iap-rt toy data --out D && "
-            "iap-rt toy base --data D --out BASE",
+            f"{path} is missing: this install has no shipped {name}",
+            fix=f"reinstall iap-rt, or train one: iap-rt {command} data --out D && "
+            f"iap-rt {command} base --data D --out BASE",
         )
     return path
 

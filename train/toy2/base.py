@@ -26,9 +26,17 @@ MAX_LENGTH = 20  # 16 words + BOS/EOS, rounded up (pinned by a unit test)
 TEXT_LAYERS = 4
 # The rate cools to 0 over the last 30 % of the budget and the EMA spans ~200 steps: the first
 # v2 base (constant rate, EMA 0.999 over ~1000 of its 2125 steps) was still improving when its
-# 90 minutes ran out, and its EMA and raw weights scored the same (bench/results/toy2_base.json).
+# 90 minutes ran out, and its EMA and raw weights scored the same (toy2_base_attempt1.json).
 LR_DECAY_FRACTION = 0.3
 EMA_DECAY = 0.995
+
+
+def attention_blocks(levels: int, n_levels: int = 5) -> dict:
+    """``down_block_types`` with cross-attention on the ``levels`` lowest-resolution levels."""
+    if not 1 <= levels <= n_levels:
+        raise ValueError(f"attention levels must be 1..{n_levels}, got {levels}")
+    kinds = ("DownBlock2D",) * (n_levels - levels) + ("CrossAttnDownBlock2D",) * levels
+    return {"down_block_types": kinds}
 
 
 def base_config(**changes) -> v1base.BaseConfig:
@@ -67,6 +75,12 @@ def train_base(
         progress=progress,
         words=captions.en_vocabulary(),
     )
+
+
+def shipped_base_dir() -> Path:
+    """The v2 English base committed as package data (``iap_rt/data/toy2_base``): what the
+    transfer grid, curves and plug-in runs start from (``bench/results/toy2_base.json``)."""
+    return v1base.shipped_base_dir("toy2_base", "toy2")
 
 
 def evaluate_base(

@@ -58,22 +58,30 @@ def checker_cmd(out, seed, threads):
 @click.option("--out", required=True, type=click.Path(file_okay=False))
 @click.option(
     "--minutes",
-    default=72.0,
+    default=90.0,
     show_default=True,
     help="Budget: the process's CPU time / threads, counted across resumes. The learning rate "
-    "cools to 0 over its last 30 %, so resume with the same budget. 72 at 2 threads is about "
-    "90 wall-clock minutes on an idle 2-core machine (a fifth of a step runs on one thread).",
+    "cools to 0 over its last 30 %, so resume with the same budget. The shipped base "
+    "(iap_rt/data/toy2_base) is 90 at 1 thread; at 2 threads 72 is about 90 wall-clock minutes "
+    "on an idle 2-core machine (a fifth of a step runs on one thread).",
 )
 @click.option("--max-steps", default=None, type=int, help="Stop after this many steps.")
 @click.option("--seed", default=0, show_default=True)
 @click.option(
     "--threads",
-    default=2,
+    default=1,
     show_default=True,
     help="torch threads (on a shared machine use 1: extra threads cost CPU time in waiting).",
 )
+@click.option(
+    "--attention-levels",
+    default=None,
+    type=click.IntRange(1, 5),
+    help="UNet levels with cross-attention, counted from the 2x2 bottleneck up: 3 = 8x8 and "
+    "below (v1's layout), 4 = also 16x16.  [default: the v2 base's]",
+)
 @click.option("--fresh", is_flag=True, help="Ignore an existing checkpoint in OUT.")
-def base_cmd(data_dir, out, minutes, max_steps, seed, threads, fresh):
+def base_cmd(data_dir, out, minutes, max_steps, seed, threads, attention_levels, fresh):
     """Train the v2 English base (diffusers format) from scratch; resumes from OUT."""
     require("train", "toy2 base")
     import os
@@ -82,14 +90,15 @@ def base_cmd(data_dir, out, minutes, max_steps, seed, threads, fresh):
     # without work on a shared machine (13 cpu-s/step instead of ~0.7 at load 9): let them
     # sleep. Must be set before torch loads libgomp.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from iap_rt.train.toy2.base import base_config, train_base
+    from iap_rt.train.toy2.base import attention_blocks, base_config, train_base
 
+    levels = {} if attention_levels is None else attention_blocks(attention_levels)
     train_base(
         data_dir,
         out,
         minutes=minutes,
         max_steps=max_steps,
-        cfg=base_config(seed=seed, threads=threads),
+        cfg=base_config(seed=seed, threads=threads, **levels),
         resume=not fresh,
         progress=lambda m: click.echo(m, err=True),
     )
