@@ -7,6 +7,8 @@ builder flag and TensorRT-RTX is strongly typed only, so an fp16 engine needs an
 
 from __future__ import annotations
 
+import functools
+import gc
 import re
 import time
 from collections.abc import Callable
@@ -57,6 +59,32 @@ class BuiltEngine:
     timing_cache: bytes | None = None
     warnings: list[str] = field(default_factory=list)
     layers: dict | None = None  # layer_summary() of a detailed build, where TensorRT logs it
+
+
+def gc_paused(fn):
+    """Run ``fn`` (which drives a TensorRT builder through a Python logger) with Python's cyclic
+    garbage collector collected first and then off.
+
+    TensorRT calls the Python logger while it holds its own mutex (``createInferBuilder`` logs).
+    A collection triggered by an allocation inside that callback may free an older ``IBuilder``
+    kept only by a reference cycle (a failed build's traceback, say), whose destructor takes the
+    same mutex: the process hangs for ever (seen with TensorRT-RTX 1.x: ``PyLogger::log`` ->
+    ``gc_collect_main`` -> ``IBuilder`` dealloc -> ``pthread_mutex_lock``). Reference counting still
+    frees objects while the collector is off; cycles wait for the next collection.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        gc.collect()
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if enabled:
+                gc.enable()
+
+    return wrapper
 
 
 def _logger(trt, sink: list[str], verbose: list[str] | None = None):
@@ -134,6 +162,7 @@ def contract_problems(
     return problems
 
 
+@gc_paused
 def build_engine(
     trt,
     onnx_path: Path,
@@ -335,6 +364,7 @@ def softmax_nodes(onnx_path: Path) -> list[str]:
     return [n.name for n in graph.node if n.op_type == "Softmax"]
 
 
+@gc_paused
 def fused_softmaxes(trt, onnx_path: Path, shapes: Callable[[str, tuple], tuple]) -> FusionReport:
     """Build a static engine of ``onnx_path`` with detailed layer info and report which of its
     attentions became one fused kernel. ``shapes(input_name, parsed_shape)`` gives each input's
