@@ -29,12 +29,10 @@ def test_cli_names_the_allowed_range(run_cli, tmp_path):
     assert not (tmp_path / "b").exists()
 
 
-def test_the_defaults_are_the_recipe_of_the_shipped_base():
+def test_the_defaults_are_the_recipe_of_the_shipped_base(run_cli):
     """`iap-rt toy2 base` with its defaults trains what iap_rt/data/toy2_base was trained with."""
     import dataclasses
     import json
-
-    from click.testing import CliRunner
 
     from iap_rt.train.toy2.base import shipped_base_dir
     from iap_rt.train.toy2.cli import base_cmd, data_cmd
@@ -50,4 +48,4 @@ def test_the_defaults_are_the_recipe_of_the_shipped_base():
                               "split_seed": data["split_seed"], "n_train": data["n"]}  # fmt: skip
     unet = json.loads((base / "unet" / "config.json").read_text("utf-8"))
     assert unet["down_block_types"] == list(cfg.down_block_types)
-    assert "--attention-levels" in CliRunner().invoke(base_cmd, ["--help"]).output
+    assert "--attention-levels" in run_cli("toy2", "base", "--help").out

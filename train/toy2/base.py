@@ -31,8 +31,9 @@ LR_DECAY_FRACTION = 0.3
 EMA_DECAY = 0.995
 
 
-def attention_blocks(levels: int, n_levels: int = 5) -> dict:
+def attention_blocks(levels: int) -> dict:
     """``down_block_types`` with cross-attention on the ``levels`` lowest-resolution levels."""
+    n_levels = len(v1base.BaseConfig().block_out_channels)
     if not 1 <= levels <= n_levels:
         raise ValueError(f"attention levels must be 1..{n_levels}, got {levels}")
     kinds = ("DownBlock2D",) * (n_levels - levels) + ("CrossAttnDownBlock2D",) * levels
