@@ -58,18 +58,21 @@ RC, BS, GT = ("red", "circle"), ("blue", "square"), ("green", "triangle")
 
 def test_judge_two_cases():
     want = ("h", RC, BS)
-    assert judge_two(want, want) == {"colour": 2, "shape": 2, "relation": True, "binding": True}
+    assert judge_two(want, want) == {
+        "colour": 2, "shape": 2, "relation": True, "objects": True, "binding": True}  # fmt: skip
     # objects right, sides swapped: per-object scores full, relation and binding wrong
     assert judge_two(want, ("h", BS, RC)) == {
-        "colour": 2, "shape": 2, "relation": False, "binding": False}  # fmt: skip
-    # right order on the wrong axis
-    assert judge_two(want, ("v", RC, BS))["relation"] is False
-    # one object drawn, at the right place: one colour and shape hit
+        "colour": 2, "shape": 2, "relation": False, "objects": True, "binding": False}  # fmt: skip
+    # right order on the wrong axis: both objects still there
+    j = judge_two(want, ("v", RC, BS))
+    assert j["relation"] is False and j["objects"] is True
+    # one object drawn, at the right place: one colour and shape hit, not both objects
     j = judge_two(want, ("left", RC))
-    assert (j["colour"], j["shape"], j["relation"]) == (1, 1, False)
+    assert (j["colour"], j["shape"], j["relation"], j["objects"]) == (1, 1, False, False)
     # shapes swapped: objects are identified by colour first, so the order is right
     j = judge_two(want, ("h", ("red", "square"), ("blue", "circle")))
     assert (j["colour"], j["shape"], j["relation"], j["binding"]) == (2, 0, True, False)
+    assert j["objects"] is False  # a red square is not the red circle asked for
     # colours swapped: the red thing is on the right, so the order is wrong
     j = judge_two(want, ("h", ("blue", "circle"), ("red", "square")))
     assert (j["colour"], j["shape"], j["relation"], j["binding"]) == (2, 0, False, False)
@@ -84,6 +87,7 @@ def test_score_and_agreement():
     res = score(items, preds)
     assert res["n_two"] == 2 and res["n_one"] == 2
     assert res["binding"] == 0.5 and res["relation"] == 0.5 and res["colour"] == 1.0
+    assert res["objects"] == 1.0  # the second scene has both objects, in the wrong order
     # the second one-object prompt's object was drawn (right colour and shape) with another
     assert res["one_all"] == 0.5 and res["one_position"] == 0.5 and res["one_colour"] == 1.0
     img = np.zeros((4, 32, 32, 3), np.uint8)

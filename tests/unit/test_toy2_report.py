@@ -10,10 +10,11 @@ SCORES = {"colour": 0.9, "shape": 0.9, "relation": 0.8, "one_all": 1.0, "agreeme
           "agreement_two": 0.65, "pixel_mse": 0.01, "n": 216, "n_two": 192, "n_one": 24}  # fmt: skip
 
 
-def _cell(work, objective, fraction, seed, binding, cpu=180.0):
+def _cell(work, objective, fraction, seed, binding, cpu=180.0, objects=None):
     name = f"s{seed}_untrained" if objective == "untrained" else f"{fraction}_s{seed}_{objective}"
     row = SCORES | {"objective": objective, "fraction": fraction, "seed": seed,
-                    "binding": binding, "train_cpu_s": cpu, "steps": 100,
+                    "binding": binding, "objects": binding if objects is None else objects,
+                    "train_cpu_s": cpu, "steps": 100,
                     "samples_seen": 6400}  # fmt: skip
     (work / "cells" / f"{name}.json").write_text(json.dumps(row))
 
@@ -29,8 +30,8 @@ def test_results_rows_summary_and_claim(tmp_path):
     for s in (0, 1, 2):
         _cell(work, "untrained", "0pct", s, 0.0, cpu=0.0)
         _cell(work, "pivot", "5pct", s, 0.5 + 0.01 * s)
-        _cell(work, "pivot", "10pct", s, 0.55)
-        _cell(work, "denoise", "100pct", s, 0.4, cpu=900.0)
+        _cell(work, "pivot", "10pct", s, 0.55, objects=0.8 + 0.1 * s)
+        _cell(work, "denoise", "100pct", s, 0.4, cpu=900.0, objects=0.75)
     setup = {"base": str(base), "budget_cpu_s": 180.0, "seeds": [0, 1, 2],
              "long": {"factor": 5}, "eval": {"steps": 25, "guidance": 3.0},
              "s_per_step_cpu": {"pivot": 0.2, "denoise": 0.5}}  # fmt: skip
@@ -46,6 +47,22 @@ def test_results_rows_summary_and_claim(tmp_path):
     assert saved["claim"]["holds"] is True and abs(saved["claim"]["denoise_100pct"] - 0.4) < 1e-9
     md = (tmp_path / "results" / "toy2_transfer.md").read_text()
     assert "**holds**" in md and "| 5 % | IAP `pivot` |" in md and "0.51 ± 0.01" in md
+    # pivot 10 % - denoise 100 %: binding +0.15, no spread: beyond 2 SE; objects: seeds 0.8,
+    # 0.9, 1.0 (sd 0.1) vs 0.75: +0.15 ± 0.1 / sqrt(3) = 0.058, beyond 2 SE (0.115)
+    vs = saved["claim"]["pivot_10pct_minus_denoise_100pct"]
+    assert abs(vs["binding"]["diff"] - 0.15) < 1e-9 and vs["binding"]["beyond_2se"] is True
+    assert abs(vs["objects"]["se"] - 0.1 / 3**0.5) < 1e-9 and vs["objects"]["beyond_2se"] is True
+    assert "objects +0.15 ± 0.06 (more than 2 SE)" in md
+
+
+def test_versus_within_noise_and_missing_key():
+    from iap_rt.train.toy2.report import versus
+
+    a = {"binding": {"mean": 0.30, "sd": 0.05, "n": 3}}
+    b = {"binding": {"mean": 0.25, "sd": 0.05, "n": 3}}
+    v = versus(a, b, "binding")
+    assert abs(v["se"] - (2 * 0.05**2 / 3) ** 0.5) < 1e-12 and v["beyond_2se"] is False
+    assert versus(a, b, "objects") is None
 
 
 def test_fraction_names():

@@ -19,6 +19,9 @@ colour first: a prompt's two colours always differ), ties going to the same slot
   colour / shape (order-free: an object drawn on the wrong side still counts);
 - ``relation``: both objects drawn, on the prompt's axis, and the same-slot assignment agrees
   strictly more than the swapped one (the objects are in the right order);
+- ``objects``: both prompt objects drawn with their colour and shape, wherever they are
+  (``binding`` without the relation: the base's own relation is at chance, so this is the
+  sharper measure of whether a text encoder conveys which colour goes with which shape);
 - ``binding``: the drawn combo equals the prompt's (both objects right, relation right).
 
 One-object prompts: v1's ``colour``, ``shape``, ``position`` and ``all``, prefixed ``one_``.
@@ -37,7 +40,7 @@ from iap_rt.train.toy2.checker import Checker
 
 LANGS = ("en", "zh")
 KINDS = ("all", "one", "two")
-TWO_METRICS = ("colour", "shape", "relation", "binding")
+TWO_METRICS = ("colour", "shape", "relation", "objects", "binding")
 ONE_METRICS = ("one_colour", "one_shape", "one_position", "one_all")
 DARK = 90  # mean corner brightness below this: the outline style's dark background
 
@@ -103,7 +106,8 @@ def _weight(pairs: list[tuple[bool, bool]]) -> int:
 
 
 def judge_two(want: tuple, got: tuple) -> dict:
-    """Per-object colour / shape hits (0..2), relation and binding of one two-object image."""
+    """Per-object colour / shape hits (0..2), relation, objects and binding of one two-object
+    image."""
     a, b = want[1], want[2]
     ga, gb = got[1], got[2] if len(got) == 3 else None
     same = [_matches(a, ga), _matches(b, gb)]
@@ -114,6 +118,7 @@ def judge_two(want: tuple, got: tuple) -> dict:
         "colour": sum(m[0] for m in best),
         "shape": sum(m[1] for m in best),
         "relation": bool(relation),
+        "objects": all(c and s for c, s in best),
         "binding": got == want,
     }
 
@@ -128,6 +133,7 @@ def score(items: list[EvalItem], preds: list[tuple]) -> dict:
         res["colour"] = float(np.mean([j["colour"] for j in js]) / 2)
         res["shape"] = float(np.mean([j["shape"] for j in js]) / 2)
         res["relation"] = float(np.mean([j["relation"] for j in js]))
+        res["objects"] = float(np.mean([j["objects"] for j in js]))
         res["binding"] = float(np.mean([j["binding"] for j in js]))
     if one:
         ok = np.array(

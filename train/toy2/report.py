@@ -5,18 +5,21 @@
 budget, CPU and wall training seconds, steps and samples seen. ``objective`` is ``english``
 (the base; fraction 1.0), ``untrained`` (fraction 0.0, one per seed) or a training objective;
 ``fraction`` is a float (0.01, 0.05, 0.1, 1.0). ``summary``: mean / sd / min / max over seeds
-per (objective, fraction). ``claim``: the paper's "pivot at 5-10 % >= denoise at 100 %".
+per (objective, fraction). ``claim``: the paper's "pivot at 5-10 % >= denoise at 100 %", by
+mean binding over seeds, with each difference's standard error over seeds (on binding and on
+``objects``, binding without the relation) and whether it exceeds two of them.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from pathlib import Path
 
 from iap_rt.fileio import write_json_atomic, write_text_atomic
 
-SCORES = ("colour", "shape", "relation", "binding", "one_all", "agreement", "agreement_two",
+SCORES = ("colour", "shape", "relation", "objects", "binding", "one_all", "agreement", "agreement_two",
           "pixel_mse")  # fmt: skip
 COSTS = ("train_cpu_s", "steps", "samples_seen")
 ORDER = ("english", "untrained", "embed_pos", "embed", "denoise", "full", "pivot")
@@ -84,8 +87,19 @@ def summarise(rows: list[dict]) -> list[dict]:
     return out
 
 
+def versus(a: dict, b: dict, key: str) -> dict | None:
+    """Summary ``a`` minus summary ``b`` on the seed-mean of ``key``: the difference, its
+    standard error over seeds and whether it is more than two of them (None: ``key`` missing)."""
+    if key not in a or key not in b:
+        return None
+    diff = a[key]["mean"] - b[key]["mean"]
+    se = math.sqrt(a[key]["sd"] ** 2 / a[key]["n"] + b[key]["sd"] ** 2 / b[key]["n"])
+    return {"diff": diff, "se": se, "beyond_2se": abs(diff) > 2 * se}
+
+
 def claim(summary: list[dict]) -> dict | None:
-    """pivot at 5 % and 10 % vs denoise at 100 % (mean binding over seeds)."""
+    """pivot at 5 % and 10 % vs denoise at 100 % (mean binding over seeds; differences with
+    their standard errors on binding and objects)."""
     get = {(s["objective"], s["fraction"]): s for s in summary}
     d100 = get.get(("denoise", 1.0))
     piv = {f: get.get(("pivot", f)) for f in (0.05, 0.1)}
@@ -95,6 +109,10 @@ def claim(summary: list[dict]) -> dict | None:
     for f, s in piv.items():
         out[f"pivot_{round(f * 100)}pct"] = s["binding"]["mean"]
     out["holds"] = all(s["binding"]["mean"] >= d100["binding"]["mean"] for s in piv.values())
+    for f, s in piv.items():
+        out[f"pivot_{round(f * 100)}pct_minus_denoise_100pct"] = {
+            k: versus(s, d100, k) for k in ("binding", "objects")
+        }
     out["denoise_100pct_cpu_s"] = d100["train_cpu_s"]["mean"]
     out["pivot_cpu_s"] = piv[0.1]["train_cpu_s"]["mean"]
     return out
@@ -131,10 +149,10 @@ def markdown(record: dict) -> str:
         f"CPU s, one thread; `denoise` at 100 % gets {setup['long']['factor']}x), mean ± sd over "
         f"seeds {setup['seeds']}.",
         "",
-        "| data | conditioning | colour | shape | relation | **binding** | one-object all | "
-        "agreement w/ English | agreement (two-object) | pixel MSE | train CPU s | steps | "
-        "samples seen |",
-        "|---" * 13 + "|",
+        "| data | conditioning | colour | shape | relation | objects | **binding** | "
+        "one-object all | agreement w/ English | agreement (two-object) | pixel MSE | "
+        "train CPU s | steps | samples seen |",
+        "|---" * 14 + "|",
     ]
     for s in record["summary"]:
         frac = "–" if s["objective"] in ("untrained",) else f"{s['fraction'] * 100:g} %"
@@ -148,7 +166,8 @@ def markdown(record: dict) -> str:
         )
         out.append(
             f"| {frac} | {NAMES[s['objective']]} | {_fmt(s['colour'])} | {_fmt(s['shape'])} | "
-            f"{_fmt(s['relation'])} | **{_fmt(s['binding'])}** | {_fmt(s.get('one_all'))} | "
+            f"{_fmt(s['relation'])} | {_fmt(s.get('objects'))} | **{_fmt(s['binding'])}** | "
+            f"{_fmt(s.get('one_all'))} | "
             f"{_fmt(s['agreement'])} | {_fmt(s.get('agreement_two'))} | "
             f"{_fmt(s['pixel_mse'], 4)} | {cost} |"
         )
@@ -163,11 +182,21 @@ def markdown(record: dict) -> str:
             f"{c['denoise_100pct_cpu_s']:.0f} CPU s, pivot {c['pivot_cpu_s']:.0f}).",
             "",
         ]
+        for f in (5, 10):
+            parts = []
+            for k, v in c.get(f"pivot_{f}pct_minus_denoise_100pct", {}).items():
+                if v is not None:
+                    noise = "more than" if v["beyond_2se"] else "within"
+                    parts.append(f"{k} {v['diff']:+.2f} ± {v['se']:.2f} ({noise} 2 SE)")
+            if parts:
+                out += [f"pivot {f} % minus denoise 100 %, seed-mean difference ± its standard "
+                        "error over seeds: " + "; ".join(parts) + ".", ""]  # fmt: skip
     out += [
         "Columns: colour / shape = fraction of prompt objects drawn with that colour / shape "
         "(matched to the drawn objects order-free); relation = both objects drawn on the right "
-        "axis in the right order; binding = the drawn scene equals the prompt's (both objects "
-        "and the relation). Agreement = the checker reads the Chinese image as the same scene as "
+        "axis in the right order; objects = both objects drawn with their colour and shape, "
+        "anywhere; binding = the drawn scene equals the prompt's (both objects and the "
+        "relation). Agreement = the checker reads the Chinese image as the same scene as "
         "the English image from the same noise (pixel MSE: images in [0, 1]). Steps per "
         "objective = budget / CPU seconds per step "
         + ", ".join(f"`{k}` {v:.3f}" for k, v in setup["s_per_step_cpu"].items())
