@@ -68,3 +68,30 @@ def test_versus_within_noise_and_missing_key():
 def test_fraction_names():
     assert [fraction_value(f) for f in ("0pct", "1pct", "5pct", "10pct", "100pct")] == [
         0.0, 0.01, 0.05, 0.1, 1.0]  # fmt: skip
+
+
+def _png_size(path):
+    import struct
+
+    head = path.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", head[16:24])  # width, height
+
+
+def test_curves_plot_adds_an_objects_row_only_when_every_point_has_it(tmp_path):
+    from iap_rt.train.toy2.curves import plot
+
+    def pts(b, objects=True):
+        extra = (lambda v: {"objects": v}) if objects else (lambda v: {})
+        return [{"step": 0, "cpu_s": 0.0, "samples": 0, "binding": 0.0} | extra(0.0),
+                {"step": 5, "cpu_s": 90.0, "samples": 320, "binding": b} | extra(2 * b)]  # fmt: skip
+
+    both = {"english_binding": 0.5, "english_objects": 0.9, "curves": [
+        {"objective": "pivot", "fraction": "10pct", "points": pts(0.2)},
+        {"objective": "denoise", "fraction": "100pct", "points": pts(0.1)}]}  # fmt: skip
+    one = {"english_binding": 0.5, "curves": [
+        {"objective": "pivot", "fraction": "10pct", "points": pts(0.2)},
+        {"objective": "denoise", "fraction": "100pct", "points": pts(0.1, objects=False)}]}  # fmt: skip
+    w2, h2 = _png_size(plot(both, tmp_path / "both.png"))
+    w1, h1 = _png_size(plot(one, tmp_path / "one.png"))
+    assert w1 == w2 and h2 > 1.8 * h1

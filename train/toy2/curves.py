@@ -111,12 +111,15 @@ def run_curves(
         pts = [json.loads(p.read_text("utf-8"))
                for p in sorted((work / "curves").glob(f"{s['name']}_*.json"))]  # fmt: skip
         start = {"step": 0, "cpu_s": 0.0, "samples": 0} | {
-            k: untrained[k] for k in ("binding", "agreement", "colour", "shape", "relation")
+            k: untrained[k]
+            for k in ("binding", "objects", "agreement", "colour", "shape", "relation")
+            if k in untrained
         }
         curves.append({"objective": s["objective"], "fraction": s["fraction"], "seed": seed,
                        "s_per_step_cpu": s["s_per_step"], "points": [start, *pts]})  # fmt: skip
     record = {"budget_cpu_s": long_budget, "batch_size": batch, "english_binding":
-              english["binding"], "curves": curves}  # fmt: skip
+              english["binding"], "english_objects": english.get("objects"),
+              "curves": curves}  # fmt: skip
     write_json_atomic(Path(results) / "toy2_curves.json", record)
     plot(record, Path(plot_path))
     return record
@@ -126,28 +129,39 @@ COLOURS = {"pivot": "tab:blue", "full": "tab:orange", "embed": "tab:green",
            "denoise": "tab:red"}  # fmt: skip
 
 
+METRICS = {"binding": "binding (held-out two-object prompts)",
+           "objects": "objects (binding without the relation)"}  # fmt: skip
+
+
 def plot(record: dict, out: Path) -> Path:
-    """Binding vs CPU seconds and vs samples seen, one line per run."""
+    """Binding vs CPU seconds and vs samples seen, one line per run; a second row for
+    ``objects`` when every point has it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    for c in record["curves"]:
-        pts = c["points"]
-        label = f"{c['objective']} @ {c['fraction'].removesuffix('pct')} %"
-        style = "--" if c["fraction"] == "100pct" else "-"
-        for ax, key in zip(axes, ("cpu_s", "samples")):
-            ax.plot([p[key] for p in pts], [p["binding"] for p in pts], style, marker="o",
-                    ms=3, color=COLOURS[c["objective"]], label=label)  # fmt: skip
-    for ax, xlabel in zip(axes, ("training CPU seconds (1 thread)", "samples seen")):
-        ax.axhline(record["english_binding"], color="black", lw=1, ls=":", label="English base")
-        ax.set_xlabel(xlabel)
-        ax.grid(alpha=0.3)
-    axes[1].set_xscale("symlog", linthresh=1000)
-    axes[0].set_ylabel("binding accuracy (held-out two-object prompts)")
-    axes[0].legend(fontsize=8, loc="lower right")
+    metrics = [m for m in METRICS
+               if all(m in p for c in record["curves"] for p in c["points"])]  # fmt: skip
+    fig, axes = plt.subplots(len(metrics), 2, figsize=(11, 4.2 * len(metrics)), sharey="row",
+                             squeeze=False)  # fmt: skip
+    for row, metric in zip(axes, metrics):
+        for c in record["curves"]:
+            pts = c["points"]
+            label = f"{c['objective']} @ {c['fraction'].removesuffix('pct')} %"
+            style = "--" if c["fraction"] == "100pct" else "-"
+            for ax, key in zip(row, ("cpu_s", "samples")):
+                ax.plot([p[key] for p in pts], [p[metric] for p in pts], style, marker="o",
+                        ms=3, color=COLOURS[c["objective"]], label=label)  # fmt: skip
+        for ax, xlabel in zip(row, ("training CPU seconds (1 thread)", "samples seen")):
+            english = record.get(f"english_{metric}")
+            if english is not None:
+                ax.axhline(english, color="black", lw=1, ls=":", label="English base")
+            ax.set_xlabel(xlabel)
+            ax.grid(alpha=0.3)
+        row[1].set_xscale("symlog", linthresh=1000)
+        row[0].set_ylabel(METRICS[metric])
+        row[0].legend(fontsize=8, loc="lower right")
     fig.suptitle("Toy world v2: Chinese encoders against a frozen English base", fontsize=11)
     fig.tight_layout()
     ensure_dir(out.parent)
