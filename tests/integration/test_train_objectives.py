@@ -173,6 +173,34 @@ def test_embed_loss_sees_what_cross_attention_sees():
     assert loss.item() < 0.05 * start
 
 
+def test_floored_logsumexp_and_embed_loss_equal_the_unfloored_ones():
+    """Flooring exponents below -80 (CPU exp is slow where it underflows) changes nothing a
+    float32 sum can hold, also for arguments spread far below the floor."""
+    from iap_rt.train import objectives as obj
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 7, 9, generator=g) * 200  # many shifted exponents far below -80
+    for dim in (1, 2):
+        assert torch.equal(obj._logsumexp(x, dim), torch.logsumexp(x, dim))
+
+    def unfloored(en, zh):  # embed_loss with torch.logsumexp and no floor (the reference)
+        cost = torch.cdist(zh, en).pow(2)
+        eps = obj.SINKHORN_EPS * cost.mean(dim=(1, 2), keepdim=True)
+        log_a = -torch.log(torch.tensor(float(zh.shape[1])))
+        log_b = -torch.log(torch.tensor(float(en.shape[1])))
+        f, gg = torch.zeros(zh.shape[:2]), torch.zeros(en.shape[:2])
+        for _ in range(obj.SINKHORN_ITERS):
+            f = eps[..., 0] * (log_a - torch.logsumexp((gg[:, None, :] - cost) / eps, dim=2))
+            gg = eps[..., 0] * (log_b - torch.logsumexp((f[:, :, None] - cost) / eps, dim=1))
+        plan = torch.exp((f[:, :, None] + gg[:, None, :] - cost) / eps)
+        return (plan * cost).sum(dim=(1, 2)).mean() / zh.shape[-1]
+
+    en = torch.randn(3, 20, 16, generator=g)
+    zh = torch.cat([en[:, :12] + 0.01 * torch.randn(3, 12, 16, generator=g),
+                    torch.randn(3, 28, 16, generator=g) * 3], 1)  # fmt: skip
+    assert embed_loss(en, zh).item() == pytest.approx(unfloored(en, zh).item(), rel=1e-5)
+
+
 def test_denoise_loss_is_the_epsilon_loss(iap):
     from diffusers import DDPMScheduler
 
