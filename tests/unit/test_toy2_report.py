@@ -53,6 +53,10 @@ def test_results_rows_summary_and_claim(tmp_path):
     assert abs(vs["binding"]["diff"] - 0.15) < 1e-9 and vs["binding"]["beyond_2se"] is True
     assert abs(vs["objects"]["se"] - 0.1 / 3**0.5) < 1e-9 and vs["objects"]["beyond_2se"] is True
     assert "objects +0.15 ± 0.06 (more than 2 SE)" in md
+    # the compact table: objectives x fractions, "binding / objects" seed means
+    assert "| binding / objects | 5 % | 10 % | 100 % |" in md
+    assert "| IAP `pivot` | 0.51 / 0.51 | 0.55 / 0.90 | – |" in md
+    assert "| `denoise` | – | – | 0.40 / 0.75 |" in md
 
 
 def test_versus_within_noise_and_missing_key():

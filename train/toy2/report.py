@@ -138,8 +138,35 @@ def _fmt(st: dict | None, digits: int = 2) -> str:
     return f"{st['mean']:.{digits}f} ± {st['sd']:.{digits}f}"
 
 
+def glance(summary: list[dict]) -> list[str]:
+    """A compact table: one row per objective, one column per data fraction, each cell
+    "binding / objects" (seed means); the English base and the untrained encoder beneath."""
+    get = {(s["objective"], s["fraction"]): s for s in summary}
+    fracs = sorted(
+        {s["fraction"] for s in summary if s["objective"] not in ("english", "untrained")}
+    )
+
+    def cell(s):
+        if s is None:
+            return "–"
+        obj = s.get("objects")
+        return f"{s['binding']['mean']:.2f}" + (f" / {obj['mean']:.2f}" if obj else "")
+
+    out = ["| binding / objects | " + " | ".join(f"{f * 100:g} %" for f in fracs) + " |",
+           "|---" * (len(fracs) + 1) + "|"]  # fmt: skip
+    for o in ORDER:
+        if o in ("english", "untrained") or not any((o, f) in get for f in fracs):
+            continue
+        out.append(f"| {NAMES[o]} | " + " | ".join(cell(get.get((o, f))) for f in fracs) + " |")
+    for o, f in (("english", 1.0), ("untrained", 0.0)):
+        if (o, f) in get:
+            out.append(f"| {NAMES[o]} | {cell(get[(o, f)])} |" + " |" * (len(fracs) - 1))
+    return out
+
+
 def markdown(record: dict) -> str:
-    """The summary as one Markdown table (mean ± sd over seeds) and the claim."""
+    """The summary as one Markdown table (mean ± sd over seeds), a compact table and the
+    claim."""
     setup = record["setup"]
     out = [
         "Toy world v2 transfer: held-out two-object Chinese prompts (192 combos of object pair "
@@ -171,7 +198,7 @@ def markdown(record: dict) -> str:
             f"{_fmt(s['agreement'])} | {_fmt(s.get('agreement_two'))} | "
             f"{_fmt(s['pixel_mse'], 4)} | {cost} |"
         )
-    out.append("")
+    out += ["", "At a glance (seed means):", "", *glance(record["summary"]), ""]
     c = record.get("claim")
     if c:
         verdict = "holds" if c["holds"] else "does not hold"
