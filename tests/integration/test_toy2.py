@@ -110,3 +110,32 @@ def test_grid_cells_results_and_resume(world, tmp_path):
                       objectives=("pivot",), ev=TINY_EVAL)  # fmt: skip
     assert [r["objective"] for r in rec["results"]] == ["english", "pivot"]
     assert {"binding", "agreement", "dark"} <= set(rec["results"][1])
+
+
+def test_base_with_the_auxiliary_scene_loss_learns_it_and_resumes(world, tmp_path):
+    """--text-aux: the head trains (its loss falls), lives in the checkpoint only, resumes."""
+    from safetensors import safe_open
+
+    from iap_rt.train.toy2.base import base_config, train_base
+
+    root, _ = world
+    cfg = base_config(block_out_channels=(8, 16, 16, 16, 16), text_width=16, text_layers=1,
+                      text_heads=2, batch_size=16, log_every=1, lr=3e-3, warmup_steps=1,
+                      extra={"text_aux_weight": 1.0})  # fmt: skip
+    logs: list[str] = []
+    out = train_base(root / "data", tmp_path / "b", minutes=5, max_steps=30, cfg=cfg,
+                     progress=logs.append)  # fmt: skip
+    aux = [float(m.split(" aux ")[1].split()[0]) for m in logs if " aux " in m]
+    # a running mean (0.98) starting at the first step's loss: 30 steps move it ~0.2 down
+    assert len(aux) == 30 and aux[-1] < aux[0] - 0.1
+    with safe_open(str(out / "checkpoint" / "checkpoint.safetensors"), "pt") as f:
+        assert any(k.startswith("aux.") for k in f.keys())
+    with safe_open(str(out / "text_encoder" / "model.safetensors"), "pt") as f:
+        assert not any("aux" in k for k in f.keys())
+    record = json.loads((out / "toy_base.json").read_text())
+    assert record["config"]["extra"] == {"text_aux_weight": 1.0}
+    logs.clear()
+    train_base(root / "data", tmp_path / "b", minutes=5, max_steps=32, cfg=cfg,
+               progress=logs.append)  # fmt: skip
+    assert any("resumed at step 30" in m for m in logs)
+    assert json.loads((out / "toy_base.json").read_text())["steps"] == 32

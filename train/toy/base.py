@@ -267,7 +267,8 @@ def load_training_data(data_dir: str | os.PathLike, split: str = "train"):
 
 # ---- checkpoints ---------------------------------------------------------------------------------
 def _save_checkpoint(ckpt: Path, both, ema, opt, state: dict) -> None:
-    """Weights of ``both`` (ModuleDict unet + text), their EMA, AdamW moments, RNG, ``state``."""
+    """Weights of ``both`` (ModuleDict unet + text [+ aux]), their EMA, AdamW moments, RNG,
+    ``state``."""
     import torch
     from safetensors.torch import save_file
 
@@ -294,7 +295,8 @@ def _load_checkpoint(ckpt: Path, both, ema, opt) -> dict:
     from safetensors.torch import load_file
 
     t = load_file(str(ckpt / "checkpoint.safetensors"))
-    both.load_state_dict({k: v for k, v in t.items() if k.startswith(("unet.", "text."))})
+    names = tuple(f"{m}." for m in both)  # unet, text (and aux with --text-aux)
+    both.load_state_dict({k: v for k, v in t.items() if k.startswith(names)})
     ema.load_state_dict({k[4:]: v for k, v in t.items() if k.startswith("ema.")})
     for i, p in enumerate(both.parameters()):
         if f"opt.exp_avg.{i}" in t:
@@ -317,6 +319,21 @@ def learning_rate(cfg: BaseConfig, step: int, done: float) -> float:
     return lr
 
 
+def scene_loss(logits, labels, classes: tuple[int, ...]):
+    """Mean cross entropy over the labelled (label >= 0) entries of every head; ``logits``
+    ``(B, sum(classes))`` split per head, ``labels`` ``(B, len(classes))``."""
+    import torch
+    import torch.nn.functional as F
+
+    total, count = logits.new_zeros(()), 0
+    for h, part in enumerate(torch.split(logits, list(classes), dim=1)):
+        keep = labels[:, h] >= 0
+        if keep.any():
+            total = total + F.cross_entropy(part[keep], labels[keep, h], reduction="sum")
+            count += int(keep.sum())
+    return total / max(1, count)
+
+
 def train_base(
     data_dir: str | os.PathLike,
     out: str | os.PathLike,
@@ -326,10 +343,17 @@ def train_base(
     resume: bool = True,
     progress=print,
     words: list[str] | None = None,
+    aux_labels=None,
 ) -> Path:
     """Train (or continue training) the toy base model and write the pipeline dir to ``out``.
 
-    ``words``: the English words the tokenizer reads whole (default: toy world v1's)."""
+    ``words``: the English words the tokenizer reads whole (default: toy world v1's).
+    ``aux_labels``: ``rows -> (labels (N, H) int64, classes per head)`` for the auxiliary
+    scene-from-text loss that ``cfg.extra["text_aux_weight"] > 0`` turns on: a linear head on
+    the text encoder's pooled (EOS) state predicts each head's class (-1: no label), cross
+    entropy averaged over the labelled heads, added to the diffusion loss with that weight.
+    The head is training-only (kept in the checkpoint, not in the pipeline directory): it
+    stands in for the image-text pretraining that SD's CLIP encoder had before SD was trained."""
     import torch
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -341,7 +365,7 @@ def train_base(
     torch.set_num_threads(cfg.threads)
     out = ensure_dir(out)
     ckpt = out / "checkpoint"
-    x, captions, _ = load_training_data(data_dir)
+    x, captions, rows = load_training_data(data_dir)
     meta_path = Path(data_dir) / "meta.json"
     data_meta = json.loads(meta_path.read_text("utf-8")) if meta_path.is_file() else {}
 
@@ -370,9 +394,16 @@ def train_base(
     )
     unet.train()
     text.train()
-    params = list(unet.parameters()) + list(text.parameters())
+    modules = {"unet": unet, "text": text}
+    aux_weight = float(cfg.extra.get("text_aux_weight", 0.0))
+    if aux_weight > 0:
+        if aux_labels is None:
+            raise InputError("text_aux_weight > 0 needs aux_labels (scene labels per row)")
+        labels, classes = aux_labels(rows)  # (N, H), per-head class counts
+        modules["aux"] = torch.nn.Linear(cfg.text_width, sum(classes))
+    params = [p for m in modules.values() for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    both = torch.nn.ModuleDict({"unet": unet, "text": text})  # one EMA and checkpoint for both
+    both = torch.nn.ModuleDict(modules)  # one EMA and checkpoint for all
     ema = EMA(both, cfg.ema_decay)
     noise_sched = DDPMScheduler.from_config(scheduler_config(cfg))
     alphas_cumprod = noise_sched.alphas_cumprod.float()  # (T,)
@@ -421,7 +452,8 @@ def train_base(
         noise = torch.randn(z0.shape, generator=gen)
         t = torch.randint(0, cfg.num_train_timesteps, (cfg.batch_size,), generator=gen)
         zt = noise_sched.add_noise(z0, noise, t)
-        ctx = text(tids).last_hidden_state  # (B, S, D)
+        enc = text(tids)
+        ctx = enc.last_hidden_state  # (B, S, D)
         pred = unet(zt, t, ctx).sample
         if cfg.prediction_type == "v_prediction":
             target = noise_sched.get_velocity(z0, noise, t)
@@ -429,6 +461,12 @@ def train_base(
             target = noise
         per = (pred - target).pow(2).mean(dim=(1, 2, 3))  # (B,)
         loss = (per * loss_weight[t]).mean()
+        if aux_weight > 0:
+            y = labels[idx].clone()  # (B, H)
+            y[drop] = -1  # a dropped caption says nothing about the scene
+            aux = scene_loss(both["aux"](enc.pooler_output), y, classes)
+            loss = loss + aux_weight * aux
+            state["aux_loss"] = 0.98 * state.get("aux_loss", aux.item()) + 0.02 * aux.item()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -439,8 +477,10 @@ def train_base(
         running = 0.98 * running + 0.02 * loss.item() if step else loss.item()
         if state["step"] % cfg.log_every == 0:
             el = time.process_time() - cpu_start
+            aux_note = f" aux {state['aux_loss']:.3f}" if "aux_loss" in state else ""
             progress(
-                f"step {state['step']} loss {running:.4f} lr {lr:.1e} cpu {el / 60:.1f} min "
+                f"step {state['step']} loss {running:.4f}{aux_note} lr {lr:.1e} "
+                f"cpu {el / 60:.1f} min "
                 f"wall {(time.time() - wall_start) / 60:.1f} min "
                 f"({el / max(1, state['step']):.2f} cpu s/step)"
             )

@@ -56,6 +56,25 @@ def base_config(**changes) -> v1base.BaseConfig:
     )
 
 
+def scene_labels(rows: list[dict]):
+    """The auxiliary text loss's targets (``--text-aux``): per row the layout (one of
+    :data:`scenes.LAYOUTS`), then colour and shape of the object in each slot (slot 0 = the
+    left / top one; -1 where a one-object scene has no second slot). -> ``(labels (N, 5)
+    int64, classes per head)``."""
+    import torch
+
+    from iap_rt.train.toy2 import scenes
+
+    nc, ns = len(scenes.COLOURS), len(scenes.SHAPES)
+    out = []
+    for row in rows:
+        combo = scenes.combo_from_json(row)
+        objs = [(scenes.COLOURS.index(c), scenes.SHAPES.index(sh)) for c, sh in combo[1:]]
+        objs += [(-1, -1)] * (2 - len(objs))
+        out.append([scenes.LAYOUTS.index(combo[0]), *objs[0], *objs[1]])
+    return torch.tensor(out, dtype=torch.int64), (len(scenes.LAYOUTS), nc, ns, nc, ns)
+
+
 def train_base(
     data_dir: str | os.PathLike,
     out: str | os.PathLike,
@@ -65,7 +84,8 @@ def train_base(
     resume: bool = True,
     progress=print,
 ) -> Path:
-    """Train (or continue) the v2 base on ``data_dir`` (``iap-rt toy2 data``) into ``out``."""
+    """Train (or continue) the v2 base on ``data_dir`` (``iap-rt toy2 data``) into ``out``
+    (``cfg.extra["text_aux_weight"]``: the auxiliary scene-from-text loss, :func:`scene_labels`)."""
     return v1base.train_base(
         data_dir,
         out,
@@ -75,6 +95,7 @@ def train_base(
         resume=resume,
         progress=progress,
         words=captions.en_vocabulary(),
+        aux_labels=scene_labels,
     )
 
 

@@ -80,8 +80,17 @@ def checker_cmd(out, seed, threads):
     help="UNet levels with cross-attention, counted from the 2x2 bottleneck up: 3 = 8x8 and "
     "below (v1's layout), 4 = also 16x16.  [default: the v2 base's]",
 )
+@click.option(
+    "--text-aux",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(min=0.0),
+    help="Weight of an auxiliary loss that makes the text encoder's EOS state name the scene "
+    "(layout, and colour and shape of the left/top and the right/bottom object): a stand-in "
+    "for the image-text pretraining SD's CLIP had. 0 = off (the shipped base).",
+)
 @click.option("--fresh", is_flag=True, help="Ignore an existing checkpoint in OUT.")
-def base_cmd(data_dir, out, minutes, max_steps, seed, threads, attention_levels, fresh):
+def base_cmd(data_dir, out, minutes, max_steps, seed, threads, attention_levels, text_aux, fresh):
     """Train the v2 English base (diffusers format) from scratch; resumes from OUT."""
     require("train", "toy2 base")
     import os
@@ -93,12 +102,13 @@ def base_cmd(data_dir, out, minutes, max_steps, seed, threads, attention_levels,
     from iap_rt.train.toy2.base import attention_blocks, base_config, train_base
 
     levels = {} if attention_levels is None else attention_blocks(attention_levels)
+    aux = {"extra": {"text_aux_weight": text_aux}} if text_aux > 0 else {}
     train_base(
         data_dir,
         out,
         minutes=minutes,
         max_steps=max_steps,
-        cfg=base_config(seed=seed, threads=threads, **levels),
+        cfg=base_config(seed=seed, threads=threads, **levels, **aux),
         resume=not fresh,
         progress=lambda m: click.echo(m, err=True),
     )
