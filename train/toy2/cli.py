@@ -276,13 +276,16 @@ def finetune_cmd(base, data_dir, out, minutes):
 @click.option("--work", required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--out", default="bench/results/toy2_plugin.json", show_default=True)
 @click.option("--fraction", default="10pct", show_default=True)
-def plugin_cmd(finetuned, work, out, fraction):
+@click.option("--seeds", default="0,1,2", show_default=True, help="The grid seeds to take.")
+def plugin_cmd(finetuned, work, out, fraction, seeds):
     """The grid's Chinese encoders with the fine-tuned UNet, no retraining."""
     require("train", "toy2 plugin")
     _one_thread()
     from iap_rt.train.toy2.finetune import plugin_eval
 
-    plugin_eval(finetuned, work, out, fraction=fraction, log=lambda m: click.echo(m, err=True))
+    seed_list = tuple(int(s) for s in _names(seeds, "--seeds"))
+    plugin_eval(finetuned, work, out, fraction=fraction, seeds=seed_list,
+                log=lambda m: click.echo(m, err=True))  # fmt: skip
     click.echo(f"wrote {out}")
 
 
