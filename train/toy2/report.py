@@ -140,7 +140,8 @@ def _fmt(st: dict | None, digits: int = 2) -> str:
 
 def glance(summary: list[dict]) -> list[str]:
     """A compact table: one row per objective, one column per data fraction, each cell
-    "binding / objects" (seed means); the English base and the untrained encoder beneath."""
+    "binding / objects" (seed means); the English base and the untrained encoder in a line
+    beneath."""
     get = {(s["objective"], s["fraction"]): s for s in summary}
     fracs = sorted(
         {s["fraction"] for s in summary if s["objective"] not in ("english", "untrained")}
@@ -158,9 +159,10 @@ def glance(summary: list[dict]) -> list[str]:
         if o in ("english", "untrained") or not any((o, f) in get for f in fracs):
             continue
         out.append(f"| {NAMES[o]} | " + " | ".join(cell(get.get((o, f))) for f in fracs) + " |")
-    for o, f in (("english", 1.0), ("untrained", 0.0)):
-        if (o, f) in get:
-            out.append(f"| {NAMES[o]} | {cell(get[(o, f)])} |" + " |" * (len(fracs) - 1))
+    refs = [f"{NAMES[o]} {cell(get[(o, f)])}" for o, f in (("english", 1.0), ("untrained", 0.0))
+            if (o, f) in get]  # fmt: skip
+    if refs:
+        out += ["", "For reference: " + "; ".join(refs) + "."]
     return out
 
 
