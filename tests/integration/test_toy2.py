@@ -57,7 +57,7 @@ def test_grid_cells_results_and_resume(world, tmp_path):
     long = specs[-1]
     assert long["fraction"] == "100pct" and long["budget_cpu_s"] == 2.5
     chosen = [specs[0], specs[1], specs[3], long]  # untrained, pivot, embed, long denoise
-    long["steps"], long["checkpoints"] = 4, 2
+    long["steps"], long["checkpoints"] = 5, 2  # periodic at 2 and 4, and the last step
     rows = [transfer.run_cell(s) for s in chosen]
     assert rows[1]["steps"] >= 1 and rows[1]["train_cpu_s"] > 0 and rows[1]["samples_seen"] > 0
     record = aggregate(work, tmp_path / "results", {
@@ -81,7 +81,7 @@ def test_grid_cells_results_and_resume(world, tmp_path):
     spec = long | {"name": "100pct_s0_denoise", "s_per_step": spp["denoise"],
                    "run_dir": str(work / "runs" / "100pct_s0_denoise")}  # fmt: skip
     points = curves.curve_points(spec)
-    assert [p["step"] for p in points] == [2, 4]
+    assert [p["step"] for p in points] == [2, 4, 5]  # none rotated out by the last save
     assert points[-1]["binding"] == rows[-1]["binding"]  # the last checkpoint = the final model
     png = curves.plot(
         {

@@ -98,7 +98,9 @@ def train_run(spec: dict, out: Path, steps: int, data_file: Path, checkpoints: i
         warmup_steps=max(1, steps // 20),
         val_every=0,
         checkpoint_every=max(1, steps // checkpoints) if checkpoints else 0,
-        keep_checkpoints=max(1, checkpoints),
+        # the last step is saved too: keep every periodic checkpoint besides it (with only
+        # ``checkpoints`` kept, the first curve point was rotated out)
+        keep_checkpoints=max(1, checkpoints + 1),
         seed=spec["seed"],
     )
     done = out / "cell_train.json"
