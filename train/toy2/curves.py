@@ -160,6 +160,7 @@ def plot(record: dict, out: Path) -> Path:
             ax.set_xlabel(xlabel)
             ax.grid(alpha=0.3)
         row[1].set_xscale("symlog", linthresh=1000)
+        row[1].set_xlim(left=0)  # symlog would show an empty negative half
         row[0].set_ylabel(METRICS[metric])
         row[0].legend(fontsize=8, loc="lower right")
     fig.suptitle("Toy world v2: Chinese encoders against a frozen English base", fontsize=11)
