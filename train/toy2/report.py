@@ -19,8 +19,8 @@ from pathlib import Path
 
 from iap_rt.fileio import write_json_atomic, write_text_atomic
 
-SCORES = ("colour", "shape", "relation", "objects", "binding", "one_all", "agreement", "agreement_two",
-          "pixel_mse")  # fmt: skip
+SCORES = ("colour", "shape", "relation", "objects", "binding", "one_all", "agreement",
+          "agreement_two", "pixel_mse")  # fmt: skip
 COSTS = ("train_cpu_s", "steps", "samples_seen")
 ORDER = ("english", "untrained", "embed_pos", "embed", "denoise", "full", "pivot")
 NAMES = {

@@ -33,7 +33,7 @@ from pathlib import Path
 from iap_rt.errors import ArtifactNotFoundError, InputError
 from iap_rt.fileio import write_json_atomic, write_text_atomic
 from iap_rt.train.toy import transfer as v1t
-from iap_rt.train.toy2.report import aggregate
+from iap_rt.train.toy2.report import aggregate, fraction_value
 
 OBJECTIVES = ("pivot", "full", "embed", "denoise")
 # the old position-wise text distillation, at 10 % only: is the new `embed` better? (issue 14.5)
@@ -299,8 +299,9 @@ def longest_first(specs: list[dict]) -> list[dict]:
     Longest-processing-time-first keeps both workers busy to the end instead of leaving a
     5x-budget run alone at the tail, and the cells the paper's claim compares (``denoise`` at
     100 %, then the 10 % and 5 % cells) finish first if a session is cut short."""
-    pct = {"0pct": 0.0, "1pct": 1.0, "5pct": 5.0, "10pct": 10.0, "100pct": 100.0}
-    return sorted(specs, key=lambda s: (-s.get("budget_cpu_s", 0.0), -pct.get(s["fraction"], 0)))
+    return sorted(
+        specs, key=lambda s: (-s.get("budget_cpu_s", 0.0), -fraction_value(s["fraction"]))
+    )
 
 
 def run_grid(
