@@ -4,6 +4,7 @@ resumption, learning-curve checkpoints and the plot."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -110,6 +111,21 @@ def test_grid_cells_results_and_resume(world, tmp_path):
                       objectives=("pivot",), ev=TINY_EVAL)  # fmt: skip
     assert [r["objective"] for r in rec["results"]] == ["english", "pivot"]
     assert {"binding", "agreement", "dark"} <= set(rec["results"][1])
+    assert json.loads((ft / "toy_finetune.json").read_text())["ema_decay"] > 0
+    # the curves' long runs as the source: the same UNet, compared with their last curve point
+    shutil.copytree(work / "runs" / "100pct_s0_denoise", work / "curve_runs" / "100pct_s0_denoise")
+    rec = plugin_eval(ft, work, tmp_path / "plugin_c.json", fraction="100pct", seeds=(0,),
+                      objectives=("denoise",), ev=TINY_EVAL, source="curves")  # fmt: skip
+    assert rec["source"] == "curves" and rec["results"][0] == dict(
+        {"objective": "english", "seed": 0},
+        **json.loads((work / "plugin/english.json").read_text()),
+    )
+    assert rec["results"][1]["binding_on_base"] == points[-1]["binding"]
+    # another fine-tune must not reuse this one's cached English reference and cells
+    ft2 = finetune_unet(base, tmp_path / "outline", tmp_path / "ft2", minutes=0.01, batch_size=2)
+    with pytest.raises(ValueError, match="another fine-tuned UNet"):
+        plugin_eval(ft2, work, tmp_path / "p2.json", fraction="1pct", seeds=(0,),
+                    objectives=("pivot",), ev=TINY_EVAL)  # fmt: skip
 
 
 def test_base_with_the_auxiliary_scene_loss_learns_it_and_resumes(world, tmp_path):

@@ -256,7 +256,12 @@ def curves_cmd(data_dir, base, work, results, plot_path, budget_s, jobs):
 @click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False),
               help="Restyled data: iap-rt toy2 data --style outline.")  # fmt: skip
 @click.option("--out", required=True, type=click.Path(file_okay=False))
-@click.option("--minutes", default=10.0, show_default=True, help="CPU minutes (one thread).")
+@click.option(
+    "--minutes",
+    default=20.0,
+    show_default=True,
+    help="CPU minutes (one thread); the learning rate cools to 0 over the last 30 %.",
+)
 def finetune_cmd(base, data_dir, out, minutes):
     """Fine-tune the base's UNet alone on restyled images with English captions."""
     require("train", "toy2 finetune")
@@ -277,15 +282,24 @@ def finetune_cmd(base, data_dir, out, minutes):
 @click.option("--out", default="bench/results/toy2_plugin.json", show_default=True)
 @click.option("--fraction", default="10pct", show_default=True)
 @click.option("--seeds", default="0,1,2", show_default=True, help="The grid seeds to take.")
-def plugin_cmd(finetuned, work, out, fraction, seeds):
+@click.option("--source", type=click.Choice(["grid", "curves"]), default="grid",
+              show_default=True,
+              help="Which encoders: the grid's cells, or the learning curves' long runs "
+                   "(seed 0 only; 5x the grid's budget).")  # fmt: skip
+def plugin_cmd(finetuned, work, out, fraction, seeds, source):
     """The grid's Chinese encoders with the fine-tuned UNet, no retraining."""
     require("train", "toy2 plugin")
     _one_thread()
     from iap_rt.train.toy2.finetune import plugin_eval
 
     seed_list = tuple(int(s) for s in _names(seeds, "--seeds"))
-    plugin_eval(finetuned, work, out, fraction=fraction, seeds=seed_list,
-                log=lambda m: click.echo(m, err=True))  # fmt: skip
+    if source == "curves":
+        seed_list = (0,)
+    try:
+        plugin_eval(finetuned, work, out, fraction=fraction, seeds=seed_list, source=source,
+                    log=lambda m: click.echo(m, err=True))  # fmt: skip
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
     click.echo(f"wrote {out}")
 
 

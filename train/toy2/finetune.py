@@ -13,7 +13,10 @@ with English, and whether the new style came through (``dark``: fraction of imag
 background).
 
 Training loop: plain v-prediction MSE as in :mod:`iap_rt.train.toy.base`, AdamW, a CPU-time
-budget (one thread), no EMA (a short fine-tune from converged weights).
+budget (one thread), and the base's finish: the learning rate cools linearly to 0 over the last
+``cooldown`` of the budget and the written UNet is the EMA of the weights. Without them (the
+first plug-in run) the fine-tuned UNet drew grainy outlines whose shapes the checker could not
+read (English on it: objects 0.21).
 """
 
 from __future__ import annotations
@@ -36,12 +39,15 @@ def finetune_unet(
     lr: float = 2e-4,
     seed: int = 0,
     caption_dropout: float = 0.1,
+    ema_decay: float = 0.995,
+    cooldown: float = 0.3,
     progress=print,
 ) -> Path:
     """Fine-tune ``base``'s UNet on ``data_dir`` (English captions) for ``minutes`` CPU minutes."""
     import torch
     from diffusers import DDPMScheduler
 
+    from iap_rt.train.ema import EMA
     from iap_rt.train.toy.base import load_base, load_training_data, tokenize
 
     torch.manual_seed(seed)
@@ -60,9 +66,12 @@ def finetune_unet(
     noise_sched = DDPMScheduler.from_config(sched_cfg)
     unet.train()
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
+    ema = EMA(unet, ema_decay)
     gen = torch.Generator().manual_seed(seed)
     cpu0, step, running = time.process_time(), 0, None
-    while time.process_time() - cpu0 < minutes * 60:
+    while (done := (time.process_time() - cpu0) / (minutes * 60)) < 1.0:
+        for group in opt.param_groups:  # constant, then linear to 0 over the last `cooldown`
+            group["lr"] = lr * min(1.0, (1.0 - done) / cooldown) if cooldown > 0 else lr
         idx = torch.randint(0, len(lat), (batch_size,), generator=gen)
         tids = ids[idx].clone()
         tids[torch.rand(batch_size, generator=gen) < caption_dropout] = empty[0]
@@ -79,6 +88,7 @@ def finetune_unet(
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()
         step += 1
+        ema.update(unet, step)
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         if step % 50 == 0:
             progress(f"finetune step {step} loss {running:.4f}")
@@ -87,10 +97,12 @@ def finetune_unet(
         shutil.rmtree(out)
     shutil.copytree(base, out, ignore=shutil.ignore_patterns("unet", "checkpoint"))
     unet.eval()
+    ema.copy_to(unet)
     unet.save_pretrained(out / "unet", safe_serialization=True)
     write_json_atomic(out / "toy_finetune.json", {
         "from": str(base.resolve()), "data": str(data_dir), "steps": step, "batch_size": batch_size,
-        "lr": lr, "seed": seed, "train_cpu_s": cpu_s, "samples_seen": step * batch_size,
+        "lr": lr, "cooldown": cooldown, "ema_decay": ema_decay, "seed": seed,
+        "train_cpu_s": cpu_s, "samples_seen": step * batch_size,
         "trained": "unet only (text encoder, tokenizer, VAE frozen)",
     })  # fmt: skip
     progress(f"fine-tuned UNet written to {out} ({step} steps, {cpu_s / 60:.1f} CPU min)")
@@ -105,10 +117,15 @@ def plugin_eval(
     seeds: tuple[int, ...] = (0, 1, 2),
     objectives: tuple[str, ...] = ("pivot", "full", "embed", "denoise"),
     ev: dict | None = None,
+    source: str = "grid",
     log=print,
 ) -> dict:
-    """Evaluate the grid's encoders (``work/runs/<fraction>_s<seed>_<objective>``) with the
-    fine-tuned UNet; English on the fine-tuned base is the reference. Resumable per cell."""
+    """Evaluate Chinese encoders trained against the original base with the fine-tuned UNet;
+    English on the fine-tuned base is the reference. Resumable per cell.
+
+    ``source`` picks the encoders: ``grid`` the grid's cells (``work/runs/<fraction>_s<seed>_
+    <objective>``, the grid's budget), ``curves`` the learning curves' long runs
+    (``work/curve_runs/...``, seed 0, :data:`~.transfer.LONG_FACTOR` x the budget)."""
     import numpy as np
 
     from iap_rt.train.toy.evaluate import diffusers_generator
@@ -117,7 +134,12 @@ def plugin_eval(
 
     finetuned, work = Path(finetuned), Path(work)
     base = Path(json.loads((finetuned / "toy_finetune.json").read_text("utf-8"))["from"])
+    if source not in SOURCES:
+        raise ValueError(f"source must be one of {tuple(SOURCES)}, got {source!r}")
+    runs, cells = SOURCES[source]
+    record_ft = json.loads((finetuned / "toy_finetune.json").read_text("utf-8"))
     pw = ensure_dir(work / "plugin")
+    _same_finetune(pw, record_ft)
     ev = ev or t2.default_eval()
     if not (pw / "english.json").is_file():
         gen = diffusers_generator(finetuned, steps=ev["steps"], guidance=ev["guidance"],
@@ -130,26 +152,51 @@ def plugin_eval(
     for obj in objectives:
         for s in seeds:
             name = f"{fraction}_s{s}_{obj}"
-            res_path = pw / "cells" / f"{name}.json"
+            res_path = pw / f"{cells}" / f"{name}.json"
             if not res_path.is_file():
-                model, enc = pw / "models" / name, work / "runs" / name / "chinese_encoder"
+                model, enc = pw / "models" / name, work / runs / name / "chinese_encoder"
                 template = pw / "models" / "template"
                 if not (template / "manifest.json").is_file():  # fine-tuned UNet + VAE once
                     export_plugin(base, finetuned, enc, template)
                 export_plugin(base, finetuned, enc, model, like=template)
                 res = t2.evaluate_model(model, pw, ev)
-                on_base = work / "cells" / f"{name}.json"
-                if on_base.is_file():  # the same encoder with the original UNet (the grid)
-                    orig = json.loads(on_base.read_text("utf-8"))
+                orig = _on_base(work, source, name)  # the same encoder, the original UNet
+                if orig is not None:
                     res |= {f"{k}_on_base": orig[k] for k in ("binding", "agreement")}
                 write_json_atomic(res_path, res | {"objective": obj, "seed": s})
                 shutil.rmtree(model)
             rows.append(json.loads(res_path.read_text("utf-8")))
             log(f"plugin {name}: binding {rows[-1]['binding']:.3f}")
-    record = {"finetuned": json.loads((finetuned / "toy_finetune.json").read_text("utf-8")),
-              "fraction": fraction, "eval": ev, "results": rows}  # fmt: skip
+    record = {"finetuned": record_ft, "source": source, "fraction": fraction, "eval": ev,
+              "results": rows}  # fmt: skip
     write_json_atomic(Path(out), record)
     return record
+
+
+# source -> (run directories under the work dir, result directory under work/plugin)
+SOURCES = {"grid": ("runs", "cells"), "curves": ("curve_runs", "cells_curves")}
+
+
+def _same_finetune(pw: Path, record: dict) -> None:
+    """The plug-in cache (English on the fine-tuned UNet, finished cells) belongs to one
+    fine-tune: refuse to mix results from another."""
+    own = pw / "finetuned.json"
+    if not own.is_file() and not (pw / "english.json").is_file():
+        write_json_atomic(own, record)
+    elif not own.is_file() or json.loads(own.read_text("utf-8")) != record:
+        raise ValueError(
+            f"{pw} holds plug-in results for another fine-tuned UNet ({own}); "
+            f"move or delete {pw} to evaluate this one"
+        )
+
+
+def _on_base(work: Path, source: str, name: str) -> dict | None:
+    """The encoder's scores with the original UNet: its grid cell, or its last curve point."""
+    if source == "grid":
+        path = work / "cells" / f"{name}.json"
+        return json.loads(path.read_text("utf-8")) if path.is_file() else None
+    points = sorted((work / "curves").glob(f"{name}_[0-9]*.json"))
+    return json.loads(points[-1].read_text("utf-8")) if points else None
 
 
 def export_plugin(base: Path, finetuned: Path, encoder: Path, out: Path, like=None) -> Path:
