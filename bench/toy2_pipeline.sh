@@ -36,7 +36,9 @@ for stage in "$@"; do
         --budget-s "$BUDGET_S" --jobs 2 ;;
     plugin)
       [ -f "$TOY2/outline_base/toy_finetune.json" ] ||
-        iap-rt toy2 finetune --base "$BASE" --data "$TOY2/outline" --out "$TOY2/outline_base" --minutes 10
+        iap-rt toy2 finetune --base "$BASE" --data "$TOY2/outline" --out "$TOY2/outline_base" --minutes 20
+      iap-rt toy2 plugin --finetuned "$TOY2/outline_base" --work "$TOY2/grid" --source curves \
+        --out bench/results/toy2_plugin_curves.json
       iap-rt toy2 plugin --finetuned "$TOY2/outline_base" --work "$TOY2/grid" ;;
     *) echo "unknown stage $stage (data base grid curves plugin)" >&2; exit 2 ;;
   esac
