@@ -1,9 +1,10 @@
 """Where does the toy v2 English base lose the relation? Linear probes on its text encoder.
 
-The base draws both objects of a two-object prompt right and on the right axis, but puts them
-on the wrong sides half the time (``bench/results/toy2_base.json``, ``relation_diagnosis``).
-This script asks whether the *per-token* states of its CLIP text encoder carry the order at
-all: logistic-regression probes (numpy, standardised features, L2 1e-3) trained on captions
+The first base (trained without ``--text-aux``) drew both objects of a two-object prompt right
+and on the right axis, but put them on the wrong sides half the time
+(``bench/results/toy2_base_noaux.json``, ``relation_diagnosis``; its probes:
+``toy2_text_probe_noaux.json``). This script asks whether the *per-token* states of a base's
+CLIP text encoder carry the order at all: logistic-regression probes (numpy, standardised features, L2 1e-3) trained on captions
 of training combos and scored on captions of held-out combos:
 
 - ``colour_token_slot``: from the state at an object's colour word, is that object the

@@ -40,7 +40,8 @@ def test_the_defaults_are_the_recipe_of_the_shipped_base(run_cli):
     base = shipped_base_dir()
     record = json.loads((base / "toy_base.json").read_text("utf-8"))
     defaults = {p.name: p.default for p in base_cmd.params}
-    cfg = base_config(seed=defaults["seed"], threads=defaults["threads"])
+    aux = {"extra": {"text_aux_weight": defaults["text_aux"]}}  # as base_cmd builds it
+    cfg = base_config(seed=defaults["seed"], threads=defaults["threads"], **aux)
     assert json.loads(json.dumps(dataclasses.asdict(cfg))) == record["config"]
     assert record["train_cpu_minutes"] == pytest.approx(defaults["minutes"], abs=0.1)
     data = {p.name: p.default for p in data_cmd.params}  # made by `iap-rt toy2 data` defaults

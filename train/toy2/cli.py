@@ -82,12 +82,13 @@ def checker_cmd(out, seed, threads):
 )
 @click.option(
     "--text-aux",
-    default=0.0,
+    default=0.1,
     show_default=True,
     type=click.FloatRange(min=0.0),
     help="Weight of an auxiliary loss that makes the text encoder's EOS state name the scene "
     "(layout, and colour and shape of the left/top and the right/bottom object): a stand-in "
-    "for the image-text pretraining SD's CLIP had. 0 = off (the shipped base).",
+    "for the image-text pretraining SD's CLIP had. The shipped base used 0.1; without it "
+    "(0 = off) the base never learns which object goes first (relation 0.46 instead of 1.00).",
 )
 @click.option("--fresh", is_flag=True, help="Ignore an existing checkpoint in OUT.")
 def base_cmd(data_dir, out, minutes, max_steps, seed, threads, attention_levels, text_aux, fresh):
