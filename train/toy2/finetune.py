@@ -133,11 +133,11 @@ def plugin_eval(
     from iap_rt.train.toy2.evaluate import dark_fraction, evaluate
 
     finetuned, work = Path(finetuned), Path(work)
-    base = Path(json.loads((finetuned / "toy_finetune.json").read_text("utf-8"))["from"])
     if source not in SOURCES:
         raise ValueError(f"source must be one of {tuple(SOURCES)}, got {source!r}")
     runs, cells = SOURCES[source]
     record_ft = json.loads((finetuned / "toy_finetune.json").read_text("utf-8"))
+    base = Path(record_ft["from"])
     pw = ensure_dir(work / "plugin")
     _same_finetune(pw, record_ft)
     ev = ev or t2.default_eval()
@@ -152,7 +152,7 @@ def plugin_eval(
     for obj in objectives:
         for s in seeds:
             name = f"{fraction}_s{s}_{obj}"
-            res_path = pw / f"{cells}" / f"{name}.json"
+            res_path = pw / cells / f"{name}.json"
             if not res_path.is_file():
                 model, enc = pw / "models" / name, work / runs / name / "chinese_encoder"
                 template = pw / "models" / "template"
