@@ -13,6 +13,7 @@ TOY2=${TOY2:-scratch/toy2}
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 IAP_RT_THREADS=1 OMP_WAIT_POLICY=PASSIVE
 BUDGET_S=${BUDGET_S:-180}   # CPU seconds per grid cell (one thread); denoise at 100 % gets 5x
 BASE=${BASE:-iap_rt/data/toy2_base}  # the committed English base (the `base` stage retrains it)
+WORK=${WORK:-$TOY2/grid}  # grid, curves and plug-in work dir: one per base (it refuses another)
 
 for stage in "$@"; do
   echo "== $stage $(date -u +%FT%TZ)"
@@ -29,17 +30,17 @@ for stage in "$@"; do
       [ -f "$TOY2/base_eval.json" ] ||
         iap-rt toy2 base-eval --base "$TOY2/base" --out "$TOY2/base_eval.json" ;;
     grid)
-      iap-rt toy2 transfer --data "$TOY2/data" --base "$BASE" --work "$TOY2/grid" \
+      iap-rt toy2 transfer --data "$TOY2/data" --base "$BASE" --work "$WORK" \
         --budget-s "$BUDGET_S" --jobs 2 ;;
     curves)
-      iap-rt toy2 curves --data "$TOY2/data" --base "$BASE" --work "$TOY2/grid" \
+      iap-rt toy2 curves --data "$TOY2/data" --base "$BASE" --work "$WORK" \
         --budget-s "$BUDGET_S" --jobs 2 ;;
     plugin)
-      [ -f "$TOY2/outline_base/toy_finetune.json" ] ||
-        iap-rt toy2 finetune --base "$BASE" --data "$TOY2/outline" --out "$TOY2/outline_base" --minutes 20
-      iap-rt toy2 plugin --finetuned "$TOY2/outline_base" --work "$TOY2/grid" --source curves \
+      [ -f "$WORK/outline_base/toy_finetune.json" ] ||
+        iap-rt toy2 finetune --base "$BASE" --data "$TOY2/outline" --out "$WORK/outline_base" --minutes 20
+      iap-rt toy2 plugin --finetuned "$WORK/outline_base" --work "$WORK" --source curves \
         --out bench/results/toy2_plugin_curves.json
-      iap-rt toy2 plugin --finetuned "$TOY2/outline_base" --work "$TOY2/grid" ;;
+      iap-rt toy2 plugin --finetuned "$WORK/outline_base" --work "$WORK" ;;
     *) echo "unknown stage $stage (data base grid curves plugin)" >&2; exit 2 ;;
   esac
 done

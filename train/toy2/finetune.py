@@ -49,6 +49,7 @@ def finetune_unet(
 
     from iap_rt.train.ema import EMA
     from iap_rt.train.toy.base import load_base, load_training_data, tokenize
+    from iap_rt.train.toy2.transfer import base_fingerprint
 
     torch.manual_seed(seed)
     base, out = Path(base), Path(out)
@@ -100,7 +101,8 @@ def finetune_unet(
     ema.copy_to(unet)
     unet.save_pretrained(out / "unet", safe_serialization=True)
     write_json_atomic(out / "toy_finetune.json", {
-        "from": str(base.resolve()), "data": str(data_dir), "steps": step, "batch_size": batch_size,
+        "from": str(base.resolve()), "base_sha256": base_fingerprint(base),
+        "data": str(data_dir), "steps": step, "batch_size": batch_size,
         "lr": lr, "cooldown": cooldown, "ema_decay": ema_decay, "seed": seed,
         "train_cpu_s": cpu_s, "samples_seen": step * batch_size,
         "trained": "unet only (text encoder, tokenizer, VAE frozen)",
@@ -138,6 +140,10 @@ def plugin_eval(
     runs, cells = SOURCES[source]
     record_ft = json.loads((finetuned / "toy_finetune.json").read_text("utf-8"))
     base = Path(record_ft["from"])
+    t2.check_same_base(work, base)  # the encoders were trained against this base
+    if record_ft.get("base_sha256") != t2.base_fingerprint(base):  # retrained since
+        raise ValueError(f"{finetuned} was not fine-tuned from today's {base} (its record has "
+                         f"another or no base fingerprint); fine-tune it again")  # fmt: skip
     pw = ensure_dir(work / "plugin")
     _same_finetune(pw, record_ft)
     ev = ev or t2.default_eval()

@@ -128,6 +128,40 @@ def cell_name(spec: dict) -> str:
     return f"{spec['fraction']}_s{spec['seed']}_{spec['objective']}"
 
 
+def base_fingerprint(base: Path) -> str:
+    """sha256 over the base's UNet and text-encoder weights: what a work dir's results depend
+    on (the committed base's *path* stays the same when it is retrained)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    files = sorted((Path(base) / "unet").glob("*.safetensors"))
+    files += sorted((Path(base) / "text_encoder").glob("*.safetensors"))
+    if not files:
+        raise ArtifactNotFoundError(f"{base}: no unet/ or text_encoder/ safetensors weights")
+    for f in files:
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
+def check_same_base(work: Path, base: Path) -> None:
+    """A work dir holds results against one base: record its fingerprint on first use and
+    refuse another base (cells, English reference and caches would silently mix)."""
+    own, fp = Path(work) / "base.json", base_fingerprint(Path(base))
+    if not own.is_file():
+        if (Path(work) / "english.json").is_file():
+            raise InputError(
+                f"{work} holds results made before work dirs recorded their base; "
+                f"use a fresh --work, or write {own} with the base's fingerprint if you know "
+                f"which base made them"
+            )
+        write_json_atomic(own, {"base": str(base), "sha256": fp})
+    elif json.loads(own.read_text("utf-8"))["sha256"] != fp:
+        raise InputError(
+            f"{work} holds results made with another base than {base} (weights differ from "
+            f"{own}); use a fresh --work for this base"
+        )
+
+
 def english_reference(base: Path, work: Path, ev: dict) -> dict:
     """Evaluate the English base once (``work/english.json`` + ``english.npz``: images and the
     checker's reading of each, for agreement)."""
@@ -251,6 +285,8 @@ def prepare(
     calib_lengths=(10, 40),
 ):  # fmt: skip
     """Init encoders, template export, shared cache, English reference, calibration."""
+    work.mkdir(parents=True, exist_ok=True)
+    check_same_base(work, base)
     for s in seeds:
         if not (init_dir(work, s) / "vocab.txt").is_file():
             build_init_encoder(data, base, init_dir(work, s), s)

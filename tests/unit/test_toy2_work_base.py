@@ -1,0 +1,47 @@
+"""A toy2 work dir (grid, curves, plug-in) belongs to one base: its weights, not its path."""
+
+import json
+
+import pytest
+
+from iap_rt.errors import InputError
+from iap_rt.train.toy2.transfer import base_fingerprint, check_same_base
+
+
+def _base(root, unet=b"unet-weights", text=b"text-weights"):
+    for sub, data in (("unet", unet), ("text_encoder", text)):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+        (root / sub / "model.safetensors").write_bytes(data)
+    return root
+
+
+def test_first_use_records_the_base_and_the_same_weights_pass(tmp_path):
+    base, work = _base(tmp_path / "b"), tmp_path / "w"
+    work.mkdir()
+    check_same_base(work, base)
+    assert json.loads((work / "base.json").read_text())["sha256"] == base_fingerprint(base)
+    copy = _base(tmp_path / "elsewhere")  # same weights at another path: the same base
+    check_same_base(work, copy)
+
+
+def test_a_retrained_base_at_the_same_path_is_refused(tmp_path):
+    base, work = _base(tmp_path / "b"), tmp_path / "w"
+    work.mkdir()
+    check_same_base(work, base)
+    _base(base, text=b"retrained")
+    with pytest.raises(InputError, match="another base"):
+        check_same_base(work, base)
+
+
+def test_results_without_a_recorded_base_are_refused(tmp_path):
+    base, work = _base(tmp_path / "b"), tmp_path / "w"
+    work.mkdir()
+    (work / "english.json").write_text("{}")
+    with pytest.raises(InputError, match="fresh --work"):
+        check_same_base(work, base)
+    assert not (work / "base.json").exists()
+
+
+def test_a_directory_without_weights_is_named(tmp_path):
+    with pytest.raises(Exception, match="no unet/ or text_encoder/"):
+        base_fingerprint(tmp_path)
