@@ -21,7 +21,7 @@ def test_first_use_records_the_base_and_the_same_weights_pass(tmp_path):
     check_same_base(work, base)
     assert json.loads((work / "base.json").read_text())["sha256"] == base_fingerprint(base)
     copy = _base(tmp_path / "elsewhere")  # same weights at another path: the same base
-    check_same_base(work, copy)
+    assert check_same_base(work, copy) == base_fingerprint(base)
 
 
 def test_a_retrained_base_at_the_same_path_is_refused(tmp_path):

@@ -140,8 +140,8 @@ def plugin_eval(
     runs, cells = SOURCES[source]
     record_ft = json.loads((finetuned / "toy_finetune.json").read_text("utf-8"))
     base = Path(record_ft["from"])
-    t2.check_same_base(work, base)  # the encoders were trained against this base
-    if record_ft.get("base_sha256") != t2.base_fingerprint(base):  # retrained since
+    fingerprint = t2.check_same_base(work, base)  # the encoders were trained against it
+    if record_ft.get("base_sha256") != fingerprint:  # retrained since the fine-tune
         raise ValueError(f"{finetuned} was not fine-tuned from today's {base} (its record has "
                          f"another or no base fingerprint); fine-tune it again")  # fmt: skip
     pw = ensure_dir(work / "plugin")

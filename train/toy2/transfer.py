@@ -143,9 +143,10 @@ def base_fingerprint(base: Path) -> str:
     return h.hexdigest()
 
 
-def check_same_base(work: Path, base: Path) -> None:
+def check_same_base(work: Path, base: Path) -> str:
     """A work dir holds results against one base: record its fingerprint on first use and
-    refuse another base (cells, English reference and caches would silently mix)."""
+    refuse another base (cells, English reference and caches would silently mix). Returns
+    the base's fingerprint."""
     own, fp = Path(work) / "base.json", base_fingerprint(Path(base))
     if not own.is_file():
         if (Path(work) / "english.json").is_file():
@@ -160,6 +161,7 @@ def check_same_base(work: Path, base: Path) -> None:
             f"{work} holds results made with another base than {base} (weights differ from "
             f"{own}); use a fresh --work for this base"
         )
+    return fp
 
 
 def english_reference(base: Path, work: Path, ev: dict) -> dict:
