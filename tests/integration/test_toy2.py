@@ -9,6 +9,8 @@ import shutil
 import numpy as np
 import pytest
 
+from iap_rt.errors import InputError
+
 torch = pytest.importorskip("torch")
 
 TINY_EVAL = {"seeds_per_combo": 1, "steps": 2, "guidance": 3.0, "scheduler": "ddim",
@@ -123,7 +125,7 @@ def test_grid_cells_results_and_resume(world, tmp_path):
     assert rec["results"][1]["binding_on_base"] == points[-1]["binding"]
     # another fine-tune must not reuse this one's cached English reference and cells
     ft2 = finetune_unet(base, tmp_path / "outline", tmp_path / "ft2", minutes=0.01, batch_size=2)
-    with pytest.raises(ValueError, match="another fine-tuned UNet"):
+    with pytest.raises(InputError, match="another fine-tuned UNet"):
         plugin_eval(ft2, work, tmp_path / "p2.json", fraction="1pct", seeds=(0,),
                     objectives=("pivot",), ev=TINY_EVAL)  # fmt: skip
 

@@ -24,6 +24,7 @@ def test_results_rows_summary_and_claim(tmp_path):
     (work / "cells").mkdir(parents=True)
     base.mkdir()
     (work / "english.json").write_text(json.dumps(SCORES | {"binding": 0.6, "lang": "en"}))
+    (work / "base.json").write_text(json.dumps({"base": str(base), "sha256": "ab" * 32}))
     (base / "toy_base.json").write_text(json.dumps({
         "config": {"seed": 0}, "train_cpu_minutes": 90.0, "steps": 2000,
         "samples_seen": 128000, "torch_threads": 1}))  # fmt: skip
@@ -38,6 +39,7 @@ def test_results_rows_summary_and_claim(tmp_path):
     rec = aggregate(work, tmp_path / "results", setup)
     saved = json.loads((tmp_path / "results" / "toy2_transfer.json").read_text())
     assert saved["results"] == rec["results"]
+    assert saved["base_used"] == {"base": str(base), "sha256": "ab" * 32}  # which base made it
     keys = [(r["objective"], r["fraction"], r["seed"]) for r in saved["results"]]
     assert keys[0] == ("untrained", 0.0, 0) and ("english", 1.0, 0) in keys
     assert ("pivot", 0.05, 2) in keys and ("denoise", 1.0, 1) in keys and len(keys) == 13

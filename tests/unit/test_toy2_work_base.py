@@ -5,7 +5,7 @@ import json
 import pytest
 
 from iap_rt.errors import InputError
-from iap_rt.train.toy2.transfer import base_fingerprint, check_same_base
+from iap_rt.train.toy2.transfer import base_fingerprint, check_same_base, pin_record
 
 
 def _base(root, unet=b"unet-weights", text=b"text-weights"):
@@ -45,3 +45,16 @@ def test_results_without_a_recorded_base_are_refused(tmp_path):
 def test_a_directory_without_weights_is_named(tmp_path):
     with pytest.raises(Exception, match="no unet/ or text_encoder/"):
         base_fingerprint(tmp_path)
+
+
+def test_a_pinned_record_compared_whole_refuses_any_change(tmp_path):
+    own, results = tmp_path / "finetuned.json", tmp_path / "english.json"
+    kw = {"key": None, "refuse": "another fine-tune", "unpinned": results, "legacy": "older"}
+    pin_record(own, {"from": "b", "steps": 10}, **kw)
+    results.write_text("{}")
+    pin_record(own, {"from": "b", "steps": 10}, **kw)  # the same producer: results may mix
+    with pytest.raises(InputError, match="another fine-tune"):
+        pin_record(own, {"from": "b", "steps": 11}, **kw)
+    own.unlink()
+    with pytest.raises(InputError, match="older"):  # results, but nothing says whose
+        pin_record(own, {"from": "b", "steps": 10}, **kw)

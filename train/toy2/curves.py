@@ -22,6 +22,7 @@ from pathlib import Path
 from iap_rt.fileio import ensure_dir, write_json_atomic
 from iap_rt.train.toy import transfer as v1t
 from iap_rt.train.toy2 import transfer as t2
+from iap_rt.train.toy2.report import base_used
 
 CURVE_FRACTION = "10pct"
 MODULE = "iap_rt.train.toy2.curves"
@@ -117,7 +118,7 @@ def run_curves(
         }
         curves.append({"objective": s["objective"], "fraction": s["fraction"], "seed": seed,
                        "s_per_step_cpu": s["s_per_step"], "points": [start, *pts]})  # fmt: skip
-    record = {"budget_cpu_s": long_budget, "batch_size": batch, "english_binding":
+    record = {"base_used": base_used(work), "budget_cpu_s": long_budget, "batch_size": batch, "english_binding":
               english["binding"], "english_objects": english.get("objects"),
               "curves": curves}  # fmt: skip
     write_json_atomic(Path(results) / "toy2_curves.json", record)

@@ -27,6 +27,7 @@ import shutil
 import time
 from pathlib import Path
 
+from iap_rt.errors import InputError
 from iap_rt.fileio import ensure_dir, write_json_atomic
 
 
@@ -127,22 +128,25 @@ def plugin_eval(
 
     ``source`` picks the encoders: ``grid`` the grid's cells (``work/runs/<fraction>_s<seed>_
     <objective>``, the grid's budget), ``curves`` the learning curves' long runs
-    (``work/curve_runs/...``, seed 0, :data:`~.transfer.LONG_FACTOR` x the budget)."""
+    (``work/curve_runs/...``, seed 0 whatever ``seeds`` says, :data:`~.transfer.LONG_FACTOR` x
+    the budget)."""
     import numpy as np
 
     from iap_rt.train.toy.evaluate import diffusers_generator
     from iap_rt.train.toy2 import transfer as t2
     from iap_rt.train.toy2.evaluate import dark_fraction, evaluate
+    from iap_rt.train.toy2.report import base_used
 
     finetuned, work = Path(finetuned), Path(work)
     if source not in SOURCES:
-        raise ValueError(f"source must be one of {tuple(SOURCES)}, got {source!r}")
-    runs, cells = SOURCES[source]
+        raise InputError(f"source must be one of {tuple(SOURCES)}, got {source!r}")
+    runs, cells, own_seeds = SOURCES[source]
+    seeds = own_seeds or seeds
     record_ft = json.loads((finetuned / "toy_finetune.json").read_text("utf-8"))
     base = Path(record_ft["from"])
     fingerprint = t2.check_same_base(work, base)  # the encoders were trained against it
     if record_ft.get("base_sha256") != fingerprint:  # retrained since the fine-tune
-        raise ValueError(f"{finetuned} was not fine-tuned from today's {base} (its record has "
+        raise InputError(f"{finetuned} was not fine-tuned from today's {base} (its record has "
                          f"another or no base fingerprint); fine-tune it again")  # fmt: skip
     pw = ensure_dir(work / "plugin")
     _same_finetune(pw, record_ft)
@@ -173,27 +177,25 @@ def plugin_eval(
                 shutil.rmtree(model)
             rows.append(json.loads(res_path.read_text("utf-8")))
             log(f"plugin {name}: binding {rows[-1]['binding']:.3f}")
-    record = {"finetuned": record_ft, "source": source, "fraction": fraction, "eval": ev,
+    record = {"base_used": base_used(work), "finetuned": record_ft, "source": source, "fraction": fraction, "eval": ev,
               "results": rows}  # fmt: skip
     write_json_atomic(Path(out), record)
     return record
 
 
-# source -> (run directories under the work dir, result directory under work/plugin)
-SOURCES = {"grid": ("runs", "cells"), "curves": ("curve_runs", "cells_curves")}
+# source -> (run directories under the work dir, result directory under work/plugin, the seeds
+# it has: None = the grid's --seeds; the learning curves train seed 0 only)
+SOURCES = {"grid": ("runs", "cells", None), "curves": ("curve_runs", "cells_curves", (0,))}
 
 
 def _same_finetune(pw: Path, record: dict) -> None:
     """The plug-in cache (English on the fine-tuned UNet, finished cells) belongs to one
     fine-tune: refuse to mix results from another."""
     own = pw / "finetuned.json"
-    if not own.is_file() and not (pw / "english.json").is_file():
-        write_json_atomic(own, record)
-    elif not own.is_file() or json.loads(own.read_text("utf-8")) != record:
-        raise ValueError(
-            f"{pw} holds plug-in results for another fine-tuned UNet ({own}); "
-            f"move or delete {pw} to evaluate this one"
-        )
+    msg = f"{pw} holds plug-in results for another fine-tuned UNet ({own}); move or delete {pw} to evaluate this one"  # fmt: skip
+    from iap_rt.train.toy2.transfer import pin_record
+
+    pin_record(own, record, key=None, refuse=msg, unpinned=pw / "english.json", legacy=msg)
 
 
 def _on_base(work: Path, source: str, name: str) -> dict | None:

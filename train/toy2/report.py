@@ -123,11 +123,18 @@ def aggregate(work, results, setup: dict) -> dict:
     work, results = Path(work), Path(results)
     rows = collect(work, Path(setup["base"]))
     summary = summarise(rows)
-    record = {"setup": setup, "results": rows, "summary": summary, "claim": claim(summary)}
+    record = {"setup": setup, "base_used": base_used(work), "results": rows, "summary": summary,
+              "claim": claim(summary)}  # fmt: skip
     results.mkdir(parents=True, exist_ok=True)
     write_json_atomic(results / "toy2_transfer.json", record)
     write_text_atomic(results / "toy2_transfer.md", markdown(record))
     return record
+
+
+def base_used(work) -> dict:
+    """The base a work dir's results were made with (``work/base.json``: its path and weights'
+    sha256, see :func:`.transfer.check_same_base`), for every toy2 result file."""
+    return json.loads((Path(work) / "base.json").read_text("utf-8"))
 
 
 def _fmt(st: dict | None, digits: int = 2) -> str:

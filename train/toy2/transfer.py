@@ -143,24 +143,39 @@ def base_fingerprint(base: Path) -> str:
     return h.hexdigest()
 
 
+def pin_record(
+    own: Path, record: dict, *, key: str | None, refuse: str, unpinned: Path, legacy: str
+) -> None:
+    """Work files that belong to one producer (a base, a fine-tune): write ``record`` to ``own``
+    on first use; later calls must bring the same record (or the same ``record[key]``), else
+    :class:`InputError` ``refuse``. ``unpinned`` is a file only results write: present without
+    ``own``, the results predate pinning and are refused with ``legacy``."""
+    own = Path(own)
+    if not own.is_file():
+        if Path(unpinned).is_file():
+            raise InputError(legacy)
+        write_json_atomic(own, record)
+        return
+    held = json.loads(own.read_text("utf-8"))
+    if (held.get(key) if key else held) != (record[key] if key else record):
+        raise InputError(refuse)
+
+
 def check_same_base(work: Path, base: Path) -> str:
     """A work dir holds results against one base: record its fingerprint on first use and
     refuse another base (cells, English reference and caches would silently mix). Returns
     the base's fingerprint."""
     own, fp = Path(work) / "base.json", base_fingerprint(Path(base))
-    if not own.is_file():
-        if (Path(work) / "english.json").is_file():
-            raise InputError(
-                f"{work} holds results made before work dirs recorded their base; "
-                f"use a fresh --work, or write {own} with the base's fingerprint if you know "
-                f"which base made them"
-            )
-        write_json_atomic(own, {"base": str(base), "sha256": fp})
-    elif json.loads(own.read_text("utf-8"))["sha256"] != fp:
-        raise InputError(
-            f"{work} holds results made with another base than {base} (weights differ from "
-            f"{own}); use a fresh --work for this base"
-        )
+    pin_record(
+        own,
+        {"base": str(base), "sha256": fp},
+        key="sha256",
+        unpinned=Path(work) / "english.json",
+        refuse=f"{work} holds results made with another base than {base} (weights differ from "
+        f"{own}); use a fresh --work for this base",
+        legacy=f"{work} holds results made before work dirs recorded their base; use a fresh "
+        f"--work, or write {own} with the base's fingerprint if you know which base made them",
+    )
     return fp
 
 
