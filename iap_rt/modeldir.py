@@ -67,11 +67,22 @@ def network_files(network: str) -> tuple[str, ...]:
     return names + ((ORT_UNET_FILE,) if network == "unet" else ())
 
 
+# the package-data folders the embedded default model was exported from (its PyTorch sources:
+# the English base and the Chinese encoder; ``scripts/make_default_model.py`` writes them)
+DEFAULT_MODEL_SOURCES = ("toy2_base", "toy2_encoder")
+
+
 def default_model_dir() -> Path:
     """The model directory shipped inside the package (see README: embedded default)."""
     from importlib import resources
 
     return Path(str(resources.files("iap_rt") / "data" / "default_model"))
+
+
+def default_model_sources() -> tuple[Path, Path]:
+    """(English base, Chinese encoder) the embedded default model was exported from."""
+    data = default_model_dir().parent
+    return data / DEFAULT_MODEL_SOURCES[0], data / DEFAULT_MODEL_SOURCES[1]
 
 
 def read_manifest(path: str | os.PathLike) -> dict | None:

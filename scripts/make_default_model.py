@@ -1,19 +1,22 @@
-"""Rebuild the embedded default model and the shipped toy base from a trained toy world.
+"""Rebuild the embedded default model from the toy world v2 English base and a Chinese encoder.
 
-    python scripts/make_default_model.py --base BASE --encoder ENCODER
+    python scripts/make_default_model.py --encoder ENCODER [--base BASE]
 
-1. copies the diffusers-format toy base ``BASE`` (``iap-rt toy base``; without its
-   ``checkpoint/``) to ``iap_rt/data/toy_base`` (what ``iap-rt toy unpack`` writes out) and
-   ``ENCODER`` to ``iap_rt/data/toy_encoder`` (both are the torch reference of
+1. copies ``BASE`` (default: the committed ``iap_rt/data/toy2_base``) there when it is another
+   directory, and ``ENCODER`` (the ``chinese_encoder/`` of an ``iap-rt train --objective pivot``
+   run against that base) to ``iap_rt/data/toy2_encoder``: the PyTorch sources of the default
+   model (:data:`iap_rt.modeldir.DEFAULT_MODEL_SOURCES`, the torch reference of
    ``iap-rt bench --arch toy``);
-2. exports ``BASE`` + ``ENCODER`` (the ``chinese_encoder/`` of an ``iap-rt train --objective
-   pivot`` run) with the project's own export stage (ONNX, fp32, no engines) into
+2. exports them with the project's own export stage (ONNX, fp32, no engines) into
    ``iap_rt/data/default_model``;
-3. evaluates the shipped model on the held-out combinations (Chinese through the torch-free
-   runtime, English through diffusers, same noise) and writes
+3. evaluates the shipped model on every held-out combination, one- and two-object (Chinese
+   through the torch-free runtime, English through diffusers, same noise), and writes
    ``bench/results/toy_default_eval.json``: the full figures and the small subset the CI test
-   (``tests/unit/test_default_model_accuracy.py``) re-runs, with its committed figure;
-4. draws ``docs/toy_grid.png``: English (top) vs Chinese (bottom) prompts, same initial noise.
+   (``tests/unit/test_default_model_accuracy.py``) re-runs, with its committed figures;
+4. draws ``docs/toy_grid.png``: two-object prompts, English (top) vs Chinese (bottom), same
+   initial noise.
+
+The v1 default (one object) was built by this script's previous version (git history).
 """
 
 from __future__ import annotations
@@ -26,22 +29,26 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DEST = ROOT / "iap_rt" / "data" / "default_model"
-BASE_DEST = ROOT / "iap_rt" / "data" / "toy_base"
-ENCODER_DEST = ROOT / "iap_rt" / "data" / "toy_encoder"
+DATA = ROOT / "iap_rt" / "data"
+DEST = DATA / "default_model"
 RESULT = ROOT / "bench" / "results" / "toy_default_eval.json"
 GRID = ROOT / "docs" / "toy_grid.png"
-MODEL_ID = "toy-zh-pivot"  # "toy*": `iap-rt bench --arch toy` benchmarks the embedded model
-# the CI subset: what tests/unit/test_default_model_accuracy.py re-runs
-CI_EVAL = {"combos": "heldout", "max_combos": 24, "seeds": 2, "steps": 25, "guidance": 3.0}
-CI_MARGIN = 0.10  # the test fails below committed all-three - margin
-FULL_EVAL = {"combos": "heldout", "seeds": 4, "steps": 25, "guidance": 3.0}
+MODEL_ID = "toy2-zh-pivot"  # "toy*": `iap-rt bench --arch toy` benchmarks the embedded model
+# the CI subset (tests/unit/test_default_model_accuracy.py re-runs it with `iap-rt toy2 eval`):
+# that many held-out combos of each kind, evenly spread
+CI_EVAL = {"combos": "heldout", "max_combos": 12, "seeds": 2, "steps": 25, "guidance": 3.0}
+CI_MARGIN = 0.10  # the test fails below a committed figure - margin
+CI_METRICS = ("binding", "one_all")  # two-object scenes right, one-object prompts right
+FULL_EVAL = {"combos": "heldout", "max_combos": None, "seeds": 2, "steps": 25, "guidance": 3.0}
+GRID_COMBOS = 8  # two-object held-out prompts in the README's grid
 
 
 def _copy(src: Path, dest: Path) -> None:
     """Replace ``dest`` by a copy of ``src`` (without checkpoints and hidden files), whole."""
     from iap_rt.fileio import staging_dir, swap_in
 
+    if src.resolve() == dest.resolve():
+        return
     with staging_dir(dest) as stage:
         shutil.copytree(src, stage, ignore=shutil.ignore_patterns("checkpoint", ".*"),
                         dirs_exist_ok=True)  # fmt: skip
@@ -56,44 +63,44 @@ def _export(base: Path, encoder: Path) -> None:
         out = export_model_dir(base, encoder, Path(tmp) / "model", model_id=MODEL_ID)
         man = read_manifest(out)
         # the manifest records where the sources were; name them, not a temporary path
-        man["base_model"] = "iap_rt/data/toy_base (toy English base, `iap-rt toy unpack`)"
-        man["encoder"] = "iap_rt/data/toy_encoder (toy pivot encoder)"
+        man["base_model"] = f"iap_rt/data/{base.name} (toy world v2 English base)"
+        man["encoder"] = f"iap_rt/data/{encoder.name} (toy world v2 pivot encoder, 10 %)"
         for k in ("base", "encoder", "out"):
             man.get("export_config", {}).pop(k, None)
+        if "unet_source" in man:
+            man["unet_source"]["folder"] = f"iap_rt/data/{base.name}/unet"
         write_manifest(out, man)
         _copy(out, DEST)
 
 
-def _evaluate(base: Path) -> dict:
-    from iap_rt.train.toy.evaluate import (
-        agreement,
-        diffusers_generator,
-        evaluate,
-        runtime_generator,
-        select_combos,
+def _run(base: Path, ev: dict) -> dict:
+    """Chinese (runtime) and English (diffusers) on the same held-out items and noise."""
+    from iap_rt.train.toy.evaluate import diffusers_generator
+    from iap_rt.train.toy2.evaluate import agreement, evaluate, runtime_generator, select_combos
+
+    combos = select_combos(ev["combos"], "all", limit=ev["max_combos"])
+    kw = dict(steps=ev["steps"], guidance=ev["guidance"])
+    zh, zh_img, items, zh_preds = evaluate(runtime_generator(DEST, **kw), "zh", combos, ev["seeds"])
+    en, en_img, _, en_preds = evaluate(
+        diffusers_generator(base, numpy_noise=True, **kw), "en", combos, ev["seeds"]
+    )
+    return {"settings": ev, "zh": zh, "en": en} | agreement(
+        items, en_preds, zh_preds, en_img, zh_img
     )
 
-    def run(ev: dict, limit: int | None) -> dict:
-        combos = select_combos(ev["combos"], limit=limit)
-        kw = dict(steps=ev["steps"], guidance=ev["guidance"])
-        zh, zh_img, _ = evaluate(
-            runtime_generator(DEST, **kw), "zh", combos, seeds_per_combo=ev["seeds"]
-        )
-        en, en_img, _ = evaluate(
-            diffusers_generator(base, numpy_noise=True, **kw),
-            "en",
-            combos,
-            seeds_per_combo=ev["seeds"],
-        )
-        return {"settings": ev, "zh": zh, "en": en, "agreement": agreement(zh_img, en_img)}
 
-    full = run(FULL_EVAL, None)
-    ci = run(CI_EVAL, CI_EVAL["max_combos"])
+def _evaluate(base: Path) -> dict:
+    ci = _run(base, CI_EVAL)
     return {
         "model": MODEL_ID,
-        "heldout_full": full,
-        "ci_subset": ci | {"margin": CI_MARGIN, "min_all": ci["zh"]["all"] - CI_MARGIN},
-        "command": "python scripts/make_default_model.py --base BASE --encoder ENCODER",
+        "world": 2,
+        "heldout_full": _run(base, FULL_EVAL),
+        "ci_subset": ci
+        | {
+            "margin": CI_MARGIN,
+            "min": {k: ci["zh"][k] - CI_MARGIN for k in CI_METRICS},
+        },  # fmt: skip
+        "command": "python scripts/make_default_model.py --encoder ENCODER",
     }
 
 
@@ -101,15 +108,10 @@ def _grid(base: Path) -> list[dict]:
     import numpy as np
     from PIL import Image
 
-    from iap_rt.train.toy.evaluate import (
-        diffusers_generator,
-        eval_items,
-        grid,
-        runtime_generator,
-        select_combos,
-    )
+    from iap_rt.train.toy.evaluate import diffusers_generator, grid
+    from iap_rt.train.toy2.evaluate import eval_items, runtime_generator, select_combos
 
-    combos = select_combos("heldout", limit=8)
+    combos = select_combos("heldout", "two", limit=GRID_COMBOS)
     en_items, zh_items = eval_items("en", combos, 1), eval_items("zh", combos, 1)
     seeds = [it.seed for it in en_items]
     en = diffusers_generator(base, numpy_noise=True)([it.prompt for it in en_items], seeds)
@@ -121,19 +123,22 @@ def _grid(base: Path) -> list[dict]:
 
 def main() -> int:
     from iap_rt.fileio import write_json_atomic
+    from iap_rt.modeldir import default_model_sources
 
+    base_dest, encoder_dest = default_model_sources()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--base", required=True, type=Path, help="toy base (iap-rt toy base --out)")
+    ap.add_argument("--base", type=Path, default=base_dest,
+                    help=f"toy2 English base (iap-rt toy2 base --out) [{base_dest}]")  # fmt: skip
     ap.add_argument("--encoder", required=True, type=Path, help="chinese_encoder/ of a pivot run")
     a = ap.parse_args()
-    _copy(a.base, BASE_DEST)
-    _copy(a.encoder, ENCODER_DEST)  # the PyTorch encoder: the torch reference of `iap-rt bench`
-    _export(BASE_DEST, ENCODER_DEST)
-    record = _evaluate(BASE_DEST)
-    record["grid"] = {"file": str(GRID.relative_to(ROOT)), "columns": _grid(BASE_DEST)}
+    _copy(a.base, base_dest)
+    _copy(a.encoder, encoder_dest)  # the PyTorch encoder: the torch reference of `iap-rt bench`
+    _export(base_dest, encoder_dest)
+    record = _evaluate(base_dest)
+    record["grid"] = {"file": str(GRID.relative_to(ROOT)), "columns": _grid(base_dest)}
     write_json_atomic(RESULT, record)
     print(json.dumps({k: record["heldout_full"][k] for k in ("zh", "en", "agreement")}))
-    print(f"wrote {DEST}, {BASE_DEST}, {RESULT}, {GRID}")
+    print(f"wrote {DEST}, {encoder_dest}, {RESULT}, {GRID}")
     return 0
 
 

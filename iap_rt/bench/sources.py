@@ -129,20 +129,13 @@ def _given_sources(cfg: BenchConfig) -> Sources:
 
 
 def _toy_sources() -> Sources:
-    from iap_rt.modeldir import default_model_dir
+    from iap_rt.modeldir import default_model_dir, default_model_sources
 
     embedded = ModelDir.open(default_model_dir())
     if embedded.model_id.startswith("toy"):
-        from importlib import resources
-
-        data = Path(str(resources.files("iap_rt") / "data"))
+        base, encoder = default_model_sources()  # the PyTorch sources it was exported from
         return _given_sources(
-            BenchConfig(
-                arch="toy",
-                model=str(embedded.path),
-                base=str(data / "toy_base"),  # the PyTorch sources it was exported from
-                encoder=str(data / "toy_encoder"),
-            )
+            BenchConfig(arch="toy", model=str(embedded.path), base=str(base), encoder=str(encoder))
         )
     raise ArtifactNotFoundError(
         "no toy-world model is available: the toy model has not been trained yet (the "

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from iap_rt.images import read_params
+from iap_rt.modeldir import default_model_dir, read_manifest
 from iap_rt.serve.metrics import parse_text
 
 from .conftest import call, pngs, start_server
@@ -21,6 +22,7 @@ FAULT = "触发故障"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 GEN = "/v1/images/generations"
 STEPS = 6
+MODEL_ID = read_manifest(default_model_dir())["model_id"]  # the embedded default serves
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +47,7 @@ def test_health_ready_and_info(server):
     status, doc, _ = call(server.url, "GET", "/readyz")
     assert status == 200 and doc["ready"] is True and list(doc["triton"].values()) == [True]
     status, info, _ = call(server.url, "GET", "/info")
-    assert status == 200 and info["model_id"] == "toy-zh-pivot" and info["auth_required"]
+    assert status == 200 and info["model_id"] == MODEL_ID and info["auth_required"]
     assert info["default_size"] == 32 and info["size_multiple"] == 16
 
 
@@ -88,7 +90,7 @@ def test_pngs_carry_the_parameters(server, tmp_path):
     (tmp_path / "a.png").write_bytes(pngs(doc)[0])
     p = read_params(tmp_path / "a.png")
     assert (p["prompt"], p["seed"], p["steps"], p["width"], p["height"]) == ("山水画", 9, 2, 32, 16)
-    assert p["backend"].startswith("ort") and p["model_id"] == "toy-zh-pivot"
+    assert p["backend"].startswith("ort") and p["model_id"] == MODEL_ID
 
 
 def test_random_seed_is_reported(server):
@@ -150,7 +152,7 @@ def test_api_key_required(server, headers):
     assert status == 401 and doc["error"]["code"] == "invalid_api_key"
     assert hdrs.get("www-authenticate", hdrs.get("WWW-Authenticate")) == "Bearer"
     assert call(server.url, "GET", "/v1/models")[0] == 401
-    assert call(server.url, "GET", "/v1/models", headers=AUTH)[1]["data"][0]["id"] == "toy-zh-pivot"
+    assert call(server.url, "GET", "/v1/models", headers=AUTH)[1]["data"][0]["id"] == MODEL_ID
 
 
 def test_a_request_that_raises_gets_500_and_the_server_keeps_serving(server, reference):
@@ -213,7 +215,7 @@ def test_openai_python_client(server, reference):
     openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, timeout=300)
     result = client.images.generate(
-        model="toy-zh-pivot", prompt="左边有一个红色的圆", n=2, size="32x32",
+        model=MODEL_ID, prompt="左边有一个红色的圆", n=2, size="32x32",
         response_format="b64_json", extra_body={"seed": 21, "steps": 3, "guidance_scale": 6.0},
     )  # fmt: skip
     import base64

@@ -65,7 +65,7 @@ def test_bench_parent_and_runtime_worker_run_without_torch(toy_bench):
     assert not skipped["ort-graph"]["error"]
     assert "CUDA execution provider" in skipped["ort-graph"]["reason"]
     c = doc["config"]
-    assert (c["arch"], c["height"], c["steps"], c["model_id"]) == ("toy", 32, 2, "toy-zh-pivot")
+    assert (c["arch"], c["height"], c["steps"], c["model_id"]) == ("toy", 32, 2, "toy2-zh-pivot")
     assert doc["command"].startswith("iap-rt bench --arch toy --steps 2")
     assert "ort" in proc.stdout and "torch: not run" in proc.stdout  # the table
 
