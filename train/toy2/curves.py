@@ -102,7 +102,9 @@ def run_curves(
         "seed": seed, "steps": max(1, int(long_budget / spp[t2.LONG_OBJECTIVE])),
         "s_per_step": spp[t2.LONG_OBJECTIVE], "run_dir": str(work / "runs" / grid_long),
     })  # fmt: skip
-    tasks = [("curve", s["name"], s, work / "curves" / f"{s['name']}.done.json") for s in specs]
+    # "curve_" keeps the workers' specs/ and logs/ files apart from the grid cells' of that name
+    tasks = [("curve", f"curve_{s['name']}", s, work / "curves" / f"{s['name']}.done.json")
+             for s in specs]  # fmt: skip
     ensure_dir(work / "curves")
     v1t._run_workers(tasks, work, jobs, log, module=MODULE)
     untrained = json.loads((work / "cells" / f"s{seed}_untrained.json").read_text("utf-8"))
