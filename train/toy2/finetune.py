@@ -177,8 +177,8 @@ def plugin_eval(
                 shutil.rmtree(model)
             rows.append(json.loads(res_path.read_text("utf-8")))
             log(f"plugin {name}: binding {rows[-1]['binding']:.3f}")
-    record = {"base_used": base_used(work), "finetuned": record_ft, "source": source, "fraction": fraction, "eval": ev,
-              "results": rows}  # fmt: skip
+    record = {"base_used": base_used(work), "finetuned": record_ft, "source": source,
+              "fraction": fraction, "eval": ev, "results": rows}  # fmt: skip
     write_json_atomic(Path(out), record)
     return record
 
@@ -192,9 +192,10 @@ def _same_finetune(pw: Path, record: dict) -> None:
     """The plug-in cache (English on the fine-tuned UNet, finished cells) belongs to one
     fine-tune: refuse to mix results from another."""
     own = pw / "finetuned.json"
-    msg = f"{pw} holds plug-in results for another fine-tuned UNet ({own}); move or delete {pw} to evaluate this one"  # fmt: skip
     from iap_rt.train.toy2.transfer import pin_record
 
+    msg = (f"{pw} holds plug-in results for another fine-tuned UNet ({own}); move or delete "
+           f"{pw} to evaluate this one")  # fmt: skip
     pin_record(own, record, key=None, refuse=msg, unpinned=pw / "english.json", legacy=msg)
 
 
