@@ -4,8 +4,9 @@ The first base (trained without ``--text-aux``) drew both objects of a two-objec
 and on the right axis, but put them on the wrong sides half the time
 (``bench/results/toy2_base_noaux.json``, ``relation_diagnosis``; its probes:
 ``toy2_text_probe_noaux.json``). This script asks whether the *per-token* states of a base's
-CLIP text encoder carry the order at all: logistic-regression probes (numpy, standardised features, L2 1e-3) trained on captions
-of training combos and scored on captions of held-out combos:
+CLIP text encoder carry the order at all: logistic-regression probes (numpy, standardised
+features, L2 1e-3) trained on captions of training combos and scored on captions of held-out
+combos:
 
 - ``colour_token_slot``: from the state at an object's colour word, is that object the
   left/top one? Split by whether the colour is named first (a causal encoder cannot know

@@ -120,8 +120,8 @@ def run_curves(
         }
         curves.append({"objective": s["objective"], "fraction": s["fraction"], "seed": seed,
                        "s_per_step_cpu": s["s_per_step"], "points": [start, *pts]})  # fmt: skip
-    record = {"base_used": base_used(work), "budget_cpu_s": long_budget, "batch_size": batch, "english_binding":
-              english["binding"], "english_objects": english.get("objects"),
+    record = {"base_used": base_used(work), "budget_cpu_s": long_budget, "batch_size": batch,
+              "english_binding": english["binding"], "english_objects": english.get("objects"),
               "curves": curves}  # fmt: skip
     write_json_atomic(Path(results) / "toy2_curves.json", record)
     plot(record, Path(plot_path))
