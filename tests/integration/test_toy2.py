@@ -130,6 +130,43 @@ def test_grid_cells_results_and_resume(world, tmp_path):
                     objectives=("pivot",), ev=TINY_EVAL)  # fmt: skip
 
 
+def test_finetune_resumes_from_its_checkpoint_and_refuses_other_settings(world, tmp_path):
+    """A killed fine-tune continues from out/checkpoint (steps and CPU time count across the
+    resume) and ends with the same files as one uninterrupted; other settings are refused."""
+    from iap_rt.train.toy2.data import write_dataset
+    from iap_rt.train.toy2.finetune import finetune_unet
+
+    _, base = world
+    write_dataset(tmp_path / "outline", n=16, n_test=2, style="outline")
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_10(msg):
+        if msg.startswith("finetune step 10 "):
+            raise Killed(msg)
+
+    kw = {"minutes": 30, "batch_size": 2, "checkpoint_minutes": 0.0, "max_steps": 12,
+          "log_every": 5}  # fmt: skip
+    with pytest.raises(Killed):
+        finetune_unet(base, tmp_path / "outline", tmp_path / "ft", progress=kill_at_10, **kw)
+    state = json.loads((tmp_path / "ft/checkpoint/state.json").read_text())
+    assert state["step"] == 10 and state["seconds"] > 0
+    assert not (tmp_path / "ft/toy_finetune.json").exists()  # not finished, nothing written
+    logs: list[str] = []
+    ft = finetune_unet(base, tmp_path / "outline", tmp_path / "ft", progress=logs.append, **kw)
+    assert logs[0].startswith("resumed at step 10 ")
+    assert not any(m.startswith("finetune step 10 ") for m in logs)  # no step trained twice
+    record = json.loads((ft / "toy_finetune.json").read_text())
+    assert record["steps"] == 12 and record["train_cpu_s"] >= state["seconds"]
+    pipeline = [p.name for p in base.iterdir() if p.name != "checkpoint"]
+    assert sorted(p.name for p in ft.iterdir()) == sorted(
+        [*pipeline, "checkpoint", "toy_finetune.json"]
+    )
+    with pytest.raises(InputError, match=r"other settings \(lr: 0.0002 there, 0.001 now\)"):
+        finetune_unet(base, tmp_path / "outline", tmp_path / "ft", lr=1e-3, progress=str, **kw)
+
+
 def test_base_with_the_auxiliary_scene_loss_learns_it_and_resumes(world, tmp_path):
     """--text-aux: the head trains (its loss falls), lives in the checkpoint only, resumes."""
     from safetensors import safe_open

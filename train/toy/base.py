@@ -266,9 +266,10 @@ def load_training_data(data_dir: str | os.PathLike, split: str = "train"):
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------
-def _save_checkpoint(ckpt: Path, both, ema, opt, state: dict) -> None:
-    """Weights of ``both`` (ModuleDict unet + text [+ aux]), their EMA, AdamW moments, RNG,
-    ``state``."""
+def save_training_state(ckpt: Path, both, ema, opt, state: dict) -> None:
+    """Weights of ``both`` (a ModuleDict: here unet + text [+ aux]; the plug-in fine-tune's
+    unet alone), their EMA, AdamW moments, the torch RNG and ``state`` (JSON) into ``ckpt``,
+    each file atomically."""
     import torch
     from safetensors.torch import save_file
 
@@ -290,7 +291,9 @@ def _save_checkpoint(ckpt: Path, both, ema, opt, state: dict) -> None:
     write_json_atomic(ckpt / "state.json", state)
 
 
-def _load_checkpoint(ckpt: Path, both, ema, opt) -> dict:
+def load_training_state(ckpt: Path, both, ema, opt) -> dict:
+    """Restore what :func:`save_training_state` wrote into ``both``, ``ema``, ``opt`` and the
+    torch RNG; -> the saved ``state``."""
     import torch
     from safetensors.torch import load_file
 
@@ -416,7 +419,7 @@ def train_base(
 
     state = {"step": 0, "seconds": 0.0, "samples": 0}
     if resume and (ckpt / "checkpoint.safetensors").is_file():
-        state = _load_checkpoint(ckpt, both, ema, opt)
+        state = load_training_state(ckpt, both, ema, opt)
         progress(f"resumed at step {state['step']} ({state['seconds'] / 60:.1f} cpu min trained)")
     n_unet = sum(p.numel() for p in unet.parameters())
     n_text = sum(p.numel() for p in text.parameters())
@@ -487,11 +490,11 @@ def train_base(
         if time.time() - t_last_ckpt > cfg.checkpoint_minutes * 60:
             state["seconds"] = time.process_time() - cpu_start
             state["wall_seconds"] = time.time() - wall_start
-            _save_checkpoint(ckpt, both, ema, opt, state)
+            save_training_state(ckpt, both, ema, opt, state)
             t_last_ckpt = time.time()
     state["seconds"] = time.process_time() - cpu_start
     state["wall_seconds"] = time.time() - wall_start
-    _save_checkpoint(ckpt, both, ema, opt, state)
+    save_training_state(ckpt, both, ema, opt, state)
 
     # the shipped weights are the EMA weights
     ema.copy_to(both)

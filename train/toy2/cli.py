@@ -264,7 +264,10 @@ def curves_cmd(data_dir, base, work, results, plot_path, budget_s, jobs):
     help="CPU minutes (one thread); the learning rate cools to 0 over the last 30 %.",
 )
 def finetune_cmd(base, data_dir, out, minutes):
-    """Fine-tune the base's UNet alone on restyled images with English captions."""
+    """Fine-tune the base's UNet alone on restyled images with English captions.
+
+    Resumable: OUT/checkpoint is written every 3 minutes; run the same command again to
+    continue (the CPU budget counts across resumes)."""
     require("train", "toy2 finetune")
     import os
 

@@ -16,7 +16,8 @@ Training loop: plain v-prediction MSE as in :mod:`iap_rt.train.toy.base`, AdamW,
 budget (one thread), and the base's finish: the learning rate cools linearly to 0 over the last
 ``cooldown`` of the budget and the written UNet is the EMA of the weights. Without them (the
 first plug-in run) the fine-tuned UNet drew grainy outlines whose shapes the checker could not
-read (English on it: objects 0.21).
+read (English on it: objects 0.21). Checkpoints in ``OUT/checkpoint`` (the base's format) make
+it resumable.
 """
 
 from __future__ import annotations
@@ -42,18 +43,49 @@ def finetune_unet(
     caption_dropout: float = 0.1,
     ema_decay: float = 0.995,
     cooldown: float = 0.3,
+    checkpoint_minutes: float = 3.0,
+    max_steps: int | None = None,
+    log_every: int = 50,
     progress=print,
 ) -> Path:
-    """Fine-tune ``base``'s UNet on ``data_dir`` (English captions) for ``minutes`` CPU minutes."""
+    """Fine-tune ``base``'s UNet on ``data_dir`` (English captions) for ``minutes`` CPU minutes.
+
+    Resumable: every ``checkpoint_minutes`` (wall clock) and at the end, the UNet, its EMA,
+    the AdamW moments, the RNG and the CPU time spent go to ``out/checkpoint`` (the base's
+    format, :func:`~iap_rt.train.toy.base.save_training_state`); a later call with the same
+    base, data and settings continues from there, and the budget counts across resumes.
+    ``max_steps`` stops earlier (tests)."""
     import torch
     from diffusers import DDPMScheduler
 
     from iap_rt.train.ema import EMA
-    from iap_rt.train.toy.base import load_base, load_training_data, tokenize
+    from iap_rt.train.toy.base import (
+        load_base,
+        load_training_data,
+        load_training_state,
+        save_training_state,
+        tokenize,
+    )
     from iap_rt.train.toy2.transfer import base_fingerprint
 
-    torch.manual_seed(seed)
     base, out = Path(base), Path(out)
+    ckpt = out / "checkpoint"
+    run = {  # what identifies this fine-tune: a checkpoint with other values is refused
+        "base_sha256": base_fingerprint(base), "data": str(Path(data_dir).resolve()),
+        "minutes": minutes, "batch_size": batch_size, "lr": lr, "seed": seed,
+        "caption_dropout": caption_dropout, "ema_decay": ema_decay, "cooldown": cooldown,
+    }  # fmt: skip
+    if (ckpt / "checkpoint.safetensors").is_file():  # before the slow part: refuse early
+        saved = json.loads((ckpt / "state.json").read_text("utf-8")).get("run", {})
+        diff = sorted(k for k in run if saved.get(k) != run[k])
+        if diff:
+            raise InputError(
+                f"{ckpt} holds a fine-tune with other settings ("
+                + "; ".join(f"{k}: {saved.get(k)!r} there, {run[k]!r} now" for k in diff)
+                + ")",
+                fix="resume with the same --base, --data and --minutes, or choose a new --out.",
+            )
+    torch.manual_seed(seed)
     tok, text, unet, vae, sched_cfg = load_base(base)
     x, captions, _ = load_training_data(data_dir)
     with torch.no_grad():
@@ -68,10 +100,21 @@ def finetune_unet(
     noise_sched = DDPMScheduler.from_config(sched_cfg)
     unet.train()
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
-    ema = EMA(unet, ema_decay)
-    gen = torch.Generator().manual_seed(seed)
-    cpu0, step, running = time.process_time(), 0, None
-    while (done := (time.process_time() - cpu0) / (minutes * 60)) < 1.0:
+    held = torch.nn.ModuleDict({"unet": unet})  # the checkpoint's module names
+    ema = EMA(held, ema_decay)
+    state = {"step": 0, "seconds": 0.0, "run": run}
+    if (ckpt / "checkpoint.safetensors").is_file():
+        state = load_training_state(ckpt, held, ema, opt)
+        progress(f"resumed at step {state['step']} ({state['seconds'] / 60:.1f} CPU min trained)")
+    gen = torch.Generator().manual_seed(seed * 1000 + state["step"])
+    budget = minutes * 60.0
+    cpu0, t_ckpt, running = time.process_time() - state["seconds"], time.time(), None
+    while (done := (time.process_time() - cpu0) / budget) < 1.0:
+        step = state["step"]
+        if max_steps is not None:
+            if step >= max_steps:
+                break
+            done = max(done, step / max_steps)
         for group in opt.param_groups:  # constant, then linear to 0 over the last `cooldown`
             group["lr"] = lr * min(1.0, (1.0 - done) / cooldown) if cooldown > 0 else lr
         idx = torch.randint(0, len(lat), (batch_size,), generator=gen)
@@ -89,26 +132,37 @@ def finetune_unet(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()
-        step += 1
-        ema.update(unet, step)
+        ema.update(held, step)
+        state["step"] = step = step + 1
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-        if step % 50 == 0:
-            progress(f"finetune step {step} loss {running:.4f}")
-    cpu_s = time.process_time() - cpu0
-    if out.exists():
-        shutil.rmtree(out)
-    shutil.copytree(base, out, ignore=shutil.ignore_patterns("unet", "checkpoint"))
+        if time.time() - t_ckpt > checkpoint_minutes * 60:
+            state["seconds"] = time.process_time() - cpu0
+            save_training_state(ckpt, held, ema, opt, state)
+            t_ckpt = time.time()
+        if step % log_every == 0:
+            progress(f"finetune step {step} loss {running:.4f} "
+                     f"CPU {(time.process_time() - cpu0) / 60:.1f}/{minutes:g} min")  # fmt: skip
+    state["seconds"] = cpu_s = time.process_time() - cpu0
+    save_training_state(ckpt, held, ema, opt, state)
+    ensure_dir(out)
+    for part in base.iterdir():  # the base's pipeline with the new unet/; out/checkpoint stays
+        if part.name in ("unet", "checkpoint"):
+            continue
+        dest = out / part.name
+        if dest.is_dir():
+            shutil.rmtree(dest)
+        (shutil.copytree if part.is_dir() else shutil.copy2)(part, dest)
     unet.eval()
-    ema.copy_to(unet)
+    ema.copy_to(held)
+    if (out / "unet").exists():
+        shutil.rmtree(out / "unet")
     unet.save_pretrained(out / "unet", safe_serialization=True)
     write_json_atomic(out / "toy_finetune.json", {
-        "from": str(base.resolve()), "base_sha256": base_fingerprint(base),
-        "data": str(data_dir), "steps": step, "batch_size": batch_size,
-        "lr": lr, "cooldown": cooldown, "ema_decay": ema_decay, "seed": seed,
-        "train_cpu_s": cpu_s, "samples_seen": step * batch_size,
+        "from": str(base.resolve()), **run, "steps": state["step"],
+        "train_cpu_s": cpu_s, "samples_seen": state["step"] * batch_size,
         "trained": "unet only (text encoder, tokenizer, VAE frozen)",
     })  # fmt: skip
-    progress(f"fine-tuned UNet written to {out} ({step} steps, {cpu_s / 60:.1f} CPU min)")
+    progress(f"fine-tuned UNet written to {out} ({state['step']} steps, {cpu_s / 60:.1f} CPU min)")
     return out
 
 
