@@ -7,6 +7,8 @@ import os
 
 from iap_rt.config import opt, resolve
 from iap_rt.errors import ConfigError
+from iap_rt.modeldir import DEFAULT_GUIDANCE
+from iap_rt.pipeline import MAX_GUIDANCE
 from iap_rt.specs import NETWORKS
 
 # opset 18: torch 2.13's dynamo exporter makes an invalid UNet at 17 (Split num_outputs);
@@ -50,6 +52,10 @@ class ExportConfig:
     model_id: str | None = opt(None, "model id recorded in the manifest; unset = out's name")
     engines: str = opt("auto", "TensorRT engines after export: auto, none or only")
     default_scheduler: str = opt("dpm++", "scheduler `iap-rt generate` uses by default")
+    default_guidance: float = opt(
+        DEFAULT_GUIDANCE, "guidance scale `iap-rt generate` and `serve` use by default (SD: "
+        "7.5; small or distilled models often want less)",
+    )  # fmt: skip
     ort_unet: str = opt(
         "auto",
         "also write unet.ort.onnx, the UNet with ONNX Runtime's fused attention for the ort "
@@ -80,6 +86,11 @@ class ExportConfig:
             problems.append(
                 f"default_scheduler {self.default_scheduler!r}: choose one of "
                 f"{', '.join(SCHEDULERS)}"
+            )
+        if not 0 <= self.default_guidance <= MAX_GUIDANCE:
+            problems.append(
+                f"default_guidance {self.default_guidance!r}: choose a number from 0 to "
+                f"{MAX_GUIDANCE:g}"
             )
         if problems:
             raise ConfigError(

@@ -43,6 +43,7 @@ from iap_rt.export.inputs import ExportInputs, read_inputs, read_previous
 from iap_rt.export.ortfuse import ort_variant_settled, write_ort_variant
 from iap_rt.fileio import exclusive_lock, sha256_file, staging_dir, swap_in, write_json_atomic
 from iap_rt.modeldir import (
+    DEFAULT_GUIDANCE,
     MANIFEST,
     SCHEDULER_FILE,
     TOKENIZER_DIR,
@@ -319,6 +320,7 @@ def _run_export_locked(cfg: ExportConfig, out: Path, echo: Echo) -> Path:
                 image_size=src.image_size,
                 arch=src.arch,
                 default_scheduler=cfg.default_scheduler,
+                default_guidance=cfg.default_guidance,
                 tool_versions=versions,
                 export_config=cfg.to_dict(),
                 export_version=EXPORT_VERSION,
@@ -366,13 +368,14 @@ def unet_source_record(src: ExportInputs) -> dict:
 
 
 def _same_top_level(previous: dict, cfg: ExportConfig, src: ExportInputs, out: Path) -> bool:
-    """Nothing outside the networks changed either (dims, arch, scheduler default, model id,
-    the UNet's source)."""
+    """Nothing outside the networks changed either (dims, arch, scheduler and guidance
+    defaults, model id, the UNet's source)."""
     return (
         previous.get("dims") == src.dims.to_dict()
         and previous.get("arch") == src.arch
         and previous.get("unet_source", {"kind": "base"}).get("kind") == src.unet.kind
         and previous.get("default_scheduler") == cfg.default_scheduler
+        and previous.get("default_guidance", DEFAULT_GUIDANCE) == cfg.default_guidance
         and previous.get("model_id") == (cfg.model_id or previous.get("model_id"))
         and all(n in previous.get("networks", {}) for n in cfg.networks)
         and (out / TOKENIZER_DIR / "tokenizer.json").is_file()
@@ -404,6 +407,7 @@ def export_model_dir(
     opset: int = DEFAULT_OPSET,
     default_scheduler: str = "dpm++",
     *,
+    default_guidance: float = DEFAULT_GUIDANCE,
     fp16: bool = False,
     fp16_vae: bool = False,
     networks: tuple[str, ...] | list[str] | None = None,
@@ -431,6 +435,7 @@ def export_model_dir(
         model_id=model_id,
         engines=engines,
         default_scheduler=default_scheduler,
+        default_guidance=default_guidance,
         ort_unet=ort_unet,
         unet=None if unet is None else str(unet),
         lora_scale=lora_scale,

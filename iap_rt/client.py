@@ -97,7 +97,9 @@ def generate_remote(url: str, prompts: list[str], cfg, as_json: bool, echo) -> N
     def run(job):
         prompt, seed, n = job
         body = dict(prompt=prompt, negative_prompt=cfg.negative, n=n, seed=seed,
-                    steps=cfg.steps, guidance_scale=cfg.guidance, size=size)  # fmt: skip
+                    steps=cfg.steps, size=size)  # fmt: skip
+        if cfg.guidance is not None:  # else the server's model default
+            body["guidance_scale"] = cfg.guidance
         if cfg.scheduler:
             body["scheduler"] = cfg.scheduler
         return client.images(**body)

@@ -39,7 +39,10 @@ def read_prompts_file(path: str) -> list[str]:
 @click.option("--negative", help="Negative prompt (what to steer away from).")
 @click.option("--steps", type=int, help="Denoising steps, 1-1000 [25].")
 @click.option(
-    "--guidance", type=float, help="Classifier-free guidance scale, 0-100; <= 1 disables it [7.5]."
+    "--guidance",
+    type=float,
+    help="Classifier-free guidance scale, 0-100; <= 1 disables it [the model's default: 7.5 "
+    "for SD, 3 for the embedded toy model].",
 )
 @click.option(
     "--seed", type=int, help="Seed of the first image, 0 to 2**63-1; image i uses seed+i [0]."
@@ -141,7 +144,7 @@ def generate(prompt, as_json, config_path, prompts_file, no_progress, server, **
     kwargs = dict(
         negative_prompt=cfg.negative,
         steps=cfg.steps,
-        guidance=cfg.guidance,
+        guidance=cfg.guidance if cfg.guidance is not None else model.default_guidance,
         height=cfg.height if cfg.height is not None else pipe.default_size,
         width=cfg.width if cfg.width is not None else pipe.default_size,
         scheduler=cfg.scheduler or model.default_scheduler,
@@ -150,7 +153,7 @@ def generate(prompt, as_json, config_path, prompts_file, no_progress, server, **
     for p in prompts:
         pipe.check_inputs(p, seed=cfg.seed, batch_size=cfg.batch_size, **kwargs)
     first = min(cfg.batch_size, pipe.chunk_size)
-    request = PromptRequest(prompts[0], cfg.negative, cfg.seed, cfg.guidance, first)
+    request = PromptRequest(prompts[0], cfg.negative, cfg.seed, kwargs["guidance"], first)
     pipe.check_memory(pipe.plan_call([request], kwargs["height"], kwargs["width"]))
     paths = plan_outputs(cfg.out, len(prompts) * cfg.batch_size)
 

@@ -38,7 +38,10 @@ class GenerateConfig:
     model: str | None = opt(None, "model directory; unset = the embedded default model")
     negative: str = opt("", "negative prompt")
     steps: int = opt(25, "denoising steps (1-1000)")
-    guidance: float = opt(7.5, "classifier-free guidance scale, 0-100; <= 1 turns guidance off")
+    guidance: float | None = opt(
+        None, "classifier-free guidance scale, 0-100; <= 1 turns guidance off; unset = the "
+        "model's default (7.5 for SD; the embedded toy model: 3)",
+    )  # fmt: skip
     seed: int = opt(0, "seed of image 0, 0 to 2**63-1; image i of a batch uses seed + i")
     height: int | None = opt(
         None, "image height in pixels, a multiple of the model's pixel multiple (VAE factor x "

@@ -305,6 +305,12 @@ class ModelDir:
     def default_scheduler(self) -> str:
         return str(self.manifest.get("default_scheduler", "dpm++"))
 
+    @property
+    def default_guidance(self) -> float:
+        """The guidance scale generate and serve use when a request names none (manifest
+        ``default_guidance``; SD's usual 7.5 where the exporter did not record one)."""
+        return float(self.manifest.get("default_guidance", DEFAULT_GUIDANCE))
+
 
 def cache_dir() -> Path:
     """The per-user iap-rt cache: ``IAP_RT_CACHE_DIR``, else ``$XDG_CACHE_HOME/iap-rt``, else
@@ -346,6 +352,9 @@ def _write_record(path: Path, model: Path, files: dict) -> None:
     except IapRtError as e:
         log.warning("cannot remember the verified model files (%s); they are hashed again "
                     "on the next start", e)  # fmt: skip
+
+
+DEFAULT_GUIDANCE = 7.5  # classifier-free guidance scale SD 1.x / 2.x pipelines default to
 
 
 def new_manifest(model_id: str, dims: ModelDims, **extra) -> dict:

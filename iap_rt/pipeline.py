@@ -22,7 +22,7 @@ import math
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -75,12 +75,13 @@ class GenerationResult:
 @dataclass(frozen=True)
 class PromptRequest:
     """One prompt's share of a :meth:`Pipeline.generate` call: ``batch_size`` images with seeds
-    ``seed, seed + 1, ...``; guidance <= 1 turns classifier-free guidance off for them."""
+    ``seed, seed + 1, ...``; guidance <= 1 turns classifier-free guidance off for them, None
+    takes the model's default (:attr:`~iap_rt.modeldir.ModelDir.default_guidance`)."""
 
     prompt: str
     negative_prompt: str = ""
     seed: int = 0
-    guidance: float = 7.5
+    guidance: float | None = None
     batch_size: int = 1
     latents: np.ndarray | None = None  # (batch_size, C, h, w) initial noise; None: from seed
 
@@ -250,9 +251,16 @@ class Pipeline:
             self._held[e.pool] = max(self._held.get(e.pool, 0.0), e.total)
         return estimates
 
+    def with_default_guidance(self, request: PromptRequest) -> PromptRequest:
+        """``request`` with the model's default guidance if it names none."""
+        if request.guidance is not None:
+            return request
+        return replace(request, guidance=self.model.default_guidance)
+
     def plan_call(self, requests: Sequence[PromptRequest], height: int, width: int):
         """The :class:`~iap_rt.memory.Call` of ``requests``: its images, the largest chunk
         and (at most) how many of that chunk's images are guided."""
+        requests = [self.with_default_guidance(r) for r in requests]
         images = sum(int(r.batch_size) for r in requests)
         guided = sum(int(r.batch_size) for r in requests if r.guidance > 1.0)
         chunk = min(self.chunk_size, images)
@@ -281,7 +289,7 @@ class Pipeline:
         prompt: str,
         negative_prompt: str = "",
         steps: int = 25,
-        guidance: float = 7.5,
+        guidance: float | None = None,
         seed: int = 0,
         height: int | None = None,
         width: int | None = None,
@@ -289,7 +297,8 @@ class Pipeline:
         scheduler: str | None = None,
         latents: np.ndarray | None = None,
     ) -> GenerationResult:
-        """Generate ``batch_size`` images for ``prompt``; image i uses seed ``seed + i``."""
+        """Generate ``batch_size`` images for ``prompt``; image i uses seed ``seed + i``;
+        ``guidance`` None is the model's default."""
         request = PromptRequest(prompt, negative_prompt, seed, guidance, batch_size, latents)
         return self.generate(
             [request], steps=steps, height=height, width=width, scheduler=scheduler
@@ -312,6 +321,7 @@ class Pipeline:
         scheduler = scheduler or self.model.default_scheduler
         if not requests:
             raise InputError("no prompt given", fix="pass at least one PromptRequest.")
+        requests = [self.with_default_guidance(r) for r in requests]
         for r in requests:
             self.check_inputs(
                 r.prompt, r.negative_prompt, steps, r.guidance, r.seed, height, width,

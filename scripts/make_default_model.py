@@ -40,6 +40,7 @@ CI_EVAL = {"combos": "heldout", "max_combos": 12, "seeds": 2, "steps": 25, "guid
 CI_MARGIN = 0.10  # the test fails below a committed figure - margin
 CI_METRICS = ("binding", "one_all")  # two-object scenes right, one-object prompts right
 FULL_EVAL = {"combos": "heldout", "max_combos": None, "seeds": 2, "steps": 25, "guidance": 3.0}
+EVAL_SCHEDULER = "ddim"  # what runtime_generator and diffusers_generator sample with
 GRID_COMBOS = 8  # two-object held-out prompts in the README's grid
 
 
@@ -60,7 +61,10 @@ def _export(base: Path, encoder: Path) -> None:
     from iap_rt.modeldir import read_manifest, write_manifest
 
     with tempfile.TemporaryDirectory() as tmp:
-        out = export_model_dir(base, encoder, Path(tmp) / "model", model_id=MODEL_ID)
+        # `iap-rt generate` with no options samples as the figures below were measured
+        out = export_model_dir(base, encoder, Path(tmp) / "model", model_id=MODEL_ID,
+                               default_scheduler=EVAL_SCHEDULER,
+                               default_guidance=FULL_EVAL["guidance"])  # fmt: skip
         man = read_manifest(out)
         # the manifest records where the sources were; name them, not a temporary path
         man["base_model"] = f"iap_rt/data/{base.name} (toy world v2 English base)"

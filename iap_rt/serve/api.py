@@ -12,17 +12,17 @@ same as ``iap-rt generate``; the server's limits (:class:`Limits`) come on top.
 from __future__ import annotations
 
 import json
+import math
 import re
 import secrets
 from dataclasses import dataclass
 
 from iap_rt.errors import IapRtError
-from iap_rt.serve.protocol import Row
+from iap_rt.serve.protocol import MODEL_GUIDANCE, Row
 
 OPENAI_FIELDS = ("prompt", "n", "size", "response_format", "model", "user")
 OUR_FIELDS = ("negative_prompt", "seed", "steps", "guidance_scale", "scheduler")
 DEFAULT_STEPS = 25
-DEFAULT_GUIDANCE = 7.5
 
 
 class ApiError(Exception):
@@ -107,7 +107,8 @@ _PARAM_OF = {"height": "size", "width": "size", "steps": "steps", "guidance": "g
 
 def parse(raw: bytes, limits: Limits, rules=None) -> ImageJob:
     """Parse and validate one request body. ``rules``: a ``Pipeline`` whose ``check_inputs``
-    and defaults apply (the model's size, default scheduler); None leaves those to Triton."""
+    and defaults apply (the model's size, default scheduler and guidance); None leaves those
+    to Triton."""
     try:
         body = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -144,10 +145,14 @@ def parse(raw: bytes, limits: Limits, rules=None) -> ImageJob:
     if not 1 <= steps <= limits.max_steps:
         raise _bad("steps", f"'steps' must be from 1 to {limits.max_steps} on this server, "
                    f"got {steps}")  # fmt: skip
-    guidance = body.get("guidance_scale", DEFAULT_GUIDANCE)
-    if guidance is None:
-        guidance = DEFAULT_GUIDANCE
-    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)):
+    guidance = body.get("guidance_scale")
+    if guidance is None:  # the model's default: known here, or left to Triton (NaN)
+        guidance = rules.model.default_guidance if rules is not None else MODEL_GUIDANCE
+    elif (
+        isinstance(guidance, bool)
+        or not isinstance(guidance, (int, float))
+        or not math.isfinite(guidance)  # Python's json reads NaN and Infinity
+    ):
         raise _bad(
             "guidance_scale", f"'guidance_scale' must be a number, got {json.dumps(guidance)}"
         )

@@ -153,7 +153,8 @@ def create_app(settings: GatewaySettings, pool: TritonPool, rules=None):
 
             doc |= {"model_id": rules.model.model_id, "default_size": rules.default_size,
                     "size_multiple": rules.dims.pixel_multiple, "schedulers": list(SCHEDULERS),
-                    "default_scheduler": rules.model.default_scheduler}  # fmt: skip
+                    "default_scheduler": rules.model.default_scheduler,
+                    "default_guidance": rules.model.default_guidance}  # fmt: skip
         return doc
 
     @app.get("/v1/models")

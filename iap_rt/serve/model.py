@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 from collections import defaultdict
+from dataclasses import replace
 
 import numpy as np
 
@@ -63,6 +65,8 @@ class ImageModel:
 
         groups: dict[tuple, list[tuple[int, Row]]] = defaultdict(list)
         for i, row in rows:
+            if math.isnan(row.guidance):  # the client named none
+                row = replace(row, guidance=self.pipeline.model.default_guidance)
             try:
                 key = self._check(row)
             except IapRtError as e:

@@ -5,9 +5,10 @@ batcher can put any images of any requests together (up to ``--max-batch`` rows)
 inputs: ``prompt``, ``negative_prompt``, ``scheduler`` (UTF-8 bytes; ``""`` = the model's
 default scheduler), ``seed`` (int64), ``steps``, ``height``, ``width`` (int32; 0 = the model's
 size) and ``guidance`` (fp64, so the parameters recorded in the PNG are the float the client
-sent). Outputs per row: ``image`` (H, W, 3 uint8), ``params`` (the JSON the PNG records),
-``batch`` (how many images shared the UNet batch) and ``error`` (``""`` or a JSON object with
-``status``, ``type`` and ``message``: one bad row never fails the rows batched with it).
+sent; NaN = the model's default guidance). Outputs per row: ``image`` (H, W, 3 uint8),
+``params`` (the JSON the PNG records), ``batch`` (how many images shared the UNet batch) and
+``error`` (``""`` or a JSON object with ``status``, ``type`` and ``message``: one bad row never
+fails the rows batched with it).
 This module is plain numpy, shared by the Triton side and the clients.
 """
 
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 MODEL_NAME = "iap_rt"
+MODEL_GUIDANCE = float("nan")  # a row's guidance that means "the model's default"
 
 # name -> (numpy dtype, Triton dtype); every input is one value per row
 INPUTS = {
@@ -48,7 +50,7 @@ class Row:
     negative_prompt: str = ""
     seed: int = 0
     steps: int = 25
-    guidance: float = 7.5
+    guidance: float = MODEL_GUIDANCE  # NaN: the model's default
     height: int = 0  # 0: the model's size
     width: int = 0
     scheduler: str = ""  # "": the model's default

@@ -555,7 +555,8 @@ def test_cli_reads_the_export_table_and_options_win(
     shutil.copytree(tiny_sd_dir, ws / "sd", ignore=shutil.ignore_patterns("text_encoder"))
     (ws / "iap-rt.toml").write_text(
         '[export]\nbase = "sd"\nencoder = "' + str(tiny_encoder_dir) + '"\nout = "model"\n'
-        'networks = ["text_encoder"]\nforce = true\nopset = 18\nengines = "none"\n',
+        'networks = ["text_encoder"]\nforce = true\nopset = 18\nengines = "none"\n'
+        "default_guidance = 4.0\n",
         "utf-8",
     )
     monkeypatch.chdir(tmp_path.parent)  # paths resolve against the file, not the cwd
@@ -568,6 +569,7 @@ def test_cli_reads_the_export_table_and_options_win(
     m = manifest(scratch)
     assert m["networks"]["text_encoder"]["opset"] == 19 and m["networks"]["unet"]["opset"] == 18
     assert m["export_config"]["opset"] == 19 and m["export_config"]["force"] is True
+    assert m["default_guidance"] == 4.0  # what generate and serve use when no guidance is given
 
 
 def test_cli_bad_opset_exits_2_with_the_reason(tiny_sd_dir, tiny_encoder_dir, tmp_path, capsys):

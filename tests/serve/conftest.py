@@ -111,13 +111,14 @@ def pngs(doc: dict) -> list[bytes]:
 @pytest.fixture(scope="session")
 def reference():
     """``reference(prompt, seed=, steps=, guidance=, negative=, size=, scheduler=)`` -> the PNG
-    bytes ``iap-rt generate`` writes for it (the in-process pipeline on the embedded model)."""
+    bytes ``iap-rt generate`` writes for it (the in-process pipeline on the embedded model;
+    guidance None: the model's default, as a request without ``guidance_scale`` gets)."""
     from iap_rt.images import png_bytes
     from iap_rt.pipeline import Pipeline
 
     pipe = Pipeline.from_dir(progress=False)
 
-    def ref(prompt, seed=0, steps=25, guidance=7.5, negative="", size=None, scheduler=None):
+    def ref(prompt, seed=0, steps=25, guidance=None, negative="", size=None, scheduler=None):
         size = size or pipe.default_size
         r = pipe(prompt, negative, steps=steps, guidance=guidance, seed=seed, height=size,
                  width=size, scheduler=scheduler)  # fmt: skip

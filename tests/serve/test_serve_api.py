@@ -3,6 +3,7 @@ real browser. One server for the module: embedded model, API key, a fault-inject
 
 from __future__ import annotations
 
+import io
 import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -118,6 +119,7 @@ BAD = [  # body, status, param, code
     ({"prompt": "a", "steps": 151}, 400, "steps", "invalid_value"),
     ({"prompt": "a", "guidance_scale": -1}, 400, "guidance_scale", "invalid_value"),
     ({"prompt": "a", "guidance_scale": "high"}, 400, "guidance_scale", "invalid_value"),
+    (b'{"prompt": "a", "guidance_scale": NaN}', 400, "guidance_scale", "invalid_value"),
     ({"prompt": "a", "seed": -1}, 400, "seed", "invalid_value"),
     ({"prompt": "a", "seed": 2**63 - 1, "n": 2}, 400, "seed", "invalid_value"),
     ({"prompt": "a", "scheduler": "pndm"}, 400, "scheduler", "invalid_value"),
@@ -222,6 +224,16 @@ def test_openai_python_client(server, reference):
 
     got = [base64.b64decode(d.b64_json) for d in result.data]
     assert got == [reference("左边有一个红色的圆", seed=s, steps=3, guidance=6.0) for s in (21, 22)]
+    # no guidance_scale: the model's own default (the embedded toy model's manifest says 3)
+    result = client.images.generate(
+        prompt="左边有一个红色的圆", size="32x32", response_format="b64_json",
+        extra_body={"steps": 3},
+    )  # fmt: skip
+    png = base64.b64decode(result.data[0].b64_json)
+    params = read_params(io.BytesIO(png))
+    assert params["guidance"] == 3.0
+    seed = params["seed"]  # the server drew it
+    assert png == reference("左边有一个红色的圆", seed=seed, steps=3, guidance=3.0)
     with pytest.raises(openai.BadRequestError) as e:
         client.images.generate(prompt="a", size="30x30", response_format="b64_json")
     assert e.value.status_code == 400 and "multiple of 16" in str(e.value)
@@ -247,4 +259,5 @@ def test_web_page_in_a_real_browser(server):
         width = page.evaluate("document.querySelector('#results img').naturalWidth")
     assert src.startswith("data:image/png;base64,") and width == 32
     assert "左边有一个红色的圆" in caption and "seed 8" in caption
+    assert "guidance 3 " in caption  # the model's default, filled in from /info
     assert outside == []

@@ -46,6 +46,12 @@ def test_every_problem_is_reported_at_once():
     assert "opset 17" in msg and "'clip'" in msg and "'sometimes'" in msg
 
 
+@pytest.mark.parametrize("g", [-0.5, 100.5])
+def test_default_guidance_outside_0_to_100_is_refused(g):
+    with pytest.raises(ConfigError, match=rf"default_guidance {g}: choose a number from 0 to 100"):
+        ExportConfig(default_guidance=g)
+
+
 def test_networks_are_put_in_canonical_order_without_duplicates():
     cfg = ExportConfig(networks=("vae_decoder", "unet", "vae_decoder"))
     assert cfg.networks == ("unet", "vae_decoder")

@@ -21,8 +21,9 @@ def test_generates_png_with_parameters(tmp_path, run_cli):
         assert im.size == (64, 64) and im.mode == "RGB"
     p = read_params(out)
     assert p["prompt"] == "山水画" and p["negative_prompt"] == "模糊" and p["seed"] == 5
-    assert p["steps"] == 3 and p["scheduler"] in ("ddim", "euler", "dpm++")
-    assert p["backend"].startswith("ort") and p["model_id"]
+    assert p["steps"] == 3 and p["backend"].startswith("ort") and p["model_id"]
+    # no --guidance / --scheduler: the embedded model's own defaults (what it was measured at)
+    assert (p["guidance"], p["scheduler"]) == (3.0, "ddim")
 
 
 def test_seeded_output_is_byte_identical(tmp_path, run_cli):
@@ -73,6 +74,11 @@ def test_workspace_config_is_used(tmp_path, run_cli, monkeypatch):
     assert r.code == 0, r.err
     p = read_params(tmp_path / "ws.png")
     assert p["steps"] == 2 and p["seed"] == 9
+    (tmp_path / "iap-rt.toml").write_text('[generate]\nsteps = 2\nguidance = 5.5\nout = "g.png"\n')
+    assert run_cli("generate", "山水画", "--no-progress").code == 0
+    assert read_params(tmp_path / "g.png")["guidance"] == 5.5  # the file beats the model
+    assert run_cli("generate", "山水画", "--no-progress", "--guidance", "0").code == 0
+    assert read_params(tmp_path / "g.png")["guidance"] == 0.0  # the option beats the file
 
 
 def _assert_fails(r, *needles):

@@ -39,6 +39,14 @@ def _edit_manifest(path, fn):
     (path / "manifest.json").write_text(json.dumps(m))
 
 
+def test_default_guidance_comes_from_the_manifest_else_sds_7_5(model_copy):
+    # the embedded toy model was measured at guidance 3 with DDIM and says so
+    md = ModelDir.open(model_copy)
+    assert (md.default_guidance, md.default_scheduler) == (3.0, "ddim")
+    _edit_manifest(model_copy, lambda m: m.pop("default_guidance"))  # written before 0.3
+    assert ModelDir.open(model_copy).default_guidance == 7.5
+
+
 def test_manifest_from_another_spec(model_copy):
     _edit_manifest(model_copy, lambda m: m.update(spec_hash="0" * 64, spec_version=99))
     with pytest.raises(ArtifactMismatchError, match="another shape contract") as e:

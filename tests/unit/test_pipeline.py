@@ -1,5 +1,7 @@
 """Pipeline behaviour on the embedded model (ONNX Runtime, no torch)."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -63,6 +65,20 @@ def test_guidance_at_most_one_halves_the_unet_batch(pipe, g):
     assert [c["sample"] for c in unet.calls] == [_latent(pipe, 3)] * 3
     assert text.calls[0]["input_ids"][0] == 1  # no negative prompt encoded
     assert r.images.shape == (3, 64, 64, 3) and r.images.dtype == np.uint8
+
+
+def test_a_request_without_guidance_takes_the_models_default(model_copy):
+    """None -> manifest default_guidance: 1.0 there turns guidance off (UNet batch B, not 2B)
+    and the result records the guidance used."""
+    m = json.loads((model_copy / "manifest.json").read_text())
+    (model_copy / "manifest.json").write_text(json.dumps(m | {"default_guidance": 1.0}))
+    own = Pipeline(ModelDir.open(model_copy), OrtBackend("cpu", threads=1), progress=False)
+    unet, _ = _record(own)
+    r = own("山水画", batch_size=2, **KW)
+    assert [c["sample"] for c in unet.calls] == [_latent(own, 2)] * 3
+    assert r.params["guidance"] == 1.0
+    explicit = own.generate([PromptRequest("山水画", guidance=5.0)], **KW)[0]
+    assert explicit.params["guidance"] == 5.0
 
 
 def test_image_i_of_a_batch_equals_seed_plus_i_alone(pipe):

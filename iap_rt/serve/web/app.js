@@ -10,6 +10,7 @@ async function loadInfo() {
     o.value = o.textContent = s;
     $("scheduler").appendChild(o);
   }
+  if (info.default_guidance !== undefined) $("guidance_scale").value = info.default_guidance;
   if (info.auth_required) $("key-row").hidden = false;
   $("api_key").value = localStorage.getItem("iap-rt-key") || "";
 }
