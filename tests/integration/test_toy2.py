@@ -74,6 +74,11 @@ def test_grid_cells_results_and_resume(world, tmp_path):
                    ("embed", 0.01, 0), ("denoise", 1.0, 0)}  # fmt: skip
     assert all("binding" in r for r in saved["results"])
     assert "| **" in (tmp_path / "results" / "toy2_transfer.md").read_text()
+    # the curves' step 0 is the grid's untrained cell, evaluated when the grid has not run
+    untrained = work / "cells" / "s0_untrained.json"
+    first = json.loads(untrained.read_text())
+    untrained.unlink()
+    assert curves.untrained_cell(common, 0) == first and untrained.is_file()
     # an interrupted cell (result file lost after training) is not trained again
     cell = work / "cells" / "1pct_s0_pivot.json"
     before = json.loads(cell.read_text())
