@@ -40,7 +40,11 @@ for stage in "$@"; do
         iap-rt toy2 finetune --base "$BASE" --data "$TOY2/outline" --out "$WORK/outline_base" --minutes 20
       iap-rt toy2 plugin --finetuned "$WORK/outline_base" --work "$WORK" --source curves \
         --out bench/results/toy2_plugin_curves.json
-      iap-rt toy2 plugin --finetuned "$WORK/outline_base" --work "$WORK" ;;
+      if [ -d "$WORK/runs/10pct_s0_pivot/chinese_encoder" ]; then  # the grid ran in $WORK
+        iap-rt toy2 plugin --finetuned "$WORK/outline_base" --work "$WORK"
+      else
+        echo "no grid in $WORK: the grid-source plug-in run (toy2_plugin.json) is skipped"
+      fi ;;
     *) echo "unknown stage $stage (data base grid curves plugin)" >&2; exit 2 ;;
   esac
 done
