@@ -158,6 +158,8 @@ def test_finetune_resumes_from_its_checkpoint_and_refuses_other_settings(world, 
     state = json.loads((tmp_path / "ft/checkpoint/state.json").read_text())
     assert state["step"] == 10 and state["seconds"] > 0
     assert not (tmp_path / "ft/toy_finetune.json").exists()  # not finished, nothing written
+    # a kill between the weights file and its state.json copy: the weights' own state counts
+    (tmp_path / "ft/checkpoint/state.json").write_text(json.dumps(state | {"step": 3}))
     logs: list[str] = []
     ft = finetune_unet(base, tmp_path / "outline", tmp_path / "ft", progress=logs.append, **kw)
     assert logs[0].startswith("resumed at step 10 ")

@@ -268,8 +268,10 @@ def load_training_data(data_dir: str | os.PathLike, split: str = "train"):
 # ---- checkpoints ---------------------------------------------------------------------------------
 def save_training_state(ckpt: Path, both, ema, opt, state: dict) -> None:
     """Weights of ``both`` (a ModuleDict: here unet + text [+ aux]; the plug-in fine-tune's
-    unet alone), their EMA, AdamW moments, the torch RNG and ``state`` (JSON) into ``ckpt``,
-    each file atomically."""
+    unet alone), their EMA, AdamW moments, the torch RNG and ``state`` into
+    ``ckpt/checkpoint.safetensors`` in one atomic write (``state`` as JSON in its metadata, so
+    a kill can never pair new weights with an old step count); ``state.json`` beside it is a
+    copy for people and tools."""
     import torch
     from safetensors.torch import save_file
 
@@ -287,8 +289,20 @@ def save_training_state(ckpt: Path, both, ema, opt, state: dict) -> None:
     tensors["rng.torch"] = torch.get_rng_state()
     tensors = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
     with atomic_path(ckpt / "checkpoint.safetensors") as tmp:
-        save_file(tensors, str(tmp))
+        save_file(tensors, str(tmp), metadata={"state": json.dumps(state)})
     write_json_atomic(ckpt / "state.json", state)
+
+
+def read_training_state(ckpt: Path) -> dict:
+    """The ``state`` saved with the weights in ``ckpt`` (``state.json`` for checkpoints written
+    before it travelled in the weights file's metadata)."""
+    from safetensors import safe_open
+
+    with safe_open(str(ckpt / "checkpoint.safetensors"), "pt") as f:
+        meta = f.metadata() or {}
+    if "state" in meta:
+        return json.loads(meta["state"])
+    return json.loads((ckpt / "state.json").read_text("utf-8"))
 
 
 def load_training_state(ckpt: Path, both, ema, opt) -> dict:
@@ -309,7 +323,7 @@ def load_training_state(ckpt: Path, both, ema, opt) -> dict:
                 "exp_avg_sq": t[f"opt.exp_avg_sq.{i}"],
             }
     torch.set_rng_state(t["rng.torch"])
-    return json.loads((ckpt / "state.json").read_text("utf-8"))
+    return read_training_state(ckpt)
 
 
 # ---- training ------------------------------------------------------------------------------------

@@ -63,6 +63,7 @@ def finetune_unet(
         load_base,
         load_training_data,
         load_training_state,
+        read_training_state,
         save_training_state,
         tokenize,
     )
@@ -76,7 +77,7 @@ def finetune_unet(
         "caption_dropout": caption_dropout, "ema_decay": ema_decay, "cooldown": cooldown,
     }  # fmt: skip
     if (ckpt / "checkpoint.safetensors").is_file():  # before the slow part: refuse early
-        saved = json.loads((ckpt / "state.json").read_text("utf-8")).get("run", {})
+        saved = read_training_state(ckpt).get("run", {})
         diff = sorted(k for k in run if saved.get(k) != run[k])
         if diff:
             raise InputError(
