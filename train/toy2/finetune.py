@@ -76,7 +76,8 @@ def finetune_unet(
         "minutes": minutes, "batch_size": batch_size, "lr": lr, "seed": seed,
         "caption_dropout": caption_dropout, "ema_decay": ema_decay, "cooldown": cooldown,
     }  # fmt: skip
-    if (ckpt / "checkpoint.safetensors").is_file():  # before the slow part: refuse early
+    resuming = (ckpt / "checkpoint.safetensors").is_file()
+    if resuming:  # before the slow part: refuse early
         saved = read_training_state(ckpt).get("run", {})
         diff = sorted(k for k in run if saved.get(k) != run[k])
         if diff:
@@ -104,7 +105,7 @@ def finetune_unet(
     held = torch.nn.ModuleDict({"unet": unet})  # the checkpoint's module names
     ema = EMA(held, ema_decay)
     state = {"step": 0, "seconds": 0.0, "run": run}
-    if (ckpt / "checkpoint.safetensors").is_file():
+    if resuming:
         state = load_training_state(ckpt, held, ema, opt)
         progress(f"resumed at step {state['step']} ({state['seconds'] / 60:.1f} CPU min trained)")
     gen = torch.Generator().manual_seed(seed * 1000 + state["step"])
