@@ -201,3 +201,33 @@ def test_base_with_the_auxiliary_scene_loss_learns_it_and_resumes(world, tmp_pat
                progress=logs.append)  # fmt: skip
     assert any("resumed at step 30" in m for m in logs)
     assert json.loads((out / "toy_base.json").read_text())["steps"] == 32
+
+
+def test_claim_runs_record_and_resume(world, tmp_path):
+    from iap_rt.train.toy2 import claim
+
+    root, base = world
+    work, results = tmp_path / "work", tmp_path / "results"
+    rec = claim.run_claim(root / "data", base, work, results, seeds=(0, 1), long_seeds=(0,),
+                          budget_s=0.3, batch=4, jobs=0, ev=TINY_EVAL, log=str,
+                          calib_lengths=(1, 3))  # fmt: skip
+    saved = json.loads((results / "toy_claim.json").read_text())
+    assert saved == json.loads(json.dumps(rec))
+    runs = {(r["objective"], r["fraction"], r["seed"], r["budget_cpu_s"]) for r in rec["results"]}
+    assert runs == {("pivot", 0.1, 0, 0.3), ("pivot", 0.1, 1, 0.3), ("denoise", 1.0, 0, 0.3),
+                    ("denoise", 1.0, 1, 0.3), ("denoise", 1.0, 0, 1.5)}  # fmt: skip
+    for r in rec["results"]:
+        assert {"binding", "objects", "relation", "samples_seen"} <= set(r)
+        assert r["samples_seen"] == r["steps"] * 4
+    assert 0.0 <= rec["english_binding"] <= 1.0
+    v = rec["verdict"]
+    assert v["equal_cpu_holds"] == (v["pivot_10pct_binding"] >= v["denoise_100pct_binding"])
+    assert "denoise_100pct_x5_binding" in v
+    # the 5x run trains ~5x the steps of the same seed at 1x
+    steps = {(r["objective"], r["seed"], r["budget_cpu_s"]): r["steps"] for r in rec["results"]}
+    assert steps[("denoise", 0, 1.5)] >= 4 * steps[("denoise", 0, 0.3)]
+    # a second call finds every run finished and trains nothing
+    mtimes = {f: f.stat().st_mtime_ns for f in (work / "cells").glob("*.json")}
+    claim.run_claim(root / "data", base, work, results, seeds=(0, 1), long_seeds=(0,),
+                    budget_s=0.3, batch=4, jobs=0, ev=TINY_EVAL, log=str)  # fmt: skip
+    assert {f: f.stat().st_mtime_ns for f in (work / "cells").glob("*.json")} == mtimes

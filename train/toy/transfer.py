@@ -229,10 +229,11 @@ def _run_workers(
     jobs: int,
     log,
     module: str = "iap_rt.train.toy.transfer",
+    on_done=None,
 ) -> None:
     """Run ``python -m MODULE MODE SPEC`` for every ``(mode, name, spec, result)`` whose result
     file is missing, as one-thread subprocesses, ``jobs`` at a time; each worker writes its own
-    result file, so a finished task is never run again."""
+    result file, so a finished task is never run again. ``on_done(name)`` after each."""
     todo = [t for t in tasks if not t[3].is_file()]
     env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     (work / "specs").mkdir(parents=True, exist_ok=True)
@@ -256,6 +257,8 @@ def _run_workers(
                         f"{name} failed (exit {proc.returncode}); see {work}/logs/{name}.log"
                     )
                 log(f"finished {name}")
+                if on_done is not None:
+                    on_done(name)
 
 
 def calibrate(

@@ -125,7 +125,7 @@ def init_dir(work: Path, seed: int) -> Path:
 def cell_name(spec: dict) -> str:
     if spec["objective"] == "untrained":
         return f"s{spec['seed']}_untrained"
-    return f"{spec['fraction']}_s{spec['seed']}_{spec['objective']}"
+    return f"{spec['fraction']}_s{spec['seed']}_{spec['objective']}" + spec.get("tag", "")
 
 
 def base_fingerprint(base: Path) -> str:
@@ -270,17 +270,21 @@ def _calibrate_one(spec: dict) -> dict:
     return res
 
 
-def calibrate(common: dict, jobs: int, log, lengths=(10, 40)) -> dict[str, float]:
-    """CPU seconds per step of every objective (cached in ``work/calibration.json``);
+def calibrate(
+    common: dict, jobs: int, log, lengths=(10, 40), objectives=(*OBJECTIVES, COMPARE_OBJECTIVE)
+) -> dict[str, float]:
+    """CPU seconds per step of ``objectives`` (cached in ``work/calibration.json``);
     ``jobs`` worker processes, or 0: in this process."""
     work = Path(common["work"])
     path = work / "calibration.json"
     if path.is_file():
-        return json.loads(path.read_text("utf-8"))
+        cached = json.loads(path.read_text("utf-8"))
+        if set(objectives) <= set(cached):
+            return cached
     tasks = [
         ("calibrate", f"calibrate_{o}", common | {"objective": o, "seed": 0, "lengths": lengths},
          work / "calibration" / f"{o}.json")
-        for o in (*OBJECTIVES, COMPARE_OBJECTIVE)
+        for o in objectives
     ]  # fmt: skip
     if jobs > 0:
         v1t._run_workers(tasks, work, jobs, log, module=MODULE)
@@ -290,7 +294,7 @@ def calibrate(common: dict, jobs: int, log, lengths=(10, 40)) -> dict[str, float
                 _calibrate_one(spec)
     out = {
         o: json.loads((work / "calibration" / f"{o}.json").read_text("utf-8"))["s_per_step"]
-        for o in (*OBJECTIVES, COMPARE_OBJECTIVE)
+        for o in objectives
     }
     log("calibrated CPU s/step: " + ", ".join(f"{o} {v:.3f}" for o, v in out.items()))
     write_json_atomic(path, out)
@@ -299,7 +303,7 @@ def calibrate(common: dict, jobs: int, log, lengths=(10, 40)) -> dict[str, float
 
 def prepare(
     data: Path, base: Path, work: Path, seeds, batch: int, ev: dict, jobs: int, log,
-    calib_lengths=(10, 40),
+    calib_lengths=(10, 40), objectives=(*OBJECTIVES, COMPARE_OBJECTIVE),
 ):  # fmt: skip
     """Init encoders, template export, shared cache, English reference, calibration."""
     work.mkdir(parents=True, exist_ok=True)
@@ -320,7 +324,7 @@ def prepare(
                           cache_dir=str(work / "cache"), resolution=32)  # fmt: skip
         run(cfg, cache_only=True)
         write_text_atomic(work / "cache" / "ready", "ok\n")
-    return common, calibrate(common, jobs, log, list(calib_lengths))
+    return common, calibrate(common, jobs, log, list(calib_lengths), objectives)
 
 
 def grid_specs(common: dict, spp: dict, seeds, fractions, budget_s: float) -> list[dict]:
