@@ -7,6 +7,6 @@ a GPU); never imports torch. The engine-artifact format (layout, sidecars, check
 
 Extra: ``pip install 'iap-rt[trt]'`` (TensorRT-RTX, polygraphy, onnx), or full TensorRT from
 NVIDIA (README). Entry points: ``iap-rt engines build|check`` (:mod:`iap_rt.engines.cli`),
-:func:`iap_rt.engines.api.build_engines`, :func:`iap_rt.engines.api.maybe_build_engines`
+:func:`iap_rt.engines.stage.build_engines`, :func:`iap_rt.engines.stage.maybe_build_engines`
 (``iap-rt export --engines``).
 """

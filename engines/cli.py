@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from iap_rt.config import resolve
+from iap_rt.config import load_config
 from iap_rt.errors import ArtifactMismatchError, ArtifactNotFoundError
 
 FLAVOUR_CHOICE = click.Choice(["auto", "tensorrt", "tensorrt_rtx"])
@@ -84,10 +84,10 @@ def engines():
 @click.option("--force", is_flag=True, help="Rebuild even when up-to-date engines exist.")
 def build(model, config_path, force, **options):  # fmt: skip
     """Build engines into MODEL/engines/<gpu-tag>/ (up-to-date ones are reused)."""
-    from iap_rt.engines.api import build_engines
     from iap_rt.engines.config import EngineConfig
+    from iap_rt.engines.stage import build_engines
 
-    cfg = resolve(EngineConfig, "engines", config_path, options)
+    cfg = load_config(EngineConfig, "engines", config_path, options)
     paths = build_engines(model, cfg, force=force, echo=click.echo)
     click.echo(f"{len(paths)} engine(s) ready under {model}/engines/")
 
@@ -107,7 +107,7 @@ def check(model, flavour):
     """Check every engine's sidecar and file without loading it into TensorRT."""
     from iap_rt.cuda import gpu_info
     from iap_rt.enginedir import installed_flavours
-    from iap_rt.engines.api import check_engines
+    from iap_rt.engines.stage import check_engines
 
     rows = check_engines(model, flavour)
     if not rows:

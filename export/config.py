@@ -5,10 +5,11 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from iap_rt.config import opt, resolve
+from iap_rt.config import load_config, opt
 from iap_rt.errors import ConfigError
 from iap_rt.modeldir import DEFAULT_GUIDANCE
-from iap_rt.pipeline import MAX_GUIDANCE
+from iap_rt.requests import MAX_GUIDANCE
+from iap_rt.schedulers import SCHEDULERS
 from iap_rt.specs import NETWORKS
 
 # opset 18: torch 2.13's dynamo exporter makes an invalid UNet at 17 (Split num_outputs);
@@ -17,7 +18,6 @@ from iap_rt.specs import NETWORKS
 DEFAULT_OPSET = 18
 SUPPORTED_OPSETS = range(18, 22)
 ENGINE_MODES = ("auto", "none", "only")
-SCHEDULERS = ("ddim", "euler", "dpm++")
 
 
 ORT_UNET_MODES = ("auto", "always", "never")
@@ -126,4 +126,4 @@ def resolve_export_config(
     config_path: str | os.PathLike | None = None, **overrides
 ) -> ExportConfig:
     """Defaults < iap-rt.toml ``[export]`` (or ``--config FILE``) < ``overrides`` (None = unset)."""
-    return resolve(ExportConfig, "export", config_path, overrides)
+    return load_config(ExportConfig, "export", config_path, overrides)

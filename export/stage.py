@@ -282,7 +282,7 @@ def run_export(cfg: ExportConfig, echo: Echo | None = None) -> Path:
 def _run_export_locked(cfg: ExportConfig, out: Path, echo: Echo) -> Path:
     if cfg.engines == "only":
         ModelDir.open(out)  # engines are built from the ONNX already there
-        build_engines(out, "only", echo)
+        engines_after_export(out, "only", echo)
         return out
 
     # 1. checks (cheap: configs only)
@@ -297,7 +297,7 @@ def _run_export_locked(cfg: ExportConfig, out: Path, echo: Echo) -> Path:
         and ort_variant_settled(previous, cfg)
     ):
         echo(f"{out}: up to date")
-        build_engines(out, cfg.engines, echo)
+        engines_after_export(out, cfg.engines, echo)
         return out
     # 3.-5. export into a staging directory, then swap it in
     try:
@@ -354,7 +354,7 @@ def _run_export_locked(cfg: ExportConfig, out: Path, echo: Echo) -> Path:
         + ", ".join(f"{n} {v['precision']}" for n, v in manifest["networks"].items())
         + ")"
     )
-    build_engines(out, cfg.engines, echo)
+    engines_after_export(out, cfg.engines, echo)
     return out
 
 
@@ -382,12 +382,12 @@ def _same_top_level(previous: dict, cfg: ExportConfig, src: ExportInputs, out: P
     )
 
 
-def build_engines(out: Path, mode: str, echo: Echo) -> list[Path]:
+def engines_after_export(out: Path, mode: str, echo: Echo) -> list[Path]:
     """``--engines``: hand the model directory to the engines stage (if it is installed)."""
     if mode == "none":
         return []
     try:
-        from iap_rt.engines.api import maybe_build_engines
+        from iap_rt.engines.stage import maybe_build_engines
     except ImportError as e:
         if mode == "only":
             raise BackendUnavailableError(

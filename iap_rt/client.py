@@ -59,9 +59,10 @@ class Client:
         """``GET /v1/models`` (needs the API key where the server has one)."""
         return self._call("GET", "/v1/models")["data"]
 
-    def images(self, **body) -> list[dict]:
-        """``POST /v1/images/generations``; the response's ``data`` items."""
-        return self._call("POST", "/v1/images/generations", body)["data"]
+    def images(self, **body) -> dict:
+        """``POST /v1/images/generations``; the response (``data``, and ``warning`` where the
+        model has a word on the prompt)."""
+        return self._call("POST", "/v1/images/generations", body)
 
 
 def _server_error(status: int, raw: bytes) -> ServerError | InputError:
@@ -79,15 +80,17 @@ def _server_error(status: int, raw: bytes) -> ServerError | InputError:
                        fix="retry later, or check the server's log.")  # fmt: skip
 
 
-def generate_remote(url: str, prompts: list[str], cfg, as_json: bool, echo) -> None:
+def generate_remote(url: str, prompts: list[str], cfg, as_json: bool, echo, warn) -> None:
     """Generate ``cfg.batch_size`` images per prompt on the server and write them to the paths
-    ``cfg.out`` plans, as ``iap-rt generate`` would."""
+    ``cfg.out`` plans, as ``iap-rt generate`` would (``warn``: the model's notices)."""
     from iap_rt.images import plan_outputs, save_png_bytes
 
     client = Client(url)
     client.models()  # a refused key fails here, before any file is planned
-    info = client.info()
-    size = f"{cfg.width or info['default_size']}x{cfg.height or info['default_size']}"
+    size = "auto"  # the server's model decides what is left unset (iap_rt.requests)
+    if cfg.height is not None or cfg.width is not None:
+        d = client.info()["defaults"]
+        size = f"{cfg.width or d['width']}x{cfg.height or d['height']}"
     jobs = []  # (prompt, seed, n) in output order
     for p in prompts:
         for first in range(0, cfg.batch_size, MAX_N):
@@ -96,17 +99,20 @@ def generate_remote(url: str, prompts: list[str], cfg, as_json: bool, echo) -> N
 
     def run(job):
         prompt, seed, n = job
-        body = dict(prompt=prompt, negative_prompt=cfg.negative, n=n, seed=seed,
-                    steps=cfg.steps, size=size)  # fmt: skip
-        if cfg.guidance is not None:  # else the server's model default
-            body["guidance_scale"] = cfg.guidance
-        if cfg.scheduler:
-            body["scheduler"] = cfg.scheduler
+        body = dict(prompt=prompt, negative_prompt=cfg.negative, n=n, seed=seed, size=size)
+        for key, value in (("steps", cfg.steps), ("guidance_scale", cfg.guidance),
+                           ("scheduler", cfg.scheduler)):  # fmt: skip
+            if value is not None:  # else the server's model default
+                body[key] = value
         return client.images(**body)
 
+    warned = set()
     with ThreadPoolExecutor(CONCURRENCY) as pool:
-        for items in pool.map(run, jobs):
-            for item in items:
+        for answer in pool.map(run, jobs):
+            if answer.get("warning") and answer["warning"] not in warned:
+                warned.add(answer["warning"])
+                warn(answer["warning"])
+            for item in answer["data"]:
                 path = save_png_bytes(next(paths), base64.b64decode(item["b64_json"]))
                 if as_json:
                     echo(json.dumps({"path": str(path), **item["parameters"]}, ensure_ascii=False))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from iap_rt.config import GenerateConfig, ServeConfig, resolve
+from iap_rt.config import GenerateConfig, ServeConfig, load_config
 from iap_rt.errors import InputError, OutputError
 
 SCHEDULER_CHOICES = ("ddim", "euler", "dpm++")
@@ -100,9 +100,10 @@ def generate(prompt, as_json, config_path, prompts_file, no_progress, server, **
     from iap_rt.backends import get_backend
     from iap_rt.images import plan_outputs, save_image
     from iap_rt.modeldir import ModelDir, default_model_dir
-    from iap_rt.pipeline import Pipeline, PromptRequest
+    from iap_rt.pipeline import Pipeline
+    from iap_rt.requests import PromptRequest, resolve
 
-    cfg = resolve(GenerateConfig, "generate", config_path, options)
+    cfg = load_config(GenerateConfig, "generate", config_path, options)
     if prompts_file and prompt is not None:
         raise InputError(
             "both a PROMPT and --prompts-file were given",
@@ -117,11 +118,6 @@ def generate(prompt, as_json, config_path, prompts_file, no_progress, server, **
             "no prompt given",
             fix='pass a prompt, e.g. iap-rt generate "山水画", or --prompts-file.',
         )
-    if cfg.scheduler is not None and cfg.scheduler not in SCHEDULER_CHOICES:
-        raise InputError(
-            f"unknown scheduler {cfg.scheduler!r}",
-            fix=f"use one of {', '.join(SCHEDULER_CHOICES)}.",
-        )
 
     if server:  # the server's model and backend; same PNGs as a local run on them
         from iap_rt.client import generate_remote
@@ -130,39 +126,36 @@ def generate(prompt, as_json, config_path, prompts_file, no_progress, server, **
         if given:
             raise InputError(f"{' and '.join(given)} cannot be used with --server",
                              fix="the server chooses its model and backend; drop them.")  # fmt: skip
-        return generate_remote(server, prompts, cfg, as_json, click.echo)
+        return generate_remote(
+            server, prompts, cfg, as_json, click.echo, lambda m: click.echo(m, err=True)
+        )
 
     model = ModelDir.open(cfg.model or default_model_dir())
-    backend = get_backend(cfg.backend, model)
     pipe = Pipeline(
         model,
-        backend,
+        get_backend(cfg.backend, model),
         progress=not (no_progress or as_json),
         chunk_size=cfg.chunk_size,
         memory_limit=cfg.memory_limit,
     )
-    kwargs = dict(
-        negative_prompt=cfg.negative,
-        steps=cfg.steps,
-        guidance=cfg.guidance if cfg.guidance is not None else model.default_guidance,
-        height=cfg.height if cfg.height is not None else pipe.default_size,
-        width=cfg.width if cfg.width is not None else pipe.default_size,
-        scheduler=cfg.scheduler or model.default_scheduler,
-    )
-    # every input, the memory of one call and the destination are checked before any work
-    for p in prompts:
-        pipe.check_inputs(p, seed=cfg.seed, batch_size=cfg.batch_size, **kwargs)
-    first = min(cfg.batch_size, pipe.chunk_size)
-    request = PromptRequest(prompts[0], cfg.negative, cfg.seed, kwargs["guidance"], first)
-    pipe.check_memory(pipe.plan_call([request], kwargs["height"], kwargs["width"]))
+    # every request resolved (the model's defaults, every rule: iap_rt.requests), the memory
+    # of one call and the destination checked before any work
+    requests = [
+        resolve(model, PromptRequest(p, cfg.negative, cfg.seed, cfg.guidance, cfg.batch_size,
+                                     None, cfg.steps, cfg.height, cfg.width, cfg.scheduler))
+        for p in prompts
+    ]  # fmt: skip
+    pipe.check_memory(pipe.plan_call([requests[0].part(0, min(cfg.batch_size, pipe.chunk_size))]))
     paths = plan_outputs(cfg.out, len(prompts) * cfg.batch_size)
+    for text in dict.fromkeys(r.notice for r in requests if r.notice):
+        click.echo(text, err=True)
 
     # one call per chunk: memory stays bounded and each image is on disk once its batch is
     # done (image i of a batch is seed + i generated alone, so the split changes nothing)
-    for p in prompts:
-        for start in range(0, cfg.batch_size, pipe.chunk_size):
-            n = min(pipe.chunk_size, cfg.batch_size - start)
-            result = pipe(p, seed=cfg.seed + start, batch_size=n, **kwargs)
+    for request in requests:
+        for start in range(0, request.batch_size, pipe.chunk_size):
+            n = min(pipe.chunk_size, request.batch_size - start)
+            result = pipe.generate([request.part(start, n)])[0]
             for image, seed in zip(result.images, result.seeds):
                 params = dict(result.params, seed=seed)
                 path = save_image(next(paths), image, params)

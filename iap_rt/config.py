@@ -2,7 +2,7 @@
 
 Precedence: dataclass defaults < the workspace file (``./iap-rt.toml`` or ``--config FILE``)
 < command-line options. Each stage owns a frozen dataclass whose fields carry a ``help``
-metadata string; :func:`resolve` builds it, rejecting unknown keys with the list of valid
+metadata string; :func:`load_config` builds it, rejecting unknown keys with the list of valid
 ones. :func:`render_toml` writes the commented template ``iap-rt init`` produces.
 """
 
@@ -37,7 +37,7 @@ class GenerateConfig:
 
     model: str | None = opt(None, "model directory; unset = the embedded default model")
     negative: str = opt("", "negative prompt")
-    steps: int = opt(25, "denoising steps (1-1000)")
+    steps: int | None = opt(None, "denoising steps, 1-1000; unset = 25")
     guidance: float | None = opt(
         None, "classifier-free guidance scale, 0-100; <= 1 turns guidance off; unset = the "
         "model's default (7.5 for SD; the embedded toy model: 3)",
@@ -262,7 +262,7 @@ def _example(cls, name: str) -> str | None:
     return _toml_value(f.default)
 
 
-def resolve(
+def load_config(
     cls,
     section: str,
     config_path: str | os.PathLike | None = None,

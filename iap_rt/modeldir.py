@@ -30,6 +30,7 @@ the model (the copy's inode differs, so it would only be ignored).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -310,6 +311,32 @@ class ModelDir:
         """The guidance scale generate and serve use when a request names none (manifest
         ``default_guidance``; SD's usual 7.5 where the exporter did not record one)."""
         return float(self.manifest.get("default_guidance", DEFAULT_GUIDANCE))
+
+    @property
+    def default_size(self) -> int:
+        """The image height and width a request that names none gets (manifest
+        ``image_size``: what the UNet was trained at; 512 where none was recorded)."""
+        return int(self.manifest.get("image_size", 512))
+
+    @functools.cached_property
+    def num_train_timesteps(self) -> int:
+        """The scheduler's training timesteps (no request may take more steps)."""
+        return int(self.scheduler_config().get("num_train_timesteps", 1000))
+
+    @property
+    def caption_world(self) -> dict | None:
+        """What a model declares it knows (manifest ``caption_world``: ``draws``, a phrase;
+        ``words``, the prompt words it was trained on; ``examples``): the embedded toy model
+        does, real SD models do not (None)."""
+        world = self.manifest.get("caption_world")
+        return world if isinstance(world, dict) else None
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """A short hash of the manifest: two processes that opened the same model (or a copy)
+        agree on it, so a request resolved in one is trusted in the other."""
+        text = json.dumps(self.manifest, sort_keys=True, ensure_ascii=False)
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 def cache_dir() -> Path:

@@ -2,8 +2,9 @@
 
 tokenizer -> text encoder -> denoising loop with classifier-free guidance -> VAE decode ->
 uint8 images, on any backend (ONNX Runtime, TensorRT). Modelled on diffusers'
-``StableDiffusionPipeline``: :meth:`Pipeline.check_inputs` validates everything up front;
-:meth:`Pipeline.generate` reads as numbered steps.
+``StableDiffusionPipeline``: every request is resolved and checked once, up front, by
+:mod:`iap_rt.requests` (the one owner of what a request means); :meth:`Pipeline.generate`
+trusts what it returns and reads as numbered steps.
 
 One call can serve several prompts (:class:`PromptRequest`), each with its own negative prompt,
 seed(s) and guidance scale, in one UNet batch: what a server does with queued requests that
@@ -18,7 +19,6 @@ anything a call's peak memory is estimated and a call above ``memory_limit`` is 
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Sequence
@@ -29,12 +29,10 @@ import numpy as np
 from iap_rt import memory
 from iap_rt.errors import ConfigError, InputError
 from iap_rt.modeldir import ModelDir, default_model_dir
-from iap_rt.schedulers import SCHEDULERS, SchedulerConfig, make_scheduler
+from iap_rt.requests import PromptRequest, ResolvedRequest, resolve
+from iap_rt.schedulers import SchedulerConfig, make_scheduler
 from iap_rt.tokenizer import PromptTokenizer
 
-MAX_STEPS = 1000
-MAX_GUIDANCE = 100.0  # beyond this classifier-free guidance only saturates the image
-MAX_SEED = 2**63 - 1  # every image's seed (seed + i) must stay within this
 DEFAULT_CHUNK = 8  # images per UNet batch (the UNet runs 2x this under guidance)
 
 
@@ -70,20 +68,7 @@ class GenerationResult:
     seeds: list[int]
     params: dict
     timings: Timings  # of the whole call (shared by the results of a multi-prompt call)
-
-
-@dataclass(frozen=True)
-class PromptRequest:
-    """One prompt's share of a :meth:`Pipeline.generate` call: ``batch_size`` images with seeds
-    ``seed, seed + 1, ...``; guidance <= 1 turns classifier-free guidance off for them, None
-    takes the model's default (:attr:`~iap_rt.modeldir.ModelDir.default_guidance`)."""
-
-    prompt: str
-    negative_prompt: str = ""
-    seed: int = 0
-    guidance: float | None = None
-    batch_size: int = 1
-    latents: np.ndarray | None = None  # (batch_size, C, h, w) initial noise; None: from seed
+    notice: str | None = None  # the model's word on a prompt outside what it knows
 
 
 @dataclass
@@ -157,79 +142,6 @@ class Pipeline:
             self._runners = self.backend.load(self.model)
         return self._runners
 
-    @property
-    def default_size(self) -> int:
-        return int(self.model.manifest.get("image_size", 512))
-
-    # ---- 0. validation ------------------------------------------------------------
-    def check_inputs(
-        self,
-        prompt,
-        negative_prompt,
-        steps,
-        guidance,
-        seed,
-        height,
-        width,
-        batch_size,
-        scheduler,
-    ) -> None:
-        """Raise :class:`InputError`/:class:`ConfigError` naming the rule and the value."""
-        if not isinstance(prompt, str):
-            raise InputError(f"prompt must be a string, got {type(prompt).__name__}")
-        if not isinstance(negative_prompt, str):
-            raise InputError(
-                f"negative prompt must be a string, got {type(negative_prompt).__name__}"
-            )
-        self.check_settings(steps, height, width, scheduler)
-        if (
-            isinstance(guidance, bool)
-            or not isinstance(guidance, (int, float, np.integer, np.floating))
-            or not math.isfinite(guidance)
-            or not 0 <= guidance <= MAX_GUIDANCE
-        ):
-            raise InputError(
-                f"guidance must be a number from 0 to {MAX_GUIDANCE:g}, got {guidance!r}",
-                fix="use e.g. --guidance 7.5 (<= 1 turns classifier-free guidance off).",
-            )
-        if not _is_int(batch_size) or batch_size < 1:
-            raise InputError(f"batch size must be an integer >= 1, got {batch_size!r}")
-        if not _is_int(seed) or not 0 <= seed <= MAX_SEED:
-            raise InputError(f"seed must be an integer from 0 to 2**63-1, got {seed!r}")
-        seed, batch_size = int(seed), int(batch_size)  # Python ints: numpy's would wrap
-        if seed + batch_size - 1 > MAX_SEED:
-            raise InputError(
-                f"seed {seed} with batch size {batch_size}: image {batch_size - 1} would use "
-                f"seed {seed + batch_size - 1}, past 2**63-1",
-                fix=f"use a seed of at most {MAX_SEED - batch_size + 1}.",
-            )
-
-    def check_settings(self, steps, height, width, scheduler) -> None:
-        """The settings every image of a call shares: steps, size, scheduler."""
-        f = self.dims.pixel_multiple
-        for name, v in (("height", height), ("width", width)):
-            if not _is_int(v) or v <= 0 or v % f:
-                raise InputError(
-                    f"{name} must be a positive multiple of {f}, got {v!r}",
-                    fix=f"use e.g. --{name} {max(f, (int(v) // f) * f if _is_int(v) else 512)} "
-                    f"(the UNet halves the latents {self.dims.unet_downsamples} "
-                    f"times; the VAE scales by {self.dims.vae_scale_factor}).",
-                )
-        if not _is_int(steps) or not 1 <= steps <= MAX_STEPS:
-            raise InputError(
-                f"steps must be an integer from 1 to {MAX_STEPS}, got {steps!r}",
-                fix="use e.g. --steps 25.",
-            )
-        if steps > self.scheduler_config.num_train_timesteps:
-            raise InputError(
-                f"steps {steps} exceeds the model's {self.scheduler_config.num_train_timesteps} "
-                "training timesteps"
-            )
-        if scheduler not in SCHEDULERS:
-            raise ConfigError(
-                f"unknown scheduler {scheduler!r}", fix=f"use one of {', '.join(SCHEDULERS)}."
-            )
-
     def estimate_memory(self, call: memory.Call) -> list[memory.Estimate]:
         """The estimated peak of ``call`` per memory pool on this model and backend."""
         return memory.estimate(
@@ -245,26 +157,26 @@ class Pipeline:
         fix) when its estimated peak exceeds ``memory_limit``; return the estimates."""
         estimates = memory.guard(
             self.estimate_memory, call, self.memory_limit, self._held if self._runners else {},
-            self.default_size, self.dims.pixel_multiple,
+            self.model.default_size, self.dims.pixel_multiple,
         )  # fmt: skip
         for e in estimates:
             self._held[e.pool] = max(self._held.get(e.pool, 0.0), e.total)
         return estimates
 
-    def with_default_guidance(self, request: PromptRequest) -> PromptRequest:
-        """``request`` with the model's default guidance if it names none."""
-        if request.guidance is not None:
-            return request
-        return replace(request, guidance=self.model.default_guidance)
-
-    def plan_call(self, requests: Sequence[PromptRequest], height: int, width: int):
-        """The :class:`~iap_rt.memory.Call` of ``requests``: its images, the largest chunk
-        and (at most) how many of that chunk's images are guided."""
-        requests = [self.with_default_guidance(r) for r in requests]
-        images = sum(int(r.batch_size) for r in requests)
-        guided = sum(int(r.batch_size) for r in requests if r.guidance > 1.0)
+    def plan_call(self, requests: Sequence[ResolvedRequest]) -> memory.Call:
+        """The :class:`~iap_rt.memory.Call` of resolved ``requests`` (which share one size):
+        its images, the largest chunk and (at most) how many of that chunk's images are
+        guided."""
+        images = sum(r.batch_size for r in requests)
+        guided = sum(r.batch_size for r in requests if r.guided)
         chunk = min(self.chunk_size, images)
-        return memory.Call(images, chunk, min(chunk, guided), height, width)
+        return memory.Call(images, chunk, min(chunk, guided), requests[0].height, requests[0].width)
+
+    def resolve(self, request: PromptRequest | ResolvedRequest) -> ResolvedRequest:
+        """``request`` against this pipeline's model (a resolved one is returned as it is)."""
+        if isinstance(request, ResolvedRequest):
+            return request
+        return resolve(self.model, request)
 
     def clear_cache(self) -> None:
         """Forget cached prompt embeddings (the next call runs the text encoder again)."""
@@ -288,7 +200,7 @@ class Pipeline:
         self,
         prompt: str,
         negative_prompt: str = "",
-        steps: int = 25,
+        steps: int | None = None,
         guidance: float | None = None,
         seed: int = 0,
         height: int | None = None,
@@ -298,40 +210,48 @@ class Pipeline:
         latents: np.ndarray | None = None,
     ) -> GenerationResult:
         """Generate ``batch_size`` images for ``prompt``; image i uses seed ``seed + i``;
-        ``guidance`` None is the model's default."""
-        request = PromptRequest(prompt, negative_prompt, seed, guidance, batch_size, latents)
-        return self.generate(
-            [request], steps=steps, height=height, width=width, scheduler=scheduler
-        )[0]
+        what is None is the model's default (:mod:`iap_rt.requests`)."""
+        request = PromptRequest(prompt, negative_prompt, seed, guidance, batch_size, latents,
+                                steps, height, width, scheduler)  # fmt: skip
+        return self.generate([request])[0]
 
     def generate(
         self,
-        requests: Sequence[PromptRequest],
-        steps: int = 25,
+        requests: Sequence[PromptRequest | ResolvedRequest],
+        steps: int | None = None,
         height: int | None = None,
         width: int | None = None,
         scheduler: str | None = None,
     ) -> list[GenerationResult]:
         """Generate every request's images in shared UNet batches; one result per request.
 
-        Each image equals the same prompt, negative prompt, seed and guidance generated alone
-        with :meth:`__call__` (same steps, size and scheduler)."""
-        height = self.default_size if height is None else height
-        width = self.default_size if width is None else width
-        scheduler = scheduler or self.model.default_scheduler
+        A :class:`PromptRequest` is resolved against the model first (``steps``, ``height``,
+        ``width``, ``scheduler`` given here fill what it leaves unset); a
+        :class:`ResolvedRequest` is trusted as it is. The requests must share steps, size and
+        scheduler. Each image equals the same request generated alone."""
         if not requests:
             raise InputError("no prompt given", fix="pass at least one PromptRequest.")
-        requests = [self.with_default_guidance(r) for r in requests]
-        for r in requests:
-            self.check_inputs(
-                r.prompt, r.negative_prompt, steps, r.guidance, r.seed, height, width,
-                r.batch_size, scheduler,
-            )  # fmt: skip
-        self.check_memory(self.plan_call(requests, height, width))  # before any allocation
+        call = {"steps": steps, "height": height, "width": width, "scheduler": scheduler}
+        call = {k: v for k, v in call.items() if v is not None}
+        todo = [
+            r if isinstance(r, ResolvedRequest) else replace(
+                r, **{k: v for k, v in call.items() if getattr(r, k) is None})
+            for r in requests
+        ]  # fmt: skip
+        todo = [self.resolve(r) for r in todo]
+        keys = {r.call_key for r in todo}
+        if len(keys) > 1:
+            raise InputError(
+                f"the requests of one call must share steps, scheduler and size; got "
+                f"{sorted(keys)}",
+                fix="split them into one call per (steps, scheduler, height, width).",
+            )
+        steps, scheduler, height, width = keys.pop()
+        self.check_memory(self.plan_call(todo))  # before any allocation
         t_start = time.perf_counter()
         timings = Timings()
         shape = (self.dims.latent_channels, *_latent_hw(height, width, self.dims))
-        images = _flatten(requests, shape)
+        images = _flatten(todo, shape)
         chunks = [images[i : i + self.chunk_size] for i in range(0, len(images), self.chunk_size)]
         bar = _progress(steps * len(chunks), self.progress, "denoising")
 
@@ -357,25 +277,17 @@ class Pipeline:
 
         # 5. one result per request
         results, start = [], 0
-        for r in requests:
+        backend = f"{self.backend.name}:{self.backend.device}"
+        for r in todo:
             end = start + r.batch_size
-            params = {
-                "prompt": r.prompt,
-                "negative_prompt": r.negative_prompt,
-                "steps": steps,
-                "guidance": float(r.guidance),
-                "scheduler": scheduler,
-                "height": height,
-                "width": width,
-                "model_id": self.model.model_id,
-                "backend": f"{self.backend.name}:{self.backend.device}",
-            }
-            seeds = [int(r.seed) + i for i in range(r.batch_size)]
+            params = r.params() | {"model_id": self.model.model_id, "backend": backend}
+            seeds = [r.seed + i for i in range(r.batch_size)]
             results.append(
                 GenerationResult(
-                    images_all[start:end], latents_all[start:end], seeds, params, timings
+                    images_all[start:end], latents_all[start:end], seeds, params, timings,
+                    notice=r.notice,
                 )
-            )
+            )  # fmt: skip
             start = end
         return results
 
@@ -435,27 +347,13 @@ def _latent_hw(height: int, width: int, dims) -> tuple[int, int]:
     return height // f, width // f
 
 
-def _flatten(requests: Sequence[PromptRequest], shape: tuple[int, ...]) -> list[_Image]:
+def _flatten(requests: Sequence[ResolvedRequest], shape: tuple[int, ...]) -> list[_Image]:
     """Every image of every request, in order, with its initial noise."""
     images = []
     for k, r in enumerate(requests):
-        if r.latents is not None:
-            try:
-                noise = np.asarray(r.latents, dtype=np.float32)
-            except (TypeError, ValueError) as e:
-                raise InputError(f"latents must be a float array: {e}") from None
-            if noise.shape != (r.batch_size, *shape):
-                raise InputError(
-                    f"latents of shape {noise.shape}, expected {(r.batch_size, *shape)}"
-                )
-            if not np.isfinite(noise).all():
-                raise InputError("latents hold nan or inf", fix="pass finite initial noise.")
-        else:
-            noise = initial_noise(int(r.seed), int(r.batch_size), shape)
+        noise = r.latents if r.latents is not None else initial_noise(r.seed, r.batch_size, shape)
         for i in range(r.batch_size):
-            images.append(
-                _Image(k, int(r.seed) + i, r.prompt, r.negative_prompt, float(r.guidance), noise[i])
-            )
+            images.append(_Image(k, r.seed + i, r.prompt, r.negative_prompt, r.guidance, noise[i]))
     return images
 
 

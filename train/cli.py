@@ -89,7 +89,7 @@ def train(ctx, resume: bool, cache_only: bool, config_path: str | None, **option
     iap-rt train ...same options... --resume             # continue after a stop or a kill
     iap-rt train ...same options... --num-processes 8    # 8 GPUs (or CPU processes)
     """
-    from iap_rt.config import resolve
+    from iap_rt.config import load_config
     from iap_rt.extras import require
 
     require("train", "train")  # before anything imports torch
@@ -98,7 +98,7 @@ def train(ctx, resume: bool, cache_only: bool, config_path: str | None, **option
     options = {k: (v or None) if isinstance(v, tuple) else v for k, v in options.items()}
     args = _config_args(options, config_path, resume, cache_only)
     command = shlex.join(["iap-rt", "train", *args, *_launch_args(launch)])
-    cfg = resolve(TrainConfig, "train", config_path, options)
+    cfg = load_config(TrainConfig, "train", config_path, options)
     if launch["num_processes"] > 1 or launch["num_machines"] > 1:
         from iap_rt.train.launch import launch as start
 

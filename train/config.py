@@ -1,6 +1,6 @@
 """``TrainConfig``: every setting of ``iap-rt train`` (the ``[train]`` table of iap-rt.toml).
 
-Precedence (see :func:`iap_rt.config.resolve`): these defaults < ``iap-rt.toml``/``--config`` <
+Precedence (see :func:`iap_rt.config.load_config`): these defaults < ``iap-rt.toml``/``--config`` <
 command-line options. :meth:`TrainConfig.check` validates values that do not need the disk.
 A checkpoint stores the resolved config; ``--resume`` refuses one whose *trajectory* fields
 (everything but :data:`RESUME_FREE`) differ.

@@ -17,12 +17,11 @@ from iap_rt.bench.config import NEGATIVE_PROMPT, PROMPT, TORCH_BACKENDS, BenchCo
 from iap_rt.bench.machine import loadavg, machine_info
 from iap_rt.bench.protocol import WorkerSpec, spawn_worker
 from iap_rt.bench.report import UNITS, notes, precision_notes
-from iap_rt.bench.sources import prepare_sources, resolve_size
+from iap_rt.bench.sources import arch_size, prepare_sources
 from iap_rt.bench.stats import add_ratios, summarise
-from iap_rt.errors import ConfigError
 from iap_rt.fileio import write_json_atomic
 from iap_rt.modeldir import ModelDir
-from iap_rt.schedulers import SCHEDULERS
+from iap_rt.requests import PromptRequest, resolve
 
 
 def run_bench(cfg: BenchConfig, command: str = "", log=print, out=None) -> dict:
@@ -32,13 +31,13 @@ def run_bench(cfg: BenchConfig, command: str = "", log=print, out=None) -> dict:
     machine = machine_info()
     sources = prepare_sources(cfg, log=log)
     model = ModelDir.open(sources.model_dir)
-    height, width = resolve_size(cfg, sources.model_dir)
-    scheduler = cfg.scheduler or model.default_scheduler
-    if scheduler not in SCHEDULERS:
-        raise ConfigError(
-            f"unknown scheduler {scheduler!r}", fix=f"use one of {', '.join(SCHEDULERS)}."
-        )
-    do_cfg = cfg.guidance > 1.0
+    height, width = arch_size(cfg)
+    request = resolve(model, PromptRequest(
+        PROMPT, NEGATIVE_PROMPT, cfg.seed, cfg.guidance, cfg.batch_size, None, cfg.steps,
+        height, width, cfg.scheduler,
+    ))  # fmt: skip
+    height, width, scheduler = request.height, request.width, request.scheduler
+    do_cfg = request.guided
     config = {
         "arch": cfg.arch,
         "height": height,

@@ -145,9 +145,8 @@ def _toy_sources() -> Sources:
     )
 
 
-def resolve_size(cfg: BenchConfig, model_dir: Path) -> tuple[int, int]:
-    """(height, width): the options, else the arch's default, else the model's own size."""
-    default = DEFAULT_SIZE.get(cfg.arch)
-    if default is None or cfg.model is not None:
-        default = int(ModelDir.open(model_dir).manifest.get("image_size", default or 512))
+def arch_size(cfg: BenchConfig) -> tuple[int | None, int | None]:
+    """(height, width) the bench asks for: the options, else the arch's default size (tiny,
+    sd15); None: the model's own (:func:`iap_rt.requests.resolve` fills it)."""
+    default = None if cfg.model is not None else DEFAULT_SIZE.get(cfg.arch)
     return cfg.height or default, cfg.width or default

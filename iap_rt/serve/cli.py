@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from iap_rt.config import ServeConfig, resolve
+from iap_rt.config import ServeConfig, load_config
 
 
 @click.command("serve")
@@ -74,5 +74,5 @@ def serve(config_path, triton_url, **options):
     from iap_rt.serve.launcher import serve as run
 
     options["triton_url"] = tuple(triton_url) or None
-    cfg = resolve(ServeConfig, "serve", config_path, options)
+    cfg = load_config(ServeConfig, "serve", config_path, options)
     sys.exit(run(cfg))

@@ -1,6 +1,6 @@
 """The HTTP gateway (FastAPI) in front of Triton.
 
-Routes: ``POST /v1/images/generations`` (OpenAI-compatible, see ``api.py``), ``GET /v1/models``,
+Routes: ``POST /v1/images/generations`` (OpenAI-compatible, see ``openai_api.py``), ``GET /v1/models``,
 ``GET /healthz`` (the process is alive), ``GET /readyz`` (Triton has the model loaded),
 ``GET /metrics`` (Prometheus text), ``GET /info`` (model and limits, for the web page) and
 ``GET /`` (the web page, served from ``web/``: no external assets). Every error is answered in
@@ -29,9 +29,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from iap_rt.images import png_bytes
-from iap_rt.serve.api import ApiError, Limits, parse
-from iap_rt.serve.backend import TritonPool, UpstreamError
+from iap_rt.requests import model_defaults
 from iap_rt.serve.metrics import Metrics
+from iap_rt.serve.openai_api import ApiError, Limits, parse
+from iap_rt.serve.protocol import Row
+from iap_rt.serve.upstream import TritonPool, UpstreamError
 
 LOG = logging.getLogger("iap_rt.serve")
 WEB_FILES = {"app.js": "text/javascript", "style.css": "text/css"}
@@ -56,9 +58,10 @@ class _State:
         self.draining = False
 
 
-def create_app(settings: GatewaySettings, pool: TritonPool, rules=None):
-    """The FastAPI app. ``rules``: a ``Pipeline`` (networks not loaded) whose checks and
-    defaults validate requests before they queue; None leaves validation to Triton."""
+def create_app(settings: GatewaySettings, pool: TritonPool, model):
+    """The FastAPI app; requests are resolved against ``model`` (a
+    :class:`~iap_rt.modeldir.ModelDir`, networks not needed) before they queue, and Triton
+    trusts the rows resolved here."""
     metrics, state = Metrics(), _State()
 
     @contextlib.asynccontextmanager
@@ -148,19 +151,16 @@ def create_app(settings: GatewaySettings, pool: TritonPool, rules=None):
         doc = {"auth_required": settings.api_key is not None,
                "limits": settings.limits.__dict__ | {"max_queue": settings.max_queue,
                                                      "timeout_s": settings.timeout_s}}  # fmt: skip
-        if rules is not None:
-            from iap_rt.schedulers import SCHEDULERS
-
-            doc |= {"model_id": rules.model.model_id, "default_size": rules.default_size,
-                    "size_multiple": rules.dims.pixel_multiple, "schedulers": list(SCHEDULERS),
-                    "default_scheduler": rules.model.default_scheduler,
-                    "default_guidance": rules.model.default_guidance}  # fmt: skip
+        d = model_defaults(model)
+        doc |= {"model_id": model.model_id, "defaults": d, "default_size": d["height"],
+                "size_multiple": d["size_multiple"], "schedulers": d["schedulers"],
+                "default_scheduler": d["scheduler"], "default_guidance": d["guidance"]}  # fmt: skip
         return doc
 
     @app.get("/v1/models")
     async def models(request: Request):
         check_key(request)
-        name = rules.model.model_id if rules is not None else "iap_rt"
+        name = model.model_id
         return {"object": "list", "data": [{"id": name, "object": "model", "owned_by": "iap-rt"}]}
 
     @app.post("/v1/images/generations")
@@ -168,20 +168,20 @@ def create_app(settings: GatewaySettings, pool: TritonPool, rules=None):
         t0 = time.perf_counter()
         try:
             check_key(request)
-            job = parse(await read_body(request), settings.limits, rules)
-            if state.queue_images + job.n > settings.max_queue:
+            job = parse(await read_body(request), settings.limits, model)
+            if state.queue_images + job.batch_size > settings.max_queue:
                 retry = max(1, math.ceil(state.latency_s))
                 raise ApiError(
                     429, f"the server is busy ({state.queue_images} images queued, at most "
                     f"{settings.max_queue}); retry after {retry} s", "rate_limit_error",
                     code="queue_full", headers={"Retry-After": str(retry)},
                 )  # fmt: skip
-            state.queue_images += job.n
+            state.queue_images += job.batch_size
             metrics.in_flight += 1
             try:
-                results = await _run_rows(pool, job.rows(), settings.timeout_s)
+                results = await _run_rows(pool, Row.of(job), settings.timeout_s)
             finally:
-                state.queue_images -= job.n
+                state.queue_images -= job.batch_size
                 metrics.in_flight -= 1
             data = await run_in_threadpool(_encode, results)
         except ApiError as e:
@@ -200,7 +200,10 @@ def create_app(settings: GatewaySettings, pool: TritonPool, rules=None):
         seconds = time.perf_counter() - t0
         state.latency_s = 0.8 * state.latency_s + 0.2 * seconds
         metrics.generated(seconds, [r.batch for r in results])
-        return {"created": int(time.time()), "data": data}
+        answer = {"created": int(time.time()), "data": data}
+        if job.notice:  # the model's word on a prompt outside what it knows
+            answer["warning"] = job.notice
+        return answer
 
     @app.get("/")
     async def index():

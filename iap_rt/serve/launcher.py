@@ -129,19 +129,19 @@ def _run_gateway(cfg: ServeConfig, api_key: str | None, triton, stop: _Stop) -> 
     import uvicorn
 
     from iap_rt.modeldir import ModelDir, default_model_dir
-    from iap_rt.pipeline import Pipeline
-    from iap_rt.serve.api import Limits
-    from iap_rt.serve.backend import TritonPool
     from iap_rt.serve.gateway import GatewaySettings, create_app
+    from iap_rt.serve.openai_api import Limits
+    from iap_rt.serve.upstream import TritonPool
 
-    # the model's rules (sizes, steps, schedulers) from its light files; networks stay unloaded
-    rules = Pipeline(ModelDir.open(cfg.model or default_model_dir(), networks=()), None, False)
+    # requests are resolved against the model's light files (manifest, scheduler config);
+    # its networks are neither checked nor loaded here
+    model = ModelDir.open(cfg.model or default_model_dir(), networks=())
     local = "127.0.0.1" if cfg.host in ("0.0.0.0", "") else cfg.host
     urls = list(cfg.triton_url) or [f"{local}:{cfg.triton_grpc_port}"]
     limits = Limits(cfg.max_body_bytes, cfg.max_prompt_chars, cfg.max_n, cfg.max_steps,
                     cfg.max_pixels)  # fmt: skip
     settings = GatewaySettings(limits, cfg.max_queue, cfg.timeout_s, api_key)
-    app = create_app(settings, TritonPool(urls), rules)
+    app = create_app(settings, TritonPool(urls), model)
     verbose = logging.getLogger().level <= logging.INFO
     server = uvicorn.Server(uvicorn.Config(
         app, host=cfg.host, port=cfg.port, log_level="info" if verbose else "warning",

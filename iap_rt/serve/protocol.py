@@ -3,9 +3,12 @@
 The gateway sends each image of a request as its own one-row inference, so Triton's dynamic
 batcher can put any images of any requests together (up to ``--max-batch`` rows). A row's
 inputs: ``prompt``, ``negative_prompt``, ``scheduler`` (UTF-8 bytes; ``""`` = the model's
-default scheduler), ``seed`` (int64), ``steps``, ``height``, ``width`` (int32; 0 = the model's
-size) and ``guidance`` (fp64, so the parameters recorded in the PNG are the float the client
-sent; NaN = the model's default guidance). Outputs per row: ``image`` (H, W, 3 uint8),
+default scheduler), ``seed`` (int64), ``steps`` (0 = the default), ``height``, ``width``
+(int32; 0 = the model's size), ``guidance`` (fp64, so the parameters recorded in the PNG are
+the float the client sent; NaN = the model's default guidance) and ``model_key`` (the
+fingerprint of the model the gateway resolved the row against, or ``""``: the Triton model
+trusts a row resolved against its own model and resolves any other,
+:func:`iap_rt.requests.trusted`). Outputs per row: ``image`` (H, W, 3 uint8),
 ``params`` (the JSON the PNG records), ``batch`` (how many images shared the UNet batch) and
 ``error`` (``""`` or a JSON object with ``status``, ``type`` and ``message``: one bad row never
 fails the rows batched with it).
@@ -15,9 +18,12 @@ This module is plain numpy, shared by the Triton side and the clients.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 
 import numpy as np
+
+from iap_rt.requests import PromptRequest, ResolvedRequest
 
 MODEL_NAME = "iap_rt"
 MODEL_GUIDANCE = float("nan")  # a row's guidance that means "the model's default"
@@ -32,6 +38,7 @@ INPUTS = {
     "height": (np.int32, "INT32"),
     "width": (np.int32, "INT32"),
     "guidance": (np.float64, "FP64"),
+    "model_key": (np.object_, "BYTES"),
 }
 # name -> (numpy dtype, Triton dtype, per-row shape)
 OUTPUTS = {
@@ -49,11 +56,37 @@ class Row:
     prompt: str
     negative_prompt: str = ""
     seed: int = 0
-    steps: int = 25
+    steps: int = 0  # 0: the default
     guidance: float = MODEL_GUIDANCE  # NaN: the model's default
     height: int = 0  # 0: the model's size
     width: int = 0
     scheduler: str = ""  # "": the model's default
+    model_key: str = ""  # the model it was resolved against; "": not resolved
+
+    @classmethod
+    def of(cls, request: ResolvedRequest) -> list[Row]:
+        """One row per image of a resolved request (image i: seed + i)."""
+        return [
+            cls(request.prompt, request.negative_prompt, request.seed + i, request.steps,
+                request.guidance, request.height, request.width, request.scheduler,
+                request.model_key)
+            for i in range(request.batch_size)
+        ]  # fmt: skip
+
+    def request(self) -> PromptRequest:
+        """The row as a request to resolve (its "unset" values back to None)."""
+        return PromptRequest(
+            self.prompt, self.negative_prompt, self.seed,
+            None if math.isnan(self.guidance) else self.guidance, 1, None,
+            self.steps or None, self.height or None, self.width or None, self.scheduler or None,
+        )  # fmt: skip
+
+    def fields(self) -> dict:
+        """The row as the fields of a one-image :class:`ResolvedRequest` (when trusted)."""
+        return {"prompt": self.prompt, "negative_prompt": self.negative_prompt,
+                "seed": self.seed, "guidance": self.guidance, "batch_size": 1,
+                "steps": self.steps, "height": self.height, "width": self.width,
+                "scheduler": self.scheduler}  # fmt: skip
 
     def to_inputs(self) -> dict[str, np.ndarray]:
         """The row as Triton inputs, each of shape (1, 1)."""

@@ -105,7 +105,7 @@ def start_triton(settings: TritonSettings):
     from pytriton.model_config import DynamicBatcher, ModelConfig, QueuePolicy, Tensor
     from pytriton.triton import Triton, TritonConfig
 
-    from iap_rt.serve.model import FAULT_ENV, ImageModel
+    from iap_rt.serve.triton_model import FAULT_ENV, ImageModel
 
     for port, option in (
         (settings.http_port, "--triton-http-port"),

@@ -39,8 +39,8 @@ def _usable_flavour() -> str:
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     flavour = _usable_flavour()
-    from iap_rt.engines.api import build_engines
     from iap_rt.engines.config import EngineConfig
+    from iap_rt.engines.stage import build_engines
 
     dst = tmp_path_factory.mktemp("gpu") / "model"
     shutil.copytree(default_model_dir(), dst, ignore=shutil.ignore_patterns("engines"))
@@ -117,8 +117,8 @@ def test_cuda_graph_unet_step_repeats_exactly(model):
 
 
 def test_dynamic_profile_serves_two_sizes_and_refuses_a_third(model, tmp_path):
-    from iap_rt.engines.api import build_engines
     from iap_rt.engines.config import EngineConfig
+    from iap_rt.engines.stage import build_engines
     from iap_rt.errors import ArtifactMismatchError
 
     dst = tmp_path / "model"

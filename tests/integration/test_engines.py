@@ -15,9 +15,9 @@ trt = pytest.importorskip("tensorrt_rtx", reason="engine builds need tensorrt-rt
 
 from iap_rt import cuda as cudart  # noqa: E402
 from iap_rt import enginedir as ed  # noqa: E402
-from iap_rt.engines.api import build_engines, check_engines, maybe_build_engines  # noqa: E402
 from iap_rt.engines.build import BuildOptions, build_engine, contract_problems  # noqa: E402
 from iap_rt.engines.config import EngineConfig  # noqa: E402
+from iap_rt.engines.stage import build_engines, check_engines, maybe_build_engines  # noqa: E402
 from iap_rt.errors import (  # noqa: E402
     ArtifactMismatchError,
     BackendUnavailableError,
@@ -288,7 +288,7 @@ def test_full_tensorrt_path_tags_by_gpu_and_keeps_a_timing_cache(
     assert sc["target"] == {"gpu_tag": tag, "compute_capabilities": ["8.9"], "gpu_name": gpu.name}
     cache = model / "engines" / tag / "timing.cache"
     assert cache.is_file() and cache.stat().st_size > 0
-    import iap_rt.engines.api as api
+    import iap_rt.engines.stage as api
 
     seen = []
 
@@ -497,8 +497,8 @@ def test_default_profile_is_the_models_native_size(tmp_path, tiny_model_dir):
     import json
     import shutil
 
-    from iap_rt.engines.api import build_engines
     from iap_rt.engines.config import EngineConfig
+    from iap_rt.engines.stage import build_engines
 
     model = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model)

@@ -584,7 +584,7 @@ def test_cli_bad_opset_exits_2_with_the_reason(tiny_sd_dir, tiny_encoder_dir, tm
 
 
 def test_engines_stage_missing(scratch, tiny_sd_dir, tiny_encoder_dir, capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, "iap_rt.engines.api", None)  # import raises ImportError
+    monkeypatch.setitem(sys.modules, "iap_rt.engines.stage", None)  # import raises ImportError
     base = ["export", "--base", str(tiny_sd_dir), "--encoder", str(tiny_encoder_dir),
             "--out", str(scratch)]  # fmt: skip
     code, out, err = run_cli([*base, "--engines", "auto"], capsys)

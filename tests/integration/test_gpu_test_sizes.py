@@ -16,8 +16,8 @@ import pytest
 pytest.importorskip("tensorrt_rtx", reason="engine builds need tensorrt-rtx-cu13")
 
 from iap_rt import enginedir as ed  # noqa: E402
-from iap_rt.engines.api import build_engines  # noqa: E402
 from iap_rt.engines.config import EngineConfig  # noqa: E402
+from iap_rt.engines.stage import build_engines  # noqa: E402
 from iap_rt.modeldir import ModelDir, default_model_dir  # noqa: E402
 from iap_rt.specs import NETWORKS  # noqa: E402
 

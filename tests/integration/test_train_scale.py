@@ -406,7 +406,7 @@ def test_every_config_field_is_an_option_with_its_default_in_help():
 
     from click.testing import CliRunner
 
-    from iap_rt.config import resolve
+    from iap_rt.config import load_config
     from iap_rt.train.cli import train
     from iap_rt.train.config import TrainConfig
 
@@ -423,7 +423,7 @@ def test_every_config_field_is_an_option_with_its_default_in_help():
     ctx = train.make_context("train", argv)
     opts = {k: v for k, v in ctx.params.items() if k in {f.name for f in fields}}
     opts = {k: (v or None) if isinstance(v, tuple) else v for k, v in opts.items()}
-    cfg = resolve(TrainConfig, "train", None, opts)
+    cfg = load_config(TrainConfig, "train", None, opts)
     assert (cfg.checkpoint_every, cfg.log_every, cfg.val_every, cfg.keep_checkpoints) == (
         7,
         3,

@@ -51,11 +51,11 @@ class Server:
 
 
 def start_server(log_dir: Path, *args: str, env: dict | None = None, ready: str = "/readyz",
-                 name: str = "serve") -> Server:  # fmt: skip
-    """Start ``iap-rt serve *args`` on free ports; wait until ``ready`` answers 200."""
+                 name: str = "serve", top: tuple[str, ...] = ()) -> Server:  # fmt: skip
+    """Start ``iap-rt *top serve *args`` on free ports; wait until ``ready`` answers 200."""
     port, http, grpc, metrics = free_ports(4)
     log = log_dir / f"{name}-{port}.log"
-    cmd = [sys.executable, "-m", "iap_rt.cli", "serve", "--port", str(port),
+    cmd = [sys.executable, "-m", "iap_rt.cli", *top, "serve", "--port", str(port),
            "--triton-http-port", str(http), "--triton-grpc-port", str(grpc),
            "--triton-metrics-port", str(metrics), *args]  # fmt: skip
     with open(log, "wb") as f:
@@ -119,7 +119,7 @@ def reference():
     pipe = Pipeline.from_dir(progress=False)
 
     def ref(prompt, seed=0, steps=25, guidance=None, negative="", size=None, scheduler=None):
-        size = size or pipe.default_size
+        size = size or pipe.model.default_size
         r = pipe(prompt, negative, steps=steps, guidance=guidance, seed=seed, height=size,
                  width=size, scheduler=scheduler)  # fmt: skip
         return png_bytes(r.images[0], dict(r.params, seed=seed))

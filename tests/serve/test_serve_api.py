@@ -33,7 +33,7 @@ def server(tmp_path_factory):
     s = start_server(
         d, "--api-key-file", "key.txt", "--max-queue-delay-ms", "200", "--max-batch", "8",
         "--max-prompt-chars", "50", "--max-pixels", "20000",
-        env={"IAP_RT_SERVE_FAULT_PROMPT": FAULT},
+        env={"IAP_RT_SERVE_FAULT_PROMPT": FAULT}, top=("-v",),  # -v: the log counts resolves
     )  # fmt: skip
     yield s
     assert s.stop() == 0, s.log_tail()
@@ -237,6 +237,47 @@ def test_openai_python_client(server, reference):
     with pytest.raises(openai.BadRequestError) as e:
         client.images.generate(prompt="a", size="30x30", response_format="b64_json")
     assert e.value.status_code == 400 and "multiple of 16" in str(e.value)
+
+
+def test_one_validation_per_request_and_the_models_notice(server):
+    """The gateway resolves a request once (iap_rt.requests) and Triton trusts its rows; a
+    row sent to Triton directly is resolved there. A prompt outside the toy model's world gets
+    the model's notice beside ``data``."""
+    import time
+
+    import tritonclient.grpc as grpcclient
+
+    from iap_rt.serve.protocol import INPUTS, MODEL_NAME, Row
+
+    def resolved(expected=None):
+        for _ in range(50):  # the log line may trail the answer by a moment
+            n = server.log.read_text("utf-8", "replace").count("resolved request:")
+            if expected is None or n >= expected:
+                return n
+            time.sleep(0.1)
+        return n
+
+    before = resolved()
+    status, doc, _ = post(server, {"prompt": "山水画", "n": 3, "steps": 2, "seed": 5})
+    assert status == 200 and len(doc["data"]) == 3, doc
+    assert "--model DIR" in doc["warning"] and "coloured shapes" in doc["warning"]
+    status, doc, _ = post(server, {"prompt": "左边有一个红色的圆", "n": 2, "steps": 2})
+    assert status == 200 and "warning" not in doc
+    assert resolved(before + 2) - before == 2  # 2 requests, 5 rows: one validation each
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
+    inputs = []
+    for name, array in Row("左边有一个红色的圆", seed=1, steps=2).to_inputs().items():
+        inputs.append(grpcclient.InferInput(name, list(array.shape), INPUTS[name][1]))
+        inputs[-1].set_data_from_numpy(array)
+    result = client.infer(MODEL_NAME, inputs)
+    client.close()
+    assert result.as_numpy("error")[0, 0] == b"" and result.as_numpy("image").shape == (
+        1,
+        32,
+        32,
+        3,
+    )
+    assert resolved(before + 3) - before == 3  # not resolved by a gateway: Triton resolves it
 
 
 def test_web_page_in_a_real_browser(server):

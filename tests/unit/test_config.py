@@ -2,18 +2,18 @@
 
 import pytest
 
-from iap_rt.config import GenerateConfig, render_toml, resolve
+from iap_rt.config import GenerateConfig, load_config, render_toml
 from iap_rt.errors import ConfigError
 
 
 def test_precedence_defaults_file_options(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert resolve(GenerateConfig, "generate").steps == 25
+    assert load_config(GenerateConfig, "generate").steps is None  # unset: the default
     (tmp_path / "iap-rt.toml").write_text('[generate]\nsteps = 40\nmodel = "m"\nguidance = 3\n')
-    cfg = resolve(GenerateConfig, "generate")
+    cfg = load_config(GenerateConfig, "generate")
     assert cfg.steps == 40 and cfg.guidance == 3.0
     assert cfg.model == str((tmp_path / "m").resolve())  # relative to the file
-    cfg = resolve(GenerateConfig, "generate", overrides={"steps": 7, "seed": None})
+    cfg = load_config(GenerateConfig, "generate", overrides={"steps": 7, "seed": None})
     assert cfg.steps == 7 and cfg.seed == 0
 
 
@@ -21,7 +21,7 @@ def test_unknown_key_lists_valid_ones(tmp_path):
     p = tmp_path / "c.toml"
     p.write_text("[generate]\nstepz = 3\n")
     with pytest.raises(ConfigError, match=r"unknown key\(s\) \['stepz'\]") as e:
-        resolve(GenerateConfig, "generate", p)
+        load_config(GenerateConfig, "generate", p)
     assert "steps" in e.value.fix and "guidance" in e.value.fix
 
 
@@ -31,25 +31,25 @@ def test_a_renamed_key_names_its_new_name(tmp_path):
     p = tmp_path / "c.toml"
     p.write_text('[export]\nort_cpu_unet = "never"\n')
     with pytest.raises(ConfigError, match=r"unknown key\(s\) \['ort_cpu_unet'\]") as e:
-        resolve(ExportConfig, "export", p)
+        load_config(ExportConfig, "export", p)
     assert e.value.fix.startswith("renamed: ort_cpu_unet -> ort_unet;")
     p.write_text('[export]\nort_unet = "never"\n')
-    assert resolve(ExportConfig, "export", p).ort_unet == "never"
+    assert load_config(ExportConfig, "export", p).ort_unet == "never"
 
 
 def test_unknown_table_and_bad_type_and_bad_toml(tmp_path):
     p = tmp_path / "c.toml"
     p.write_text("[genrate]\n")
     with pytest.raises(ConfigError, match="unknown table"):
-        resolve(GenerateConfig, "generate", p)
+        load_config(GenerateConfig, "generate", p)
     p.write_text('[generate]\nsteps = "many"\n')
     with pytest.raises(ConfigError, match='steps = "many" is a string, expected an integer'):
-        resolve(GenerateConfig, "generate", p)
+        load_config(GenerateConfig, "generate", p)
     p.write_text("[generate\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
-        resolve(GenerateConfig, "generate", p)
+        load_config(GenerateConfig, "generate", p)
     with pytest.raises(ConfigError, match="does not exist"):
-        resolve(GenerateConfig, "generate", tmp_path / "missing.toml")
+        load_config(GenerateConfig, "generate", tmp_path / "missing.toml")
 
 
 def test_rendered_template_loads_back(tmp_path):
@@ -58,7 +58,7 @@ def test_rendered_template_loads_back(tmp_path):
     import dataclasses
 
     want = dataclasses.replace(GenerateConfig(), out=str(tmp_path / "outputs"))
-    assert resolve(GenerateConfig, "generate", p) == want  # paths resolve beside the file
+    assert load_config(GenerateConfig, "generate", p) == want  # paths resolve beside the file
 
 
 def test_init_command_writes_all_tables(tmp_path, run_cli):
@@ -81,7 +81,7 @@ def test_tuple_fields_accept_toml_arrays(tmp_path):
 
     p = tmp_path / "c.toml"
     p.write_text('[train]\nprompts = ["a", "b"]\nmaybe = ["c"]\n')
-    assert resolve(C, "train", p) == C(("a", "b"), ("c",))
+    assert load_config(C, "train", p) == C(("a", "b"), ("c",))
     p.write_text("[train]\nprompts = 3\n")
     with pytest.raises(ConfigError, match="is an integer, expected an array of strings"):
-        resolve(C, "train", p)
+        load_config(C, "train", p)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from iap_rt.config import resolve
+from iap_rt.config import load_config
 from iap_rt.engines.config import EngineConfig
 from iap_rt.errors import ConfigError
 from iap_rt.specs import NETWORKS, ModelDims
@@ -95,7 +95,7 @@ def test_rebuild_args_reproduce_the_profile():
 def test_engines_table_in_workspace_file(tmp_path):
     p = tmp_path / "iap-rt.toml"
     p.write_text('[engines]\nbatch = "1:2"\ndynamic = true\nheight = 768\n')
-    cfg = resolve(EngineConfig, "engines", p, {"height": 640, "width": None})
+    cfg = load_config(EngineConfig, "engines", p, {"height": 640, "width": None})
     assert (cfg.batch, cfg.dynamic, cfg.height, cfg.width) == (
         "1:2",
         True,
@@ -104,7 +104,7 @@ def test_engines_table_in_workspace_file(tmp_path):
     )  # None: the model's native size
     p.write_text("[engines]\nfp16 = true\n")
     with pytest.raises(ConfigError, match=r"unknown key\(s\) \['fp16'\]") as e:
-        resolve(EngineConfig, "engines", p)
+        load_config(EngineConfig, "engines", p)
     assert "resolution" in e.value.fix
 
 
@@ -125,7 +125,7 @@ def test_engines_stage_never_imports_torch():
 
 def test_engines_and_trt_backend_import_without_torch():
     code = (
-        "import sys; import iap_rt.engines.api, iap_rt.engines.cli, iap_rt.engines.build, "
+        "import sys; import iap_rt.engines.stage, iap_rt.engines.cli, iap_rt.engines.build, "
         "iap_rt.backends.trt; "
         "assert 'torch' not in sys.modules, 'torch imported'; "
         "assert 'tensorrt' not in sys.modules and 'tensorrt_rtx' not in sys.modules, 'eager trt'; "

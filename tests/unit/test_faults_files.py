@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from iap_rt.basemodel import SUPPORTED, check_base_dir, unsupported_features
-from iap_rt.config import GenerateConfig, render_toml, resolve
+from iap_rt.config import GenerateConfig, load_config, render_toml
 from iap_rt.errors import ArtifactError, ArtifactNotFoundError, ConfigError
 
 SD_UNET = {
@@ -143,7 +143,7 @@ def test_malformed_toml_is_one_clear_error(tmp_path, text, needles):
     p = tmp_path / "c.toml"
     p.write_bytes(text.encode("utf-8", "surrogateescape") if text != "\xff\xfe" else b"\xff\xfe")
     with pytest.raises(ConfigError) as e:
-        resolve(GenerateConfig, "generate", p)
+        load_config(GenerateConfig, "generate", p)
     for n in needles:
         assert n in str(e.value), str(e.value)
     assert "<class" not in str(e.value) and "| None" not in str(e.value)
@@ -164,12 +164,12 @@ def test_tuple_fields_check_their_elements(tmp_path):
     p.write_text("[export]\nnetworks = [1, 2]\n")
     with pytest.raises(ConfigError, match="networks = \\[1, 2\\] is an array, expected an array "
                                           "of strings"):  # fmt: skip
-        resolve(ExportConfig, "export", p)
+        load_config(ExportConfig, "export", p)
 
 
 def test_an_unreadable_config_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
-        resolve(GenerateConfig, "generate", tmp_path)  # a directory
+        load_config(GenerateConfig, "generate", tmp_path)  # a directory
 
 
 def test_init_template_states_the_size_rule_and_loads_back(tmp_path):
@@ -178,7 +178,7 @@ def test_init_template_states_the_size_rule_and_loads_back(tmp_path):
     assert "chunk_size = 8" in text and 'memory_limit = "auto"' in text
     p = tmp_path / "iap-rt.toml"
     p.write_text(text)
-    assert resolve(GenerateConfig, "generate", p).chunk_size == 8
+    assert load_config(GenerateConfig, "generate", p).chunk_size == 8
 
 
 def test_readme_states_the_rules_the_code_enforces():

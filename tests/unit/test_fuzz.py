@@ -1,4 +1,4 @@
-"""Issue 16, rule 8: generated values through ``Pipeline.check_inputs``, the workspace config
+"""Issue 16, rule 8: generated values through ``iap_rt.requests.resolve``, the workspace config
 loader and the prompts-file reader give a clear ``IapRtError`` or success, never another
 exception; and success means the value obeys the rule. Deterministic (derandomize) and bounded.
 (The training data-file reader has its own property test in tests/integration/test_fuzz_data.py.)
@@ -13,12 +13,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from iap_rt.backends.ort import OrtBackend
 from iap_rt.commands import read_prompts_file
-from iap_rt.config import SECTIONS, GenerateConfig, resolve
+from iap_rt.config import SECTIONS, GenerateConfig, load_config
 from iap_rt.errors import IapRtError
 from iap_rt.modeldir import ModelDir, default_model_dir
-from iap_rt.pipeline import MAX_GUIDANCE, MAX_SEED, MAX_STEPS, Pipeline
+from iap_rt.requests import MAX_GUIDANCE, MAX_SEED, MAX_STEPS, PromptRequest, resolve
 
 FUZZ = settings(
     max_examples=200,
@@ -28,8 +27,8 @@ FUZZ = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 
-PIPE = Pipeline(ModelDir.open(default_model_dir()), OrtBackend("cpu", threads=1), progress=False)
-MULTIPLE = PIPE.dims.pixel_multiple
+MODEL = ModelDir.open(default_model_dir())
+MULTIPLE = MODEL.dims.pixel_multiple
 
 # anything a caller could pass, plus the edges of each rule
 ANY = st.one_of(
@@ -72,26 +71,31 @@ def calls(draw):
 
 @FUZZ
 @given(call=calls())
-def test_check_inputs_is_an_iap_rt_error_or_a_valid_call(call):
+def test_resolve_is_an_iap_rt_error_or_a_valid_request(call):
     prompt, negative, steps, guidance, seed, height, width, batch, scheduler = (
         call[k] for k in VALID
     )
+    request = PromptRequest(prompt, negative, seed, guidance, batch, None, steps, height, width,
+                            scheduler)  # fmt: skip
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a numpy overflow warning would be a silent wrap
         try:
-            PIPE.check_inputs(prompt, negative, steps, guidance, seed, height, width, batch,
-                              scheduler)  # fmt: skip
+            r = resolve(MODEL, request)
         except IapRtError:
             return
-    # accepted: every rule holds
-    assert isinstance(prompt, str) and isinstance(negative, str)
-    assert not isinstance(guidance, bool) and math.isfinite(guidance)
-    assert 0 <= guidance <= MAX_GUIDANCE
-    assert 1 <= int(steps) <= MAX_STEPS and 1 <= int(batch)
-    assert 0 <= int(seed) and int(seed) + int(batch) - 1 <= MAX_SEED
-    for side in (height, width):
-        assert int(side) > 0 and int(side) % MULTIPLE == 0
-    assert scheduler in ("ddim", "euler", "dpm++")
+    # accepted: every rule holds, and what was given is what was resolved (None: the default)
+    assert isinstance(r.prompt, str) and isinstance(r.negative_prompt, str)
+    assert not isinstance(r.guidance, bool) and math.isfinite(r.guidance)
+    assert 0 <= r.guidance <= MAX_GUIDANCE
+    assert 1 <= r.steps <= MAX_STEPS and 1 <= r.batch_size
+    assert 0 <= r.seed and r.seed + r.batch_size - 1 <= MAX_SEED
+    for side in (r.height, r.width):
+        assert side > 0 and side % MULTIPLE == 0
+    assert r.scheduler in ("ddim", "euler", "dpm++")
+    for asked, got in ((steps, r.steps), (guidance, r.guidance), (height, r.height),
+                       (width, r.width), (seed, r.seed), (batch, r.batch_size)):  # fmt: skip
+        assert asked is None or asked == got
+    assert scheduler in (None, "", r.scheduler)
 
 
 # ---- the workspace config loader ----------------------------------------------------------------
@@ -214,7 +218,7 @@ def test_any_toml_document_loads_or_is_a_config_error(tmp_path_factory, data, se
     path = tmp_path_factory.mktemp("toml") / "iap-rt.toml"
     path.write_text(_document(doc), "utf-8")
     try:
-        cfg = resolve(CONFIGS[section], section, path)
+        cfg = load_config(CONFIGS[section], section, path)
     except IapRtError as e:
         assert "<class" not in str(e) and "NoneType" not in str(e), str(e)
         return
@@ -233,7 +237,7 @@ def test_any_bytes_as_a_workspace_file_load_or_are_a_config_error(tmp_path_facto
     path = tmp_path_factory.mktemp("toml") / "iap-rt.toml"
     path.write_bytes(data)
     try:
-        resolve(GenerateConfig, "generate", path)
+        load_config(GenerateConfig, "generate", path)
     except IapRtError:
         pass
 
@@ -259,4 +263,4 @@ def test_any_prompts_file_reads_or_is_an_input_error(tmp_path_factory, data):
 @pytest.mark.parametrize("seed", [np.int64(MAX_SEED), np.uint64(MAX_SEED)])
 def test_numpy_seeds_do_not_wrap_past_the_range(seed):
     with pytest.raises(IapRtError, match="would use seed 9223372036854775808"):
-        PIPE.check_inputs("x", "", 2, 3.0, seed, 32, 32, 2, "ddim")
+        resolve(MODEL, PromptRequest("x", "", seed, 3.0, 2, None, 2, 32, 32, "ddim"))

@@ -19,15 +19,17 @@ WORKER = r"""
 import json, sys
 from iap_rt.backends.ort import OrtBackend
 from iap_rt.modeldir import ModelDir, default_model_dir
-from iap_rt.pipeline import Pipeline, PromptRequest
+from iap_rt.pipeline import Pipeline
+from iap_rt.requests import PromptRequest
 side, images, chunk = map(int, sys.argv[1:4])
 def hwm():
     return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
 pipe = Pipeline(ModelDir.open(default_model_dir()), OrtBackend("cpu", threads=1), progress=False,
                 chunk_size=chunk, memory_limit="off")
-request = PromptRequest("左边有一个红色的圆", batch_size=images, guidance=3.0)
-est = pipe.estimate_memory(pipe.plan_call([request], side, side))[0].total
-pipe.generate([request], steps=2, height=side, width=side, scheduler="ddim")
+request = pipe.resolve(PromptRequest("左边有一个红色的圆", batch_size=images, guidance=3.0,
+                                    steps=2, height=side, width=side, scheduler="ddim"))
+est = pipe.estimate_memory(pipe.plan_call([request]))[0].total
+pipe.generate([request])
 print(json.dumps({"peak": hwm(), "estimate": est}))
 """
 

@@ -9,11 +9,11 @@ import sys
 
 import pytest
 
-from iap_rt.config import ServeConfig, resolve
+from iap_rt.config import ServeConfig, load_config
 
 SERVE_MODULES = (
-    "iap_rt.serve.api, iap_rt.serve.backend, iap_rt.serve.cli, iap_rt.serve.gateway, "
-    "iap_rt.serve.launcher, iap_rt.serve.metrics, iap_rt.serve.model, iap_rt.serve.protocol, "
+    "iap_rt.serve.openai_api, iap_rt.serve.upstream, iap_rt.serve.cli, iap_rt.serve.gateway, "
+    "iap_rt.serve.launcher, iap_rt.serve.metrics, iap_rt.serve.triton_model, iap_rt.serve.protocol, "
     "iap_rt.serve.triton, iap_rt.client"
 )
 
@@ -41,7 +41,7 @@ def test_serve_table_in_the_workspace_file(tmp_path, monkeypatch):
         '[serve]\nport = 9000\nmax_batch = 16\ntriton_url = ["a:8002", "b:8002"]\n'
         'api_key_file = "key.txt"\n'
     )
-    cfg = resolve(ServeConfig, "serve", None, {"port": 9100, "max_batch": None})
+    cfg = load_config(ServeConfig, "serve", None, {"port": 9100, "max_batch": None})
     assert (cfg.port, cfg.max_batch, cfg.triton_url) == (9100, 16, ("a:8002", "b:8002"))
     assert cfg.api_key_file == str(tmp_path / "key.txt")  # relative to the file
 

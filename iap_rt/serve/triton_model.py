@@ -1,11 +1,13 @@
 """The Triton callable of the model ``iap_rt``: queued rows -> multi-prompt Pipeline calls.
 
-Triton's dynamic batcher hands :class:`ImageModel` the requests it queued together. Their rows
-are validated one by one with the pipeline's own rules (``Pipeline.check_inputs``: the rules of
-``iap-rt generate``), grouped by what must be shared in one UNet call (steps, scheduler, height,
-width), and each group runs as one ``Pipeline.generate`` call with a :class:`PromptRequest` per
-row: one UNet batch of different prompts, each with its own seed, negative prompt and guidance.
-Every image equals ``iap-rt generate`` with the same prompt, seed and settings, byte for byte.
+Triton's dynamic batcher hands :class:`ImageModel` the requests it queued together. A row the
+gateway resolved against this same model (its ``model_key``) is trusted as it is; any other row
+(a direct Triton client, a gateway for another model) is resolved here by
+:func:`iap_rt.requests.resolve`, the rules of ``iap-rt generate``: each row is checked once on
+its way. Rows are grouped by what must be shared in one UNet call (steps, scheduler, height,
+width), and each group runs as one ``Pipeline.generate`` call: one UNet batch of different
+prompts, each with its own seed, negative prompt and guidance. Every image equals
+``iap-rt generate`` with the same prompt, seed and settings, byte for byte.
 
 A row that fails answers with an ``error`` output and leaves the others alone: a group that
 raises is retried row by row, so one poisoned request does not fail the images batched with it.
@@ -15,15 +17,14 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import threading
 from collections import defaultdict
-from dataclasses import replace
 
 import numpy as np
 
 from iap_rt.errors import ConfigError, IapRtError, InputError
-from iap_rt.pipeline import Pipeline, PromptRequest
+from iap_rt.pipeline import Pipeline
+from iap_rt.requests import ResolvedRequest, resolve, trusted
 from iap_rt.serve.protocol import Row, error_json, rows_from_inputs
 
 LOG = logging.getLogger("iap_rt.serve")
@@ -63,48 +64,33 @@ class ImageModel:
                     rows.append((i, row))
             per_request.append(idx)
 
-        groups: dict[tuple, list[tuple[int, Row]]] = defaultdict(list)
+        groups: dict[tuple, list[tuple[int, ResolvedRequest]]] = defaultdict(list)
+        model = self.pipeline.model
         for i, row in rows:
-            if math.isnan(row.guidance):  # the client named none
-                row = replace(row, guidance=self.pipeline.model.default_guidance)
             try:
-                key = self._check(row)
+                request = trusted(model, row.fields(), row.model_key) or resolve(
+                    model, row.request()
+                )
             except IapRtError as e:
                 results[i] = _failed(400, str(e), "invalid_request_error")
                 continue
-            groups[key].append((i, row))
+            groups[request.call_key].append((i, request))
         with self._lock:
-            for key, members in groups.items():
-                self._run_group(key, members, results)
+            for members in groups.values():
+                self._run_group(members, results)
         return [_response([results[i] for i in idx]) for idx in per_request]
 
-    def _check(self, row: Row) -> tuple:
-        """Validate one row with the pipeline's rules; return its group key."""
-        p = self.pipeline
-        height = row.height or p.default_size
-        width = row.width or p.default_size
-        scheduler = row.scheduler or p.model.default_scheduler
-        p.check_inputs(
-            row.prompt, row.negative_prompt, row.steps, row.guidance, row.seed, height, width,
-            1, scheduler,
-        )  # fmt: skip
-        return (row.steps, scheduler, height, width)
-
-    def _run_group(self, key: tuple, members: list[tuple[int, Row]], results: dict) -> None:
-        """One Pipeline call for rows sharing ``key``; on an exception, each row alone."""
-        steps, scheduler, height, width = key
+    def _run_group(self, members: list[tuple[int, ResolvedRequest]], results: dict) -> None:
+        """One Pipeline call for requests sharing a call key; on an exception, each alone."""
         try:
             if self.fault_prompt and any(r.prompt == self.fault_prompt for _, r in members):
                 raise InjectedFault(f"injected fault for prompt {self.fault_prompt!r}")
-            out = self.pipeline.generate(
-                [PromptRequest(r.prompt, r.negative_prompt, r.seed, r.guidance) for _, r in members],
-                steps=steps, height=height, width=width, scheduler=scheduler,
-            )  # fmt: skip
+            out = self.pipeline.generate([r for _, r in members])
         except Exception as e:
             if len(members) > 1:
                 LOG.warning("a batch of %d failed (%s); retrying row by row", len(members), e)
                 for m in members:
-                    self._run_group(key, [m], results)
+                    self._run_group([m], results)
                 return
             (i, _), status = members[0], 400 if isinstance(e, (InputError, ConfigError)) else 500
             if status == 500:

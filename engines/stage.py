@@ -20,7 +20,7 @@ from pathlib import Path
 
 from iap_rt import cuda
 from iap_rt import enginedir as ed
-from iap_rt.config import resolve
+from iap_rt.config import load_config
 from iap_rt.engines.build import BuildOptions, build_engine
 from iap_rt.engines.config import EngineConfig
 from iap_rt.errors import (
@@ -242,7 +242,7 @@ def maybe_build_engines(
     if mode == "none":
         return []
     if config is None:
-        config = resolve(EngineConfig, "engines")
+        config = load_config(EngineConfig, "engines")
     if mode == "auto":
         reason = _cannot_build_reason(config.flavour)
         if reason:

@@ -3,10 +3,11 @@
 ``POST /v1/images/generations`` takes OpenAI's fields (``prompt``, ``n``, ``size`` "WxH",
 ``response_format`` ``b64_json``; ``model`` and ``user`` are accepted and ignored) and ours
 (``negative_prompt``, ``seed``, ``steps``, ``guidance_scale``, ``scheduler``). :func:`parse`
-turns a body into an :class:`ImageJob` or raises :class:`ApiError`, which the gateway answers
-in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``. The model's own rules
-(size multiples, steps, guidance, seed range, scheduler) are ``Pipeline.check_inputs``, the
-same as ``iap-rt generate``; the server's limits (:class:`Limits`) come on top.
+reads a body's JSON into a :class:`~iap_rt.requests.PromptRequest`, has it resolved against
+the model by :func:`iap_rt.requests.resolve` (the model's defaults and rules, the same as
+``iap-rt generate``), applies the server's limits (:class:`Limits`) on top, and returns the
+:class:`~iap_rt.requests.ResolvedRequest`, or raises :class:`ApiError`, which the gateway
+answers in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``.
 """
 
 from __future__ import annotations
@@ -17,12 +18,10 @@ import re
 import secrets
 from dataclasses import dataclass
 
-from iap_rt.errors import IapRtError
-from iap_rt.serve.protocol import MODEL_GUIDANCE, Row
+from iap_rt.requests import PromptRequest, RequestError, ResolvedRequest, resolve
 
 OPENAI_FIELDS = ("prompt", "n", "size", "response_format", "model", "user")
 OUR_FIELDS = ("negative_prompt", "seed", "steps", "guidance_scale", "scheduler")
-DEFAULT_STEPS = 25
 
 
 class ApiError(Exception):
@@ -56,28 +55,6 @@ class Limits:
     max_pixels: int = 4 * 1024 * 1024  # height x width x n
 
 
-@dataclass(frozen=True)
-class ImageJob:
-    """A validated request: ``n`` images, image i with seed ``seed + i``."""
-
-    prompt: str
-    negative_prompt: str
-    n: int
-    seed: int
-    steps: int
-    guidance: float
-    height: int
-    width: int
-    scheduler: str
-
-    def rows(self) -> list[Row]:
-        return [
-            Row(self.prompt, self.negative_prompt, self.seed + i, self.steps, self.guidance,
-                self.height, self.width, self.scheduler)
-            for i in range(self.n)
-        ]  # fmt: skip
-
-
 def _bad(param: str | None, message: str, code: str = "invalid_value") -> ApiError:
     return ApiError(400, message, param=param, code=code)
 
@@ -100,15 +77,13 @@ def _str(body: dict, name: str, default):
     return v
 
 
-# the first words of a Pipeline.check_inputs message -> the request field it is about
-_PARAM_OF = {"height": "size", "width": "size", "steps": "steps", "guidance": "guidance_scale",
-             "seed": "seed", "unknown scheduler": "scheduler", "batch size": "n"}  # fmt: skip
+# a request field (iap_rt.requests.RequestError.field) -> its name in this API
+_PARAM_OF = {"height": "size", "width": "size", "guidance": "guidance_scale", "batch_size": "n"}
 
 
-def parse(raw: bytes, limits: Limits, rules=None) -> ImageJob:
-    """Parse and validate one request body. ``rules``: a ``Pipeline`` whose ``check_inputs``
-    and defaults apply (the model's size, default scheduler and guidance); None leaves those
-    to Triton."""
+def parse(raw: bytes, limits: Limits, model) -> ResolvedRequest:
+    """Parse one request body and resolve it against ``model`` (a
+    :class:`~iap_rt.modeldir.ModelDir`); the server's limits on top."""
     try:
         body = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -141,14 +116,12 @@ def parse(raw: bytes, limits: Limits, rules=None) -> ImageJob:
         raise _bad("response_format", f"response_format {fmt!r} is not supported: this server "
                    "returns images inline only; use 'b64_json'", "unsupported_value")  # fmt: skip
     _str(body, "model", None), _str(body, "user", None)  # accepted, ignored (one model)
-    steps = _int(body, "steps", DEFAULT_STEPS)
-    if not 1 <= steps <= limits.max_steps:
+    steps = _int(body, "steps", None)
+    if steps is not None and not 1 <= steps <= limits.max_steps:
         raise _bad("steps", f"'steps' must be from 1 to {limits.max_steps} on this server, "
                    f"got {steps}")  # fmt: skip
     guidance = body.get("guidance_scale")
-    if guidance is None:  # the model's default: known here, or left to Triton (NaN)
-        guidance = rules.model.default_guidance if rules is not None else MODEL_GUIDANCE
-    elif (
+    if guidance is not None and (
         isinstance(guidance, bool)
         or not isinstance(guidance, (int, float))
         or not math.isfinite(guidance)  # Python's json reads NaN and Infinity
@@ -159,28 +132,29 @@ def parse(raw: bytes, limits: Limits, rules=None) -> ImageJob:
     seed = _int(body, "seed", None)
     if seed is None:
         seed = secrets.randbelow(2**31)
-    scheduler = _str(body, "scheduler", "")
-    height, width = _size(_str(body, "size", "auto"), rules)
-    if height * width * n > limits.max_pixels:
-        raise _bad("size", f"{n} image(s) of {width}x{height} are {height * width * n} pixels; "
-                   f"this server allows {limits.max_pixels} per request", "too_many_pixels")  # fmt: skip
-    if rules is not None:
-        try:
-            rules.check_inputs(
-                prompt, negative, steps, float(guidance), seed, height or rules.default_size,
-                width or rules.default_size, n, scheduler or rules.model.default_scheduler,
-            )  # fmt: skip
-        except IapRtError as e:
-            param = next((p for k, p in _PARAM_OF.items() if e.message.startswith(k)), None)
-            raise _bad(param, e.message + (f" ({e.fix})" if e.fix else "")) from None
-    return ImageJob(prompt, negative, n, seed, steps, float(guidance), height, width, scheduler)
+    height, width = _size(_str(body, "size", "auto"))
+    request = PromptRequest(prompt, negative, seed, guidance, n, None, steps, height, width,
+                            _str(body, "scheduler", "") or None)  # fmt: skip
+    try:
+        resolved = resolve(model, request)
+    except RequestError as e:
+        param = _PARAM_OF.get(e.field, e.field)
+        raise _bad(param, e.message + (f" ({e.fix})" if e.fix else "")) from None
+    if resolved.steps > limits.max_steps:
+        raise _bad("steps", f"'steps' must be from 1 to {limits.max_steps} on this server, "
+                   f"got {resolved.steps} (the model's default)")  # fmt: skip
+    pixels = resolved.height * resolved.width * n
+    if pixels > limits.max_pixels:
+        raise _bad("size", f"{n} image(s) of {resolved.width}x{resolved.height} are {pixels} "
+                   f"pixels; this server allows {limits.max_pixels} per request",
+                   "too_many_pixels")  # fmt: skip
+    return resolved
 
 
-def _size(size: str, rules) -> tuple[int, int]:
-    """``"WxH"`` -> (height, width); ``"auto"`` -> the model's size (0 when unknown here)."""
+def _size(size: str) -> tuple[int | None, int | None]:
+    """``"WxH"`` -> (height, width); ``"auto"`` -> (None, None): the model's size."""
     if size == "auto":
-        d = rules.default_size if rules is not None else 0
-        return d, d
+        return None, None
     m = re.fullmatch(r"\s*(\d{1,5})\s*[xX×]\s*(\d{1,5})\s*", size)
     if not m:
         raise _bad("size", f"'size' must be \"WIDTHxHEIGHT\" (e.g. \"512x512\") or \"auto\", "
