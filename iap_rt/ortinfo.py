@@ -1,5 +1,6 @@
 """Which ONNX Runtime wheel provides the ``onnxruntime`` module here, its execution
-providers, and what stands between it and a CUDA run, with the command that fixes it.
+providers, what stands between it and a CUDA run, with the command that fixes it, and the
+CUDA library preloading a session needs (the ort backend imports all of this from here).
 
 The CPU wheel ``onnxruntime`` and the GPU wheel ``onnxruntime-gpu`` install the same module,
 so pip lets both be installed at once and the module is whichever came last. iap-rt's base
@@ -15,6 +16,8 @@ import importlib.util
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+from iap_rt.errors import BackendUnavailableError
 
 # the wheels that install the ``onnxruntime`` module (one at a time, please)
 ORT_DISTS = (
@@ -153,10 +156,9 @@ def cuda_start_problem() -> str | None:
     started, else what ONNX Runtime ran it on instead (or its error)."""
     import onnxruntime as ort
 
-    from iap_rt.backends.ort import _preload_cuda_libraries
     from iap_rt.modeldir import ModelDir, default_model_dir
 
-    _preload_cuda_libraries()
+    preload_cuda_libraries()
     path = ModelDir.open(default_model_dir()).network_path("vae_decoder")
     so = ort.SessionOptions()
     so.log_severity_level = 4  # ONNX Runtime logs the failed library load itself: quiet
@@ -172,3 +174,30 @@ def cuda_start_problem() -> str | None:
     if "CUDAExecutionProvider" in session.get_providers():
         return None
     return f"the session fell back to {', '.join(session.get_providers())}"
+
+
+def available_providers() -> list[str]:
+    """The execution providers of the installed ONNX Runtime (raises with the install
+    command when there is none)."""
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise BackendUnavailableError(
+            f"ONNX Runtime is not installed ({e})",
+            fix=f"{CPU_INSTALL}, or on an NVIDIA GPU: {GPU_INSTALL}.",
+        ) from e
+    return list(ort.get_available_providers())
+
+
+def preload_cuda_libraries() -> None:
+    """Load CUDA/cuDNN from the nvidia-* wheels where they are installed (onnxruntime-gpu's
+    ``preload_dlls``, ONNX Runtime >= 1.21): this runtime never imports torch, which would
+    otherwise have loaded them. Missing libraries are reported when a session starts."""
+    import onnxruntime as ort
+
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is not None:
+        try:
+            preload(cuda=True, cudnn=True, msvc=False)
+        except Exception:  # noqa: BLE001 - best effort; _open checks the provider started
+            pass

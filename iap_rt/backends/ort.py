@@ -17,19 +17,8 @@ from iap_rt.errors import (
 )
 from iap_rt.modeldir import REEXPORT, ModelDir
 from iap_rt.onnxsig import read_inputs
-from iap_rt.ortinfo import CPU_INSTALL, GPU_INSTALL
+from iap_rt.ortinfo import GPU_INSTALL, available_providers, preload_cuda_libraries
 from iap_rt.specs import NETWORKS, ModelDims, NetworkSpec
-
-
-def available_providers() -> list[str]:
-    try:
-        import onnxruntime as ort
-    except ImportError as e:
-        raise BackendUnavailableError(
-            f"ONNX Runtime is not installed ({e})",
-            fix=f"{CPU_INSTALL}, or on an NVIDIA GPU: {GPU_INSTALL}.",
-        ) from e
-    return list(ort.get_available_providers())
 
 
 class OrtRunner:
@@ -193,20 +182,6 @@ class _Bound:
         return {name: np.array(v.numpy(), copy=True) for name, v in self.outputs.items()}
 
 
-def _preload_cuda_libraries() -> None:
-    """Load CUDA/cuDNN from the nvidia-* wheels where they are installed (onnxruntime-gpu's
-    ``preload_dlls``, ONNX Runtime >= 1.21): this runtime never imports torch, which would
-    otherwise have loaded them. Missing libraries are reported when a session starts."""
-    import onnxruntime as ort
-
-    preload = getattr(ort, "preload_dlls", None)
-    if preload is not None:
-        try:
-            preload(cuda=True, cudnn=True, msvc=False)
-        except Exception:  # noqa: BLE001 - best effort; _open checks the provider started
-            pass
-
-
 def _fmt(d: dict) -> str:
     return "{" + ", ".join(f"{k}: {getattr(v, 'name', v)}" for k, v in d.items()) + "}"
 
@@ -245,7 +220,7 @@ class OrtBackend(Backend):
                 fix=f"{GPU_INSTALL} and use device='cuda', or turn cuda_graph off.",
             )
         if device == "cuda":
-            _preload_cuda_libraries()
+            preload_cuda_libraries()
         self._device = device
         self.threads = threads
         self.cuda_graph, self.device_id = cuda_graph, device_id
