@@ -100,10 +100,10 @@ def write_rows(path: Path, images: list[str], n: int, fmt: str = "jsonl") -> Pat
 
 
 def toy_models() -> tuple[Path, Path]:
-    from iap_rt.train.toy.base import shipped_base_dir
+    """The embedded default model's PyTorch sources: the toy English base and Chinese encoder."""
+    from iap_rt.modeldir import default_model_sources
 
-    base = shipped_base_dir()
-    return base, base.parent / "toy_encoder"
+    return default_model_sources()
 
 
 def tiny_models(work: Path) -> tuple[Path, Path]:
@@ -132,7 +132,7 @@ def throughput(args, argv) -> None:
     base, enc = models(args.arch, work)
     data = work / f"{args.arch}-data"
     if args.arch == "toy":  # the toy world's own images and captions
-        from iap_rt.train.toy.data import write_dataset
+        from iap_rt.train.toy2.data import write_dataset
 
         if not (data / "train.jsonl").is_file():
             write_dataset(data, n=a["rows"], n_test=8)

@@ -35,8 +35,6 @@ def run_without_torch(tmp_path, *args):
             "train",
         ),
         (["export", "--base", "sd", "--encoder", "enc", "--out", "model"], "export"),
-        (["toy", "base", "--data", "data", "--out", "base"], "train"),
-        (["toy", "checker", "--out", "checker.safetensors"], "train"),
         (["toy2", "base", "--data", "data", "--out", "base"], "train"),
     ],
 )

@@ -66,7 +66,7 @@ def test_one_object_flat_images_are_v1_images():
     for i, combo in enumerate(sc.one_object_combos()[::7]):
         (c, s) = combo[1]
         a = sc.make_image(combo, np.random.default_rng([5, i]))
-        b = v1.make_image(c, s, combo[0], np.random.default_rng([5, i]))
+        b = v1.render(v1.draw_sample(c, s, combo[0], np.random.default_rng([5, i])))
         assert np.array_equal(a, b)
 
 

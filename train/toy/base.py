@@ -538,9 +538,9 @@ def train_base(
     return out
 
 
-def shipped_base_dir(name: str = "toy_base", command: str = "toy") -> Path:
-    """A toy English base shipped as package data: ``toy_base`` (world v1, what the default model
-    was made from) or ``toy2_base`` (world v2, ``command`` = ``toy2``)."""
+def shipped_base_dir(name: str, command: str) -> Path:
+    """A toy English base shipped as package data (``iap_rt/data/NAME``); ``command``: the
+    ``iap-rt`` command group whose ``base`` command trains one."""
     from importlib import resources
 
     path = Path(str(resources.files("iap_rt") / "data" / name))

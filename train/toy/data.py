@@ -13,16 +13,8 @@ English and Chinese captions are written independently from the attributes, each
 own templates, synonyms and word order (Chinese mostly puts the position first, English
 last), so neither language is a word-for-word translation of the other.
 
-:func:`write_dataset` writes (``iap-rt toy data``)::
-
-    images/000000.png ...     32x32 RGB PNGs
-    train.jsonl               training combinations only (what `iap-rt toy base` reads)
-    train_10pct.jsonl ...     nested fraction subsets of train.jsonl (1%, 3%, 10%) for transfer
-    test.jsonl                images of held-out combinations (validation / checker tests)
-    meta.json                 attributes, held-out combinations, seed, counts
-
-Each JSONL row: ``{"image", "zh", "en", "colour", "shape", "position", "split"}`` with the
-image path relative to the JSONL file (what ``iap-rt train --data`` reads).
+What world v2 (:mod:`iap_rt.train.toy2`) takes from here: the attributes, their colours and
+geometry, one shape's drawing, the one-object captions and the held-out combinations.
 
 numpy + PIL only (no torch).
 """
@@ -38,17 +30,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from iap_rt.fileio import ensure_dir, write_json_atomic, write_text_atomic
-
 SHAPES = ("circle", "square", "triangle", "cross")
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
 POSITIONS = ("left", "right", "top", "bottom", "centre")
-ATTRIBUTES = ("colour", "shape", "position")
 
 IMAGE_SIZE = 32
 SUPERSAMPLE = 4  # shapes are drawn at 4x and box-filtered down (anti-aliased edges)
-FRACTIONS = (0.01, 0.03, 0.10)
-DATA_VERSION = 1
 
 # Base RGB of each colour; every image jitters each channel by up to +-COLOUR_JITTER.
 RGB = {
@@ -162,11 +149,6 @@ def heldout_combos(split_seed: int = 0) -> list[tuple[str, str, str]]:
     pos = [POSITIONS[i] for i in rng.permutation(len(POSITIONS))]
     out = [(c, s, pos[(cr[c] + sr[s]) % len(POSITIONS)]) for c in COLOURS for s in SHAPES]
     return sorted(out, key=all_combos().index)
-
-
-def train_combos(split_seed: int = 0) -> list[tuple[str, str, str]]:
-    held = set(heldout_combos(split_seed))
-    return [c for c in all_combos() if c not in held]
 
 
 def _a(word: str) -> str:
@@ -288,94 +270,12 @@ def render(s: Sample, size: int = IMAGE_SIZE) -> np.ndarray:
     return np.asarray(big.resize((size, size), Image.BOX), dtype=np.uint8)
 
 
-def make_image(
-    colour: str, shape: str, position: str, rng: np.random.Generator, size: int = IMAGE_SIZE
-) -> np.ndarray:
-    return render(draw_sample(colour, shape, position, rng), size)
-
-
 def balanced_combos(combos: list, n: int, rng: np.random.Generator) -> list:
     """``n`` combinations: consecutive shuffled rounds of ``combos`` (every prefix balanced)."""
     out: list = []
     while len(out) < n:
         out.extend(combos[i] for i in rng.permutation(len(combos)))
     return out[:n]
-
-
-def sample_rows(
-    combos: list, n: int, seed: int, stream: int, size: int = IMAGE_SIZE
-) -> list[tuple[dict, np.ndarray]]:
-    """``n`` (row, image) pairs; sample ``i`` depends only on (seed, stream, i) and its combo."""
-    order = balanced_combos(combos, n, np.random.default_rng([seed, stream, 0]))
-    out = []
-    for i, (colour, shape, position) in enumerate(order):
-        rng = np.random.default_rng([seed, stream, 1, i])
-        img = make_image(colour, shape, position, rng, size)
-        row = {
-            "en": caption_en(colour, shape, position, rng),
-            "zh": caption_zh(colour, shape, position, rng),
-            "colour": colour,
-            "shape": shape,
-            "position": position,
-        }
-        out.append((row, img))
-    return out
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-
-
-def fraction_name(fraction: float) -> str:
-    return f"train_{round(fraction * 100):d}pct.jsonl"
-
-
-def write_dataset(
-    out: str | os.PathLike,
-    n: int = 20000,
-    seed: int = 0,
-    split_seed: int = 0,
-    n_test: int | None = None,
-    size: int = IMAGE_SIZE,
-    fractions: tuple[float, ...] = FRACTIONS,
-) -> dict:
-    """Write the toy dataset to ``out`` (layout in the module docstring); returns meta.json."""
-    out = ensure_dir(out)
-    img_dir = ensure_dir(out / "images")
-    n_test = n // 10 if n_test is None else n_test
-    splits = {
-        "train": sample_rows(train_combos(split_seed), n, seed, 0, size),
-        "test": sample_rows(heldout_combos(split_seed), n_test, seed, 1, size),
-    }
-    rows_by_split: dict[str, list[dict]] = {}
-    for split, pairs in splits.items():
-        rows = []
-        for i, (row, img) in enumerate(pairs):
-            rel = f"images/{split}_{i:06d}.png"
-            Image.fromarray(img).save(img_dir / f"{split}_{i:06d}.png", optimize=False)
-            rows.append({"image": rel, **row, "split": split})
-        rows_by_split[split] = rows
-        _write_jsonl(out / f"{split}.jsonl", rows)
-    subsets = {}
-    for f in fractions:
-        k = max(1, round(f * n))
-        _write_jsonl(out / fraction_name(f), rows_by_split["train"][:k])
-        subsets[fraction_name(f)] = k
-    meta = {
-        "version": DATA_VERSION,
-        "seed": seed,
-        "split_seed": split_seed,
-        "image_size": size,
-        "n_train": n,
-        "n_test": n_test,
-        "subsets": subsets,
-        "attributes": {"colour": COLOURS, "shape": SHAPES, "position": POSITIONS},
-        "heldout": [list(c) for c in heldout_combos(split_seed)],
-        "en_vocabulary": en_vocabulary(),
-        "zh_characters": zh_characters(),
-    }
-    write_json_atomic(out / "meta.json", meta)
-    return meta
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
