@@ -46,7 +46,7 @@ def encode(tok, enc, caption: str) -> tuple[np.ndarray, list[str]]:
 
 def samples(tok, enc, combos, n: int, rng) -> dict[str, list]:
     """Probe rows from ``n`` random captions of ``combos``."""
-    from iap_rt.train.toy import data as v1
+    from iap_rt.train.toy import shapes as v1
     from iap_rt.train.toy2 import captions
 
     out: dict[str, list] = {"slot_x": [], "slot_y": [], "second": [], "red": [], "rel_x": [],

@@ -79,7 +79,7 @@ def _export(base: Path, encoder: Path) -> None:
 
 def _run(base: Path, ev: dict) -> dict:
     """Chinese (runtime) and English (diffusers) on the same held-out items and noise."""
-    from iap_rt.train.toy.evaluate import diffusers_generator
+    from iap_rt.train.toy.sampling import diffusers_generator
     from iap_rt.train.toy2.evaluate import agreement, evaluate, runtime_generator, select_combos
 
     combos = select_combos(ev["combos"], "all", limit=ev["max_combos"])
@@ -109,7 +109,7 @@ def _grid(base: Path) -> list[dict]:
     import numpy as np
     from PIL import Image
 
-    from iap_rt.train.toy.evaluate import diffusers_generator, grid
+    from iap_rt.train.toy.sampling import diffusers_generator, grid
     from iap_rt.train.toy2.evaluate import eval_items, runtime_generator, select_combos
 
     combos = select_combos("heldout", "two", limit=GRID_COMBOS)

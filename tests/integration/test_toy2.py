@@ -32,7 +32,7 @@ def world(tmp_path_factory):
 
 def test_base_reads_two_object_captions_and_samples(world):
     from iap_rt.train.toy.base import load_tokenizer
-    from iap_rt.train.toy.evaluate import diffusers_generator
+    from iap_rt.train.toy.sampling import diffusers_generator
     from iap_rt.train.toy2.evaluate import evaluate, select_combos
 
     _, base = world

@@ -11,7 +11,7 @@ import re
 
 import numpy as np
 
-from iap_rt.train.toy import data as v1
+from iap_rt.train.toy import shapes as v1
 from iap_rt.train.toy2 import captions as cap
 from iap_rt.train.toy2 import scenes as sc
 from iap_rt.train.toy2.base import MAX_LENGTH

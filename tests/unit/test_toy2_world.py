@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from iap_rt.train.toy import data as v1
+from iap_rt.train.toy import shapes as v1
 from iap_rt.train.toy2 import data as d
 from iap_rt.train.toy2 import scenes as sc
 

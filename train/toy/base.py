@@ -45,7 +45,7 @@ from pathlib import Path
 
 from iap_rt.errors import ArtifactNotFoundError, InputError
 from iap_rt.fileio import ensure_dir, write_json_atomic, write_text_atomic
-from iap_rt.train.toy import data as toydata
+from iap_rt.train.toy import shapes as toydata
 
 log = logging.getLogger(__name__)
 

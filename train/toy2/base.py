@@ -115,7 +115,7 @@ def evaluate_base(
     threads: int = 2,
 ) -> dict:
     """Held-out English scores of a v2 base (diffusers sampling, v2 checker); ``out``: JSON."""
-    from iap_rt.train.toy.evaluate import diffusers_generator
+    from iap_rt.train.toy.sampling import diffusers_generator
     from iap_rt.train.toy2.evaluate import evaluate, select_combos
 
     base = Path(base)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from iap_rt.train.toy import data as v1
+from iap_rt.train.toy import shapes as v1
 from iap_rt.train.toy2.scenes import n_objects
 
 # relation of the first-named object to the second, per axis and order of naming

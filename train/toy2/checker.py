@@ -10,7 +10,7 @@ its canonical form (:mod:`iap_rt.train.toy2.scenes`):
 so "which object is where" is part of the answer, not a post-hoc rule. Trained on freshly
 drawn synthetic images of *all* combos (held-out ones too: the checker is a measuring
 instrument, not a model under test), in both styles, with v1's augmentations that imitate
-what a diffusion sampler gets wrong (:func:`iap_rt.train.toy.checker.degrade`).
+what a diffusion sampler gets wrong (:func:`iap_rt.train.toy.checker_blocks.degrade`).
 
 Inference is plain numpy (v1's safetensors reader and conv helpers), so ``iap-rt toy2 eval``
 can check images of the torch-free runtime; :func:`train_checker` imports torch inside.
@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from iap_rt.errors import ArtifactNotFoundError
-from iap_rt.train.toy.checker import _conv3x3_relu, _maxpool2, degrade, read_safetensors
+from iap_rt.train.toy.checker_blocks import _conv3x3_relu, _maxpool2, degrade, read_safetensors
 from iap_rt.train.toy2 import scenes
 
 HEADS = {

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from iap_rt.errors import ArtifactNotFoundError, InputError
 from iap_rt.fileio import write_json_atomic
-from iap_rt.train.toy import transfer as v1t
+from iap_rt.train.toy import workdir as v1t
 from iap_rt.train.toy2 import transfer as t2
 from iap_rt.train.toy2.report import base_used, fraction_value
 

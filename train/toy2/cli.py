@@ -158,7 +158,7 @@ def eval_cmd(
                 "a diffusers base directory has only the English text encoder: use --lang en"
             )
         require("train", "toy2 eval (of a diffusers base)")
-        from iap_rt.train.toy.evaluate import diffusers_generator
+        from iap_rt.train.toy.sampling import diffusers_generator
 
         generate = diffusers_generator(model, steps=steps, guidance=guidance)
     elif (model / "manifest.json").is_file():
@@ -183,7 +183,7 @@ def eval_cmd(
     if grid:
         from PIL import Image
 
-        from iap_rt.train.toy.evaluate import grid as make_grid
+        from iap_rt.train.toy.sampling import grid as make_grid
 
         Image.fromarray(make_grid(images, cols=16)).save(grid)
     if as_json:

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from iap_rt.fileio import ensure_dir, write_json_atomic
-from iap_rt.train.toy import transfer as v1t
+from iap_rt.train.toy import workdir as v1t
 from iap_rt.train.toy2 import transfer as t2
 from iap_rt.train.toy2.report import base_used
 

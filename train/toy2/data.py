@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from iap_rt.fileio import ensure_dir, write_json_atomic, write_text_atomic
-from iap_rt.train.toy import data as v1
+from iap_rt.train.toy import shapes as v1
 from iap_rt.train.toy2 import captions, scenes
 
 DATA_VERSION = 2

@@ -1,7 +1,7 @@
 """Toy world v2 evaluation: generate for held-out combos and score what the checker sees.
 
 Image generation is v1's swappable ``(prompts, seeds) -> (N, 32, 32, 3) uint8`` function
-(:func:`iap_rt.train.toy.evaluate.diffusers_generator` for a diffusers base and English
+(:func:`iap_rt.train.toy.sampling.diffusers_generator` for a diffusers base and English
 prompts; :func:`runtime_generator` here for exported model directories: the torch-free
 runtime with several prompts per UNet batch, each image identical to it generated alone).
 
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from iap_rt.errors import InputError
-from iap_rt.train.toy.evaluate import EVAL_SEED, GenerateFn
+from iap_rt.train.toy.sampling import EVAL_SEED, GenerateFn
 from iap_rt.train.toy2 import captions, scenes
 from iap_rt.train.toy2.checker import Checker
 

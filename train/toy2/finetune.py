@@ -188,7 +188,7 @@ def plugin_eval(
     the budget)."""
     import numpy as np
 
-    from iap_rt.train.toy.evaluate import diffusers_generator
+    from iap_rt.train.toy.sampling import diffusers_generator
     from iap_rt.train.toy2 import transfer as t2
     from iap_rt.train.toy2.evaluate import dark_fraction, evaluate
     from iap_rt.train.toy2.report import base_used

@@ -4,7 +4,7 @@ A scene is described by a *combo*, a hashable tuple ``(layout, *objects)`` with 
 ``(colour, shape)``:
 
 - one object: ``("left", ("red", "circle"))``; layout is the v1 position (left, right, top,
-  bottom, centre) and the geometry is exactly toy world v1's (:mod:`iap_rt.train.toy.data`);
+  bottom, centre) and the geometry is exactly toy world v1's (:mod:`iap_rt.train.toy.shapes`);
 - two objects: ``("h", A, B)`` = A to the left of B, ``("v", A, B)`` = A above B. The two
   objects always differ in colour. ``A`` is the left (top) one, so the combo is the same
   whichever object a caption names first ("A left of B" = "B right of A").
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from iap_rt.train.toy import data as v1
+from iap_rt.train.toy import shapes as v1
 
 COLOURS, SHAPES, POSITIONS = v1.COLOURS, v1.SHAPES, v1.POSITIONS
 AXES = ("h", "v")

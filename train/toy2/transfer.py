@@ -32,7 +32,7 @@ from pathlib import Path
 
 from iap_rt.errors import ArtifactNotFoundError, InputError
 from iap_rt.fileio import write_json_atomic, write_text_atomic
-from iap_rt.train.toy import transfer as v1t
+from iap_rt.train.toy import workdir as v1t
 from iap_rt.train.toy2.report import aggregate, fraction_value
 
 OBJECTIVES = ("pivot", "full", "embed", "denoise")
@@ -184,7 +184,7 @@ def english_reference(base: Path, work: Path, ev: dict) -> dict:
     checker's reading of each, for agreement)."""
     import numpy as np
 
-    from iap_rt.train.toy.evaluate import diffusers_generator
+    from iap_rt.train.toy.sampling import diffusers_generator
     from iap_rt.train.toy2.evaluate import dark_fraction, evaluate
 
     js, npz = work / "english.json", work / "english.npz"

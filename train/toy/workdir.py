@@ -56,7 +56,7 @@ def _run_workers(
     work: Path,
     jobs: int,
     log,
-    module: str = "iap_rt.train.toy.transfer",
+    module: str,
     on_done=None,
 ) -> None:
     """Run ``python -m MODULE MODE SPEC`` for every ``(mode, name, spec, result)`` whose result
