@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Toy world v2, end to end: every stage is one `iap-rt toy2` command, resumable, and this
+# Toy world v2, end to end: every stage is one `iap-rt toy` command, resumable, and this
 # script only chains them with the paths the committed results were made with.
 #
 #   bash bench/toy2_pipeline.sh STAGE...     stages: data base grid curves plugin (in order;
@@ -19,29 +19,29 @@ for stage in "$@"; do
   echo "== $stage $(date -u +%FT%TZ)"
   case $stage in
     data)
-      [ -f "$TOY2/data/meta.json" ] || iap-rt toy2 data --out "$TOY2/data"
-      [ -f "$TOY2/outline/meta.json" ] || iap-rt toy2 data --out "$TOY2/outline" --n 8000 --style outline ;;
+      [ -f "$TOY2/data/meta.json" ] || iap-rt toy data --out "$TOY2/data"
+      [ -f "$TOY2/outline/meta.json" ] || iap-rt toy data --out "$TOY2/outline" --n 8000 --style outline ;;
     base)
       # retrains the committed base (iap_rt/data/toy2_base: 90 CPU-min at one thread; the
       # learning rate cools down over the last 30 % of that budget, so resume with the same
       # one); compare $TOY2/base_eval.json with bench/results/toy2_base.json, and run the later
       # stages on it with BASE=$TOY2/base
-      iap-rt toy2 base --data "$TOY2/data" --out "$TOY2/base" --minutes 90 --threads 1
+      iap-rt toy base --data "$TOY2/data" --out "$TOY2/base" --minutes 90 --threads 1
       [ -f "$TOY2/base_eval.json" ] ||
-        iap-rt toy2 base-eval --base "$TOY2/base" --out "$TOY2/base_eval.json" ;;
+        iap-rt toy base-eval --base "$TOY2/base" --out "$TOY2/base_eval.json" ;;
     grid)
-      iap-rt toy2 transfer --data "$TOY2/data" --base "$BASE" --work "$WORK" \
+      iap-rt toy transfer --data "$TOY2/data" --base "$BASE" --work "$WORK" \
         --budget-s "$BUDGET_S" --jobs 2 ;;
     curves)
-      iap-rt toy2 curves --data "$TOY2/data" --base "$BASE" --work "$WORK" \
+      iap-rt toy curves --data "$TOY2/data" --base "$BASE" --work "$WORK" \
         --budget-s "$BUDGET_S" --jobs 2 ;;
     plugin)
       [ -f "$WORK/outline_base/toy_finetune.json" ] ||
-        iap-rt toy2 finetune --base "$BASE" --data "$TOY2/outline" --out "$WORK/outline_base" --minutes 20
-      iap-rt toy2 plugin --finetuned "$WORK/outline_base" --work "$WORK" --source curves \
+        iap-rt toy finetune --base "$BASE" --data "$TOY2/outline" --out "$WORK/outline_base" --minutes 20
+      iap-rt toy plugin --finetuned "$WORK/outline_base" --work "$WORK" --source curves \
         --out bench/results/toy2_plugin_curves.json
       if [ -d "$WORK/runs/10pct_s0_pivot/chinese_encoder" ]; then  # the grid ran in $WORK
-        iap-rt toy2 plugin --finetuned "$WORK/outline_base" --work "$WORK"
+        iap-rt toy plugin --finetuned "$WORK/outline_base" --work "$WORK"
       else
         echo "no grid in $WORK: the grid-source plug-in run (toy2_plugin.json) is skipped"
       fi ;;

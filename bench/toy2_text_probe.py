@@ -46,8 +46,8 @@ def encode(tok, enc, caption: str) -> tuple[np.ndarray, list[str]]:
 
 def samples(tok, enc, combos, n: int, rng) -> dict[str, list]:
     """Probe rows from ``n`` random captions of ``combos``."""
+    from iap_rt.train.toy import captions
     from iap_rt.train.toy import shapes as v1
-    from iap_rt.train.toy2 import captions
 
     out: dict[str, list] = {"slot_x": [], "slot_y": [], "second": [], "red": [], "rel_x": [],
                             "rel_y": []}  # fmt: skip
@@ -92,7 +92,7 @@ def main() -> None:
     from transformers import CLIPTextModel, CLIPTokenizer
 
     from iap_rt.fileio import write_json_atomic
-    from iap_rt.train.toy2 import scenes
+    from iap_rt.train.toy import scenes
 
     torch.set_num_threads(1)
     tok = CLIPTokenizer.from_pretrained(args.base, subfolder="tokenizer")

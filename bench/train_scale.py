@@ -132,7 +132,7 @@ def throughput(args, argv) -> None:
     base, enc = models(args.arch, work)
     data = work / f"{args.arch}-data"
     if args.arch == "toy":  # the toy world's own images and captions
-        from iap_rt.train.toy2.data import write_dataset
+        from iap_rt.train.toy.data import write_dataset
 
         if not (data / "train.jsonl").is_file():
             write_dataset(data, n=a["rows"], n_test=8)

@@ -34,7 +34,7 @@ DEST = DATA / "default_model"
 RESULT = ROOT / "bench" / "results" / "toy_default_eval.json"
 GRID = ROOT / "docs" / "toy_grid.png"
 MODEL_ID = "toy2-zh-pivot"  # "toy*": `iap-rt bench --arch toy` benchmarks the embedded model
-# the CI subset (tests/unit/test_default_model_accuracy.py re-runs it with `iap-rt toy2 eval`):
+# the CI subset (tests/unit/test_default_model_accuracy.py re-runs it with `iap-rt toy eval`):
 # that many held-out combos of each kind, evenly spread
 CI_EVAL = {"combos": "heldout", "max_combos": 12, "seeds": 2, "steps": 25, "guidance": 3.0}
 CI_MARGIN = 0.10  # the test fails below a committed figure - margin
@@ -79,8 +79,13 @@ def _export(base: Path, encoder: Path) -> None:
 
 def _run(base: Path, ev: dict) -> dict:
     """Chinese (runtime) and English (diffusers) on the same held-out items and noise."""
-    from iap_rt.train.toy.sampling import diffusers_generator
-    from iap_rt.train.toy2.evaluate import agreement, evaluate, runtime_generator, select_combos
+    from iap_rt.train.toy.evaluate import (
+        agreement,
+        diffusers_generator,
+        evaluate,
+        runtime_generator,
+        select_combos,
+    )
 
     combos = select_combos(ev["combos"], "all", limit=ev["max_combos"])
     kw = dict(steps=ev["steps"], guidance=ev["guidance"])
@@ -109,8 +114,13 @@ def _grid(base: Path) -> list[dict]:
     import numpy as np
     from PIL import Image
 
-    from iap_rt.train.toy.sampling import diffusers_generator, grid
-    from iap_rt.train.toy2.evaluate import eval_items, runtime_generator, select_combos
+    from iap_rt.train.toy.evaluate import (
+        diffusers_generator,
+        eval_items,
+        grid,
+        runtime_generator,
+        select_combos,
+    )
 
     combos = select_combos("heldout", "two", limit=GRID_COMBOS)
     en_items, zh_items = eval_items("en", combos, 1), eval_items("zh", combos, 1)
@@ -129,7 +139,7 @@ def main() -> int:
     base_dest, encoder_dest = default_model_sources()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--base", type=Path, default=base_dest,
-                    help=f"toy2 English base (iap-rt toy2 base --out) [{base_dest}]")  # fmt: skip
+                    help=f"toy English base (iap-rt toy base --out) [{base_dest}]")  # fmt: skip
     ap.add_argument("--encoder", required=True, type=Path, help="chinese_encoder/ of a pivot run")
     a = ap.parse_args()
     _copy(a.base, base_dest)

@@ -35,7 +35,8 @@ def run_without_torch(tmp_path, *args):
             "train",
         ),
         (["export", "--base", "sd", "--encoder", "enc", "--out", "model"], "export"),
-        (["toy2", "base", "--data", "data", "--out", "base"], "train"),
+        (["toy", "base", "--data", "data", "--out", "base"], "train"),
+        (["toy", "checker", "--out", "checker.safetensors"], "train"),
     ],
 )
 def test_stage_without_torch_names_the_extra(tmp_path, args, extra):

@@ -13,7 +13,7 @@ English and Chinese captions are written independently from the attributes, each
 own templates, synonyms and word order (Chinese mostly puts the position first, English
 last), so neither language is a word-for-word translation of the other.
 
-What world v2 (:mod:`iap_rt.train.toy2`) takes from here: the attributes, their colours and
+What world v2 (:mod:`iap_rt.train.toy`) takes from here: the attributes, their colours and
 geometry, one shape's drawing, the one-object captions and the held-out combinations.
 
 numpy + PIL only (no torch).

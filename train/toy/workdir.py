@@ -1,57 +1,26 @@
-"""Pieces of the transfer experiments that world v2 (:mod:`iap_rt.train.toy2.transfer`) uses:
-a small BERT config for a fresh Chinese encoder, an in-process ``iap-rt export``, and the
-worker pool that runs cells as one-thread subprocesses.
+"""Work directories of the toy experiments (transfer grid, claim, curves, plug-in runs): the
+worker pool that fills them, resumably, and the record of what they belong to.
+
+A work dir holds results against one English base (and its plug-in part against one fine-tuned
+UNet): the first use records the base's weights fingerprint, later uses with other weights are
+refused, so cells, English references and caches never mix silently.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from iap_rt.errors import ArtifactNotFoundError, InputError
 from iap_rt.fileio import write_json_atomic
 
-SPECIAL = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
-
-def encoder_config(vocab_size: int, width: int, layers: int = 2, max_positions: int = 32) -> dict:
-    """A small BERT config (hidden size = the UNet's cross-attention width: no projection)."""
-    return {
-        "model_type": "bert",
-        "architectures": ["BertModel"],
-        "vocab_size": vocab_size,
-        "hidden_size": width,
-        "num_hidden_layers": layers,
-        "num_attention_heads": max(1, width // 32),
-        "intermediate_size": 4 * width,
-        "max_position_embeddings": max_positions,
-        "type_vocab_size": 2,
-        "hidden_act": "gelu",
-        "hidden_dropout_prob": 0.0,
-        "attention_probs_dropout_prob": 0.0,
-        "layer_norm_eps": 1e-12,
-        "pad_token_id": 0,
-    }
-
-
-def export(base: Path, encoder: Path, out: Path, like: Path | None = None) -> None:
-    """``iap-rt export --engines none`` in-process. ``like``: an exported directory of the same
-    base to start from (its UNet and VAE are unchanged, so only the text encoder is exported)."""
-    import dataclasses
-    import shutil
-
-    from iap_rt.export.config import resolve_export_config
-    from iap_rt.export.stage import run_export
-
-    if like is not None and not out.exists():
-        shutil.copytree(like, out)
-    cfg = resolve_export_config(None, base=str(base), encoder=str(encoder), out=str(out))
-    run_export(dataclasses.replace(cfg, engines="none"), echo=lambda m: None)
-
-
-def _run_workers(
+def run_workers(
     tasks: list[tuple[str, str, dict, Path]],
     work: Path,
     jobs: int,
@@ -87,3 +56,52 @@ def _run_workers(
                 log(f"finished {name}")
                 if on_done is not None:
                     on_done(name)
+
+
+def base_fingerprint(base: Path) -> str:
+    """sha256 over the base's UNet and text-encoder weights: what a work dir's results depend
+    on (the committed base's *path* stays the same when it is retrained)."""
+    h = hashlib.sha256()
+    files = sorted((Path(base) / "unet").glob("*.safetensors"))
+    files += sorted((Path(base) / "text_encoder").glob("*.safetensors"))
+    if not files:
+        raise ArtifactNotFoundError(f"{base}: no unet/ or text_encoder/ safetensors weights")
+    for f in files:
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
+def pin_record(
+    own: Path, record: dict, *, key: str | None, refuse: str, unpinned: Path, legacy: str
+) -> None:
+    """Work files that belong to one producer (a base, a fine-tune): write ``record`` to ``own``
+    on first use; later calls must bring the same record (or the same ``record[key]``), else
+    :class:`InputError` ``refuse``. ``unpinned`` is a file only results write: present without
+    ``own``, the results predate pinning and are refused with ``legacy``."""
+    own = Path(own)
+    if not own.is_file():
+        if Path(unpinned).is_file():
+            raise InputError(legacy)
+        write_json_atomic(own, record)
+        return
+    held = json.loads(own.read_text("utf-8"))
+    if (held.get(key) if key else held) != (record[key] if key else record):
+        raise InputError(refuse)
+
+
+def check_same_base(work: Path, base: Path) -> str:
+    """A work dir holds results against one base: record its fingerprint on first use and
+    refuse another base (cells, English reference and caches would silently mix). Returns
+    the base's fingerprint."""
+    own, fp = Path(work) / "base.json", base_fingerprint(Path(base))
+    pin_record(
+        own,
+        {"base": str(base), "sha256": fp},
+        key="sha256",
+        unpinned=Path(work) / "english.json",
+        refuse=f"{work} holds results made with another base than {base} (weights differ from "
+        f"{own}); use a fresh --work for this base",
+        legacy=f"{work} holds results made before work dirs recorded their base; use a fresh "
+        f"--work, or write {own} with the base's fingerprint if you know which base made them",
+    )
+    return fp

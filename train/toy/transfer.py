@@ -1,4 +1,4 @@
-"""The toy v2 transfer grid (``iap-rt toy2 transfer``): a fresh Chinese encoder per cell.
+"""The toy v2 transfer grid (``iap-rt toy transfer``): a fresh Chinese encoder per cell.
 
 Cells: objective (``pivot``, ``full``, ``embed``, ``denoise``) x data fraction (1, 5, 10 %) x
 seed, each with the same CPU-time budget; ``denoise`` also on 100 % of the triples with
@@ -32,8 +32,8 @@ from pathlib import Path
 
 from iap_rt.errors import ArtifactNotFoundError, InputError
 from iap_rt.fileio import write_json_atomic, write_text_atomic
-from iap_rt.train.toy import workdir as v1t
-from iap_rt.train.toy2.report import aggregate, fraction_value
+from iap_rt.train.toy.report import aggregate, fraction_value
+from iap_rt.train.toy.workdir import check_same_base, run_workers
 
 OBJECTIVES = ("pivot", "full", "embed", "denoise")
 # the old position-wise text distillation, at 10 % only: is the new `embed` better? (issue 14.5)
@@ -43,7 +43,28 @@ LONG_FRACTION, LONG_OBJECTIVE, LONG_FACTOR = "100pct", "denoise", 5
 CURVE_POINTS = 5  # checkpoints kept by the long runs
 ZH_MAX_LENGTH = 40  # 2 x the English 20: the English token set can be matched exactly
 LR = 1e-3
-MODULE = "iap_rt.train.toy2.transfer"
+SPECIAL = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # the WordPiece special tokens
+MODULE = "iap_rt.train.toy.transfer"
+
+
+def encoder_config(vocab_size: int, width: int, layers: int = 2, max_positions: int = 32) -> dict:
+    """A small BERT config (hidden size = the UNet's cross-attention width: no projection)."""
+    return {
+        "model_type": "bert",
+        "architectures": ["BertModel"],
+        "vocab_size": vocab_size,
+        "hidden_size": width,
+        "num_hidden_layers": layers,
+        "num_attention_heads": max(1, width // 32),
+        "intermediate_size": 4 * width,
+        "max_position_embeddings": max_positions,
+        "type_vocab_size": 2,
+        "hidden_act": "gelu",
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+        "layer_norm_eps": 1e-12,
+        "pad_token_id": 0,
+    }
 
 
 def default_eval() -> dict:
@@ -54,7 +75,7 @@ def default_eval() -> dict:
 
 
 def eval_combos(ev: dict) -> list[tuple]:
-    from iap_rt.train.toy2.evaluate import select_combos
+    from iap_rt.train.toy.evaluate import select_combos
 
     return select_combos("heldout", "all", limit=ev.get("max_combos"))
 
@@ -69,13 +90,28 @@ def build_init_encoder(data: Path, base: Path, out: Path, seed: int) -> Path:
 
     chars = json.loads((data / "meta.json").read_text("utf-8"))["zh_characters"]
     out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "vocab.txt", "\n".join([*v1t.SPECIAL, *chars]) + "\n")
+    write_text_atomic(out / "vocab.txt", "\n".join([*SPECIAL, *chars]) + "\n")
     tok = build_wordpiece_tokenizer(out / "vocab.txt")
     width = json.loads((base / "unet" / "config.json").read_text())["cross_attention_dim"]
     torch.manual_seed(seed)
-    cfg = BertConfig(**v1t.encoder_config(len(v1t.SPECIAL) + len(chars), width, 2, ZH_MAX_LENGTH))
+    cfg = BertConfig(**encoder_config(len(SPECIAL) + len(chars), width, 2, ZH_MAX_LENGTH))
     ChineseTextEncoder(cfg, None, max_length=ZH_MAX_LENGTH).save(out, tokenizer=tok)
     return out
+
+
+def export_model(base: Path, encoder: Path, out: Path, like: Path | None = None) -> None:
+    """``iap-rt export --engines none`` in-process. ``like``: an exported directory of the same
+    base to start from (its UNet and VAE are unchanged, so only the text encoder is exported)."""
+    import dataclasses
+    import shutil
+
+    from iap_rt.export.config import resolve_export_config
+    from iap_rt.export.stage import run_export
+
+    if like is not None and not out.exists():
+        shutil.copytree(like, out)
+    cfg = resolve_export_config(None, base=str(base), encoder=str(encoder), out=str(out))
+    run_export(dataclasses.replace(cfg, engines="none"), echo=lambda m: None)
 
 
 def train_run(spec: dict, out: Path, steps: int, data_file: Path, checkpoints: int = 0) -> dict:
@@ -128,64 +164,12 @@ def cell_name(spec: dict) -> str:
     return f"{spec['fraction']}_s{spec['seed']}_{spec['objective']}" + spec.get("tag", "")
 
 
-def base_fingerprint(base: Path) -> str:
-    """sha256 over the base's UNet and text-encoder weights: what a work dir's results depend
-    on (the committed base's *path* stays the same when it is retrained)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    files = sorted((Path(base) / "unet").glob("*.safetensors"))
-    files += sorted((Path(base) / "text_encoder").glob("*.safetensors"))
-    if not files:
-        raise ArtifactNotFoundError(f"{base}: no unet/ or text_encoder/ safetensors weights")
-    for f in files:
-        h.update(f.name.encode() + b"\0" + f.read_bytes())
-    return h.hexdigest()
-
-
-def pin_record(
-    own: Path, record: dict, *, key: str | None, refuse: str, unpinned: Path, legacy: str
-) -> None:
-    """Work files that belong to one producer (a base, a fine-tune): write ``record`` to ``own``
-    on first use; later calls must bring the same record (or the same ``record[key]``), else
-    :class:`InputError` ``refuse``. ``unpinned`` is a file only results write: present without
-    ``own``, the results predate pinning and are refused with ``legacy``."""
-    own = Path(own)
-    if not own.is_file():
-        if Path(unpinned).is_file():
-            raise InputError(legacy)
-        write_json_atomic(own, record)
-        return
-    held = json.loads(own.read_text("utf-8"))
-    if (held.get(key) if key else held) != (record[key] if key else record):
-        raise InputError(refuse)
-
-
-def check_same_base(work: Path, base: Path) -> str:
-    """A work dir holds results against one base: record its fingerprint on first use and
-    refuse another base (cells, English reference and caches would silently mix). Returns
-    the base's fingerprint."""
-    own, fp = Path(work) / "base.json", base_fingerprint(Path(base))
-    pin_record(
-        own,
-        {"base": str(base), "sha256": fp},
-        key="sha256",
-        unpinned=Path(work) / "english.json",
-        refuse=f"{work} holds results made with another base than {base} (weights differ from "
-        f"{own}); use a fresh --work for this base",
-        legacy=f"{work} holds results made before work dirs recorded their base; use a fresh "
-        f"--work, or write {own} with the base's fingerprint if you know which base made them",
-    )
-    return fp
-
-
 def english_reference(base: Path, work: Path, ev: dict) -> dict:
     """Evaluate the English base once (``work/english.json`` + ``english.npz``: images and the
     checker's reading of each, for agreement)."""
     import numpy as np
 
-    from iap_rt.train.toy.sampling import diffusers_generator
-    from iap_rt.train.toy2.evaluate import dark_fraction, evaluate
+    from iap_rt.train.toy.evaluate import dark_fraction, diffusers_generator, evaluate
 
     js, npz = work / "english.json", work / "english.npz"
     if js.is_file() and npz.is_file():
@@ -204,7 +188,7 @@ def evaluate_model(model: Path, work: Path, ev: dict) -> dict:
     """Held-out Chinese scores of an exported model + agreement with the English images."""
     import numpy as np
 
-    from iap_rt.train.toy2.evaluate import agreement, dark_fraction, evaluate, runtime_generator
+    from iap_rt.train.toy.evaluate import agreement, dark_fraction, evaluate, runtime_generator
 
     gen = runtime_generator(model, steps=ev["steps"], guidance=ev["guidance"])
     res, img, items, preds = evaluate(gen, "zh", eval_combos(ev), ev["seeds_per_combo"])
@@ -230,7 +214,7 @@ def run_cell(spec: dict) -> dict:
         summary = train_run(spec, run_dir, spec["steps"], data_file, spec.get("checkpoints", 0))
         enc = run_dir / "chinese_encoder"
     model = work / "models" / name
-    v1t.export(base, enc, model, like=work / "models" / "template")
+    export_model(base, enc, model, like=work / "models" / "template")
     res = evaluate_model(model, work, spec["eval"])
     row = {
         "objective": spec["objective"],
@@ -287,7 +271,7 @@ def calibrate(
         for o in objectives
     ]  # fmt: skip
     if jobs > 0:
-        v1t._run_workers(tasks, work, jobs, log, module=MODULE)
+        run_workers(tasks, work, jobs, log, module=MODULE)
     else:  # in this process (tests)
         for _, _, spec, result in tasks:
             if not result.is_file():
@@ -312,7 +296,7 @@ def prepare(
         if not (init_dir(work, s) / "vocab.txt").is_file():
             build_init_encoder(data, base, init_dir(work, s), s)
     if not (work / "models" / "template" / "manifest.json").is_file():
-        v1t.export(base, init_dir(work, seeds[0]), work / "models" / "template")
+        export_model(base, init_dir(work, seeds[0]), work / "models" / "template")
     log(f"english: {english_reference(base, work, ev)}")
     common = {"data": str(data), "base": str(base), "work": str(work), "batch": batch, "eval": ev}
     if not (work / "cache" / "ready").is_file():  # the whole dataset once, before any timing
@@ -380,7 +364,7 @@ def run_grid(
     for f in (*fractions, LONG_FRACTION):
         if not (data / f"train_{f}.jsonl").is_file():
             raise ArtifactNotFoundError(
-                f"{data / f'train_{f}.jsonl'} is missing", fix=f"iap-rt toy2 data --out {data}"
+                f"{data / f'train_{f}.jsonl'} is missing", fix=f"iap-rt toy data --out {data}"
             )
     if budget_s <= 0:
         raise InputError(f"--budget-s must be > 0, got {budget_s}")
@@ -388,7 +372,7 @@ def run_grid(
     common, spp = prepare(data, base, work, seeds, batch, ev, jobs, log)
     specs = longest_first(grid_specs(common, spp, seeds, fractions, budget_s))
     tasks = [("cell", cell_name(s), s, work / "cells" / f"{cell_name(s)}.json") for s in specs]
-    v1t._run_workers(tasks, work, jobs, log, module=MODULE)
+    run_workers(tasks, work, jobs, log, module=MODULE)
     setup = {
         "budget_cpu_s": budget_s,
         "long": {"objective": LONG_OBJECTIVE, "fraction": LONG_FRACTION, "factor": LONG_FACTOR},
@@ -406,7 +390,7 @@ def run_grid(
     return aggregate(work, results, setup)
 
 
-if __name__ == "__main__":  # worker: python -m iap_rt.train.toy2.transfer cell|calibrate SPEC
+if __name__ == "__main__":  # worker: python -m iap_rt.train.toy.transfer cell|calibrate SPEC
     mode, spec_file = sys.argv[1], sys.argv[2]
     spec = json.loads(Path(spec_file).read_text("utf-8"))
     import torch

@@ -1,4 +1,5 @@
-"""``iap-rt toy2``: toy world v2 (one or two objects): data, checker, English base, evaluation.
+"""``iap-rt toy``: the toy world's command group (one- and two-object scenes): data, checker,
+English base, evaluation, the transfer grid, the claim, learning curves and the plug-in run.
 
 No torch at import time: ``data`` needs numpy + PIL only; the other commands import torch (or
 the runtime) inside their bodies.
@@ -15,12 +16,12 @@ from iap_rt.errors import ArtifactNotFoundError
 from iap_rt.extras import require
 
 
-@click.group("toy2")
-def toy2():
-    """Toy world v2: two objects and a relation, where the English base is imperfect."""
+@click.group("toy")
+def toy():
+    """The toy world: one or two coloured shapes, IAP from data to the embedded model."""
 
 
-@toy2.command("data")
+@toy.command("data")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
 @click.option("--n", "n", default=40000, show_default=True, help="Training images.")
 @click.option("--n-test", default=None, type=int, help="Held-out-combo images [n/10].")
@@ -29,7 +30,7 @@ def toy2():
 @click.option("--style", default="flat", type=click.Choice(["flat", "outline"]), show_default=True)
 def data_cmd(out, n, n_test, seed, split_seed, style):
     """Write images + train/test JSONL (+ 1/5/10/100 % subsets) that `iap-rt train` reads."""
-    from iap_rt.train.toy2.data import write_dataset
+    from iap_rt.train.toy.data import write_dataset
 
     meta = write_dataset(out, n=n, seed=seed, split_seed=split_seed, n_test=n_test, style=style)
     click.echo(
@@ -40,20 +41,61 @@ def data_cmd(out, n, n_test, seed, split_seed, style):
     )
 
 
-@toy2.command("checker")
+@toy.command("unpack")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory to fill.")
+@click.option(
+    "--n", "n", default=40000, show_default=True, help="Training images to generate (0 = none)."
+)
+def unpack_cmd(out, n):
+    """Write the shipped English base (OUT/base), the dataset (OUT/data) and a config for a
+    fresh Chinese encoder (OUT/encoder_config.json).
+
+    OUT/base is the base the embedded default model was exported from, so `iap-rt train --base
+    OUT/base --encoder OUT/encoder_config.json --data OUT/data/train_10pct.jsonl --resolution
+    32 ...` and `iap-rt export` run without an SD checkpoint of your own. The dataset is
+    regenerated from its seed (`iap-rt toy data`'s defaults)."""
+    import os
+    import shutil
+
+    require("train", "toy unpack")
+
+    from iap_rt.fileio import staging_dir, write_json_atomic
+    from iap_rt.tokenizer import bert_chinese_vocab_path, build_wordpiece_tokenizer
+    from iap_rt.train.toy.base_model import shipped_base_dir
+    from iap_rt.train.toy.data import write_dataset
+    from iap_rt.train.toy.transfer import ZH_MAX_LENGTH, encoder_config
+
+    src, dst = shipped_base_dir(), Path(out) / "base"
+    if dst.exists():
+        raise click.UsageError(f"{dst} exists; pass an empty or new --out")
+    with staging_dir(dst) as stage:  # whole or not at all
+        shutil.copytree(src, stage, dirs_exist_ok=True)
+        os.rename(stage, dst)
+    click.echo(f"wrote the toy base to {dst}")
+    width = json.loads((dst / "unet" / "config.json").read_text("utf-8"))["cross_attention_dim"]
+    vocab = build_wordpiece_tokenizer(bert_chinese_vocab_path()).get_vocab_size()
+    cfg = encoder_config(vocab, width, max_positions=ZH_MAX_LENGTH)
+    write_json_atomic(Path(out) / "encoder_config.json", cfg)
+    click.echo(f"wrote {Path(out) / 'encoder_config.json'} (BERT, {width} wide, {vocab} tokens)")
+    if n:
+        meta = write_dataset(Path(out) / "data", n=n)
+        click.echo(f"wrote {meta['n_train']} training images to {Path(out) / 'data'}")
+
+
+@toy.command("checker")
 @click.option("--out", required=True, type=click.Path(dir_okay=False))
 @click.option("--seed", default=0, show_default=True)
 @click.option("--threads", default=1, show_default=True, help="torch threads.")
 def checker_cmd(out, seed, threads):
-    """Train the v2 checker (small CNN) and print its accuracy on fresh synthetic images."""
-    require("train", "toy2 checker")
-    from iap_rt.train.toy2.checker import train_checker
+    """Train the checker (small CNN) and print its accuracy on fresh synthetic images."""
+    require("train", "toy checker")
+    from iap_rt.train.toy.checker import train_checker
 
     res = train_checker(out, seed=seed, threads=threads, progress=lambda m: click.echo(m, err=True))
     click.echo(json.dumps(res))
 
 
-@toy2.command("base")
+@toy.command("base")
 @click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False))
 @click.option(
@@ -62,7 +104,7 @@ def checker_cmd(out, seed, threads):
     show_default=True,
     help="Budget: the process's CPU time / threads, counted across resumes. The learning rate "
     "cools to 0 over its last 30 %, so resume with the same budget. The shipped base "
-    "(iap_rt/data/toy2_base) is 90 at 1 thread; at 2 threads 72 is about 90 wall-clock minutes "
+    "(iap_rt/data/toy_base) is 90 at 1 thread; at 2 threads 72 is about 90 wall-clock minutes "
     "on an idle 2-core machine (a fifth of a step runs on one thread).",
 )
 @click.option("--max-steps", default=None, type=int, help="Stop after this many steps.")
@@ -78,7 +120,7 @@ def checker_cmd(out, seed, threads):
     default=None,
     type=click.IntRange(1, 5),
     help="UNet levels with cross-attention, counted from the 2x2 bottleneck up: 3 = 8x8 and "
-    "below (v1's layout), 4 = also 16x16.  [default: the v2 base's]",
+    "below (the default), 4 = also 16x16.",
 )
 @click.option(
     "--text-aux",
@@ -92,15 +134,16 @@ def checker_cmd(out, seed, threads):
 )
 @click.option("--fresh", is_flag=True, help="Ignore an existing checkpoint in OUT.")
 def base_cmd(data_dir, out, minutes, max_steps, seed, threads, attention_levels, text_aux, fresh):
-    """Train the v2 English base (diffusers format) from scratch; resumes from OUT."""
-    require("train", "toy2 base")
+    """Train the English base (diffusers format) from scratch; resumes from OUT."""
+    require("train", "toy base")
     import os
 
     # The budget is CPU time / threads. OpenMP threads that spin while waiting burn CPU time
     # without work on a shared machine (13 cpu-s/step instead of ~0.7 at load 9): let them
     # sleep. Must be set before torch loads libgomp.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from iap_rt.train.toy2.base import attention_blocks, base_config, train_base
+    from iap_rt.train.toy.base import train_base
+    from iap_rt.train.toy.base_model import BaseConfig, attention_blocks
 
     levels = {} if attention_levels is None else attention_blocks(attention_levels)
     aux = {"extra": {"text_aux_weight": text_aux}} if text_aux > 0 else {}
@@ -109,28 +152,28 @@ def base_cmd(data_dir, out, minutes, max_steps, seed, threads, attention_levels,
         out,
         minutes=minutes,
         max_steps=max_steps,
-        cfg=base_config(seed=seed, threads=threads, **levels, **aux),
+        cfg=BaseConfig(seed=seed, threads=threads, **levels, **aux),
         resume=not fresh,
         progress=lambda m: click.echo(m, err=True),
     )
 
 
-@toy2.command("base-eval")
+@toy.command("base-eval")
 @click.option("--base", required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="Write the JSON here.")
 @click.option("--seeds-two", default=2, show_default=True, help="Images per two-object combo.")
 @click.option("--seeds-one", default=4, show_default=True, help="Images per one-object combo.")
 @click.option("--threads", default=1, show_default=True)
 def base_eval_cmd(base, out, seeds_two, seeds_one, threads):
-    """Score a v2 English base on every held-out combo (the record of toy2_base.json)."""
-    require("train", "toy2 base-eval")
-    from iap_rt.train.toy2.base import evaluate_base
+    """Score an English base on every held-out combo (the record bench/results/toy2_base.json)."""
+    require("train", "toy base-eval")
+    from iap_rt.train.toy.evaluate import evaluate_base
 
     rec = evaluate_base(base, out, seeds_two=seeds_two, seeds_one=seeds_one, threads=threads)
     click.echo(json.dumps({k: rec[k] for k in ("two_object", "one_object", "train")}))
 
 
-@toy2.command("eval")
+@toy.command("eval")
 @click.option("--model", required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--lang", default="en", type=click.Choice(["en", "zh"]), show_default=True)
 @click.option("--combos", default="heldout", type=click.Choice(["heldout", "train", "all"]))
@@ -148,8 +191,8 @@ def eval_cmd(
     model, lang, combos, kind, max_combos, seeds, steps, guidance, checker_path, grid, as_json
 ):
     """Generate for held-out combos; report per-object colour/shape, relation and binding."""
-    from iap_rt.train.toy2.checker import Checker
-    from iap_rt.train.toy2.evaluate import evaluate, select_combos
+    from iap_rt.train.toy.checker import Checker
+    from iap_rt.train.toy.evaluate import evaluate, select_combos
 
     model = Path(model)
     if (model / "unet").is_dir() and (model / "text_encoder").is_dir():
@@ -157,19 +200,19 @@ def eval_cmd(
             raise click.UsageError(
                 "a diffusers base directory has only the English text encoder: use --lang en"
             )
-        require("train", "toy2 eval (of a diffusers base)")
-        from iap_rt.train.toy.sampling import diffusers_generator
+        require("train", "toy eval (of a diffusers base)")
+        from iap_rt.train.toy.evaluate import diffusers_generator
 
         generate = diffusers_generator(model, steps=steps, guidance=guidance)
     elif (model / "manifest.json").is_file():
-        from iap_rt.train.toy2.evaluate import runtime_generator
+        from iap_rt.train.toy.evaluate import runtime_generator
 
         generate = runtime_generator(model, steps=steps, guidance=guidance)
     else:
         raise ArtifactNotFoundError(
             f"{model} is neither a diffusers base directory (unet/, text_encoder/, ...) nor an "
             "exported model directory (manifest.json)",
-            fix="pass the directory `iap-rt toy2 base` or `iap-rt export` wrote.",
+            fix="pass the directory `iap-rt toy base` or `iap-rt export` wrote.",
         )
     res, images, _, _ = evaluate(
         generate,
@@ -183,7 +226,7 @@ def eval_cmd(
     if grid:
         from PIL import Image
 
-        from iap_rt.train.toy.sampling import grid as make_grid
+        from iap_rt.train.toy.evaluate import grid as make_grid
 
         Image.fromarray(make_grid(images, cols=16)).save(grid)
     if as_json:
@@ -195,7 +238,7 @@ def eval_cmd(
         )
 
 
-@toy2.command("transfer")
+@toy.command("transfer")
 @click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False))
 @click.option("--base", required=True, type=click.Path(exists=True, file_okay=False))
 @click.option(
@@ -213,10 +256,10 @@ def eval_cmd(
 @click.option("--batch-size", default=64, show_default=True)
 @click.option("--jobs", default=2, show_default=True, help="Cells in parallel (1 thread each).")
 def transfer_cmd(data_dir, base, work, results, fractions, seeds, budget_s, batch_size, jobs):
-    """The v2 transfer grid (resumable): English, untrained, pivot/full/embed/denoise cells."""
-    require("train", "toy2 transfer")
+    """The transfer grid (resumable): English, untrained, pivot/full/embed/denoise cells."""
+    require("train", "toy transfer")
     _one_thread()
-    from iap_rt.train.toy2.transfer import run_grid
+    from iap_rt.train.toy.transfer import run_grid
 
     rec = run_grid(
         data_dir,
@@ -224,7 +267,7 @@ def transfer_cmd(data_dir, base, work, results, fractions, seeds, budget_s, batc
         work,
         results=results,
         fractions=_names(fractions, "--fractions"),
-        seeds=tuple(int(s) for s in _names(seeds, "--seeds")),
+        seeds=_ints(seeds, "--seeds"),
         budget_s=budget_s,
         batch=batch_size,
         jobs=jobs,
@@ -233,7 +276,7 @@ def transfer_cmd(data_dir, base, work, results, fractions, seeds, budget_s, batc
     click.echo(f"wrote {Path(results) / 'toy2_transfer.md'} ({len(rec['results'])} rows)")
 
 
-@toy2.command("claim")
+@toy.command("claim")
 @click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False))
 @click.option("--base", required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--work", required=True, type=click.Path(file_okay=False), help="Runs and cells.")
@@ -244,18 +287,18 @@ def transfer_cmd(data_dir, base, work, results, fractions, seeds, budget_s, batc
 @click.option("--jobs", default=2, show_default=True, help="Runs in parallel (1 thread each).")
 def claim_cmd(data_dir, base, work, results, seeds, long_seeds, budget_s, jobs):
     """The paper's claim at equal compute: pivot on 10 % vs denoise on 100 % (resumable)."""
-    require("train", "toy2 claim")
+    require("train", "toy claim")
     _one_thread()
-    from iap_rt.train.toy2.claim import run_claim
+    from iap_rt.train.toy.claim import run_claim
 
     run_claim(data_dir, base, work, results=results,
-              seeds=tuple(int(s) for s in _names(seeds, "--seeds")),
-              long_seeds=tuple(int(s) for s in _names(long_seeds, "--long-seeds")),
+              seeds=_ints(seeds, "--seeds"),
+              long_seeds=_ints(long_seeds, "--long-seeds"),
               budget_s=budget_s, jobs=jobs, log=lambda m: click.echo(m, err=True))  # fmt: skip
     click.echo(f"wrote {Path(results) / 'toy_claim.json'}")
 
 
-@toy2.command("curves")
+@toy.command("curves")
 @click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False))
 @click.option("--base", required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--work", required=True, type=click.Path(file_okay=False), help="The grid's WORK.")
@@ -265,19 +308,19 @@ def claim_cmd(data_dir, base, work, results, seeds, long_seeds, budget_s, jobs):
 @click.option("--jobs", default=2, show_default=True)
 def curves_cmd(data_dir, base, work, results, plot_path, budget_s, jobs):
     """Learning curves at 10 % (+ the grid's denoise at 100 %): binding vs CPU time / samples."""
-    require("train", "toy2 curves")
+    require("train", "toy curves")
     _one_thread()
-    from iap_rt.train.toy2.curves import run_curves
+    from iap_rt.train.toy.curves import run_curves
 
     run_curves(data_dir, base, work, results=results, plot_path=plot_path, budget_s=budget_s,
                jobs=jobs, log=lambda m: click.echo(m, err=True))  # fmt: skip
     click.echo(f"wrote {Path(results) / 'toy2_curves.json'} and {plot_path}")
 
 
-@toy2.command("finetune")
+@toy.command("finetune")
 @click.option("--base", required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False),
-              help="Restyled data: iap-rt toy2 data --style outline.")  # fmt: skip
+              help="Restyled data: iap-rt toy data --style outline.")  # fmt: skip
 @click.option("--out", required=True, type=click.Path(file_okay=False))
 @click.option(
     "--minutes",
@@ -290,19 +333,19 @@ def finetune_cmd(base, data_dir, out, minutes):
 
     Resumable: OUT/checkpoint is written every 3 minutes; run the same command again to
     continue (the CPU budget counts across resumes)."""
-    require("train", "toy2 finetune")
+    require("train", "toy finetune")
     import os
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
 
-    from iap_rt.train.toy2.finetune import finetune_unet
+    from iap_rt.train.toy.finetune import finetune_unet
 
     torch.set_num_threads(1)
     finetune_unet(base, data_dir, out, minutes=minutes, progress=lambda m: click.echo(m, err=True))
 
 
-@toy2.command("plugin")
+@toy.command("plugin")
 @click.option("--finetuned", required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--work", required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--out", default="bench/results/toy2_plugin.json", show_default=True)
@@ -314,11 +357,11 @@ def finetune_cmd(base, data_dir, out, minutes):
                    "(seed 0 only; 5x the grid's budget).")  # fmt: skip
 def plugin_cmd(finetuned, work, out, fraction, seeds, source):
     """The grid's Chinese encoders with the fine-tuned UNet, no retraining."""
-    require("train", "toy2 plugin")
+    require("train", "toy plugin")
     _one_thread()
-    from iap_rt.train.toy2.finetune import plugin_eval
+    from iap_rt.train.toy.finetune import plugin_eval
 
-    seed_list = tuple(int(s) for s in _names(seeds, "--seeds"))
+    seed_list = _ints(seeds, "--seeds")
     plugin_eval(finetuned, work, out, fraction=fraction, seeds=seed_list, source=source,
                 log=lambda m: click.echo(m, err=True))  # fmt: skip
     click.echo(f"wrote {out}")
@@ -338,3 +381,12 @@ def _names(text: str, option: str) -> tuple[str, ...]:
     if not names:
         raise click.BadParameter("give at least one value", param_hint=option)
     return names
+
+
+def _ints(text: str, option: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(s) for s in _names(text, option))
+    except ValueError:
+        raise click.BadParameter(
+            f"expected comma-separated integers, got {text!r}", param_hint=option
+        ) from None

@@ -7,9 +7,9 @@ import itertools
 import numpy as np
 import pytest
 
+from iap_rt.train.toy import data as d
+from iap_rt.train.toy import scenes as sc
 from iap_rt.train.toy import shapes as v1
-from iap_rt.train.toy2 import data as d
-from iap_rt.train.toy2 import scenes as sc
 
 
 def test_heldout_units_are_a_fifth_balanced_and_one_axis_per_pair():

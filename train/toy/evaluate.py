@@ -1,7 +1,7 @@
 """Toy world v2 evaluation: generate for held-out combos and score what the checker sees.
 
 Image generation is v1's swappable ``(prompts, seeds) -> (N, 32, 32, 3) uint8`` function
-(:func:`iap_rt.train.toy.sampling.diffusers_generator` for a diffusers base and English
+(:func:`diffusers_generator` for a diffusers base and English
 prompts; :func:`runtime_generator` here for exported model directories: the torch-free
 runtime with several prompts per UNet batch, each image identical to it generated alone).
 
@@ -29,14 +29,21 @@ One-object prompts: v1's ``colour``, ``shape``, ``position`` and ``all``, prefix
 
 from __future__ import annotations
 
+import json
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from iap_rt.errors import InputError
-from iap_rt.train.toy.sampling import EVAL_SEED, GenerateFn
-from iap_rt.train.toy2 import captions, scenes
-from iap_rt.train.toy2.checker import Checker
+from iap_rt.fileio import write_json_atomic
+from iap_rt.train.toy import captions, scenes
+from iap_rt.train.toy.checker import Checker
+
+EVAL_SEED = 20261124
+GenerateFn = Callable[[list[str], list[int]], np.ndarray]
 
 LANGS = ("en", "zh")
 KINDS = ("all", "one", "two")
@@ -189,6 +196,73 @@ def dark_fraction(images: np.ndarray) -> float:
     return float((corners.mean(axis=(1, 2)) < DARK).mean())
 
 
+def grid(images: np.ndarray, cols: int, scale: int = 2) -> np.ndarray:
+    """Tile (N, H, W, 3) images into one (rows*H*scale, cols*W*scale, 3) image."""
+    n, h, w, _ = images.shape
+    rows = -(-n // cols)
+    pad = np.full((rows * cols - n, h, w, 3), 255, np.uint8)
+    g = np.concatenate([images, pad]).reshape(rows, cols, h, w, 3)
+    g = g.transpose(0, 2, 1, 3, 4).reshape(rows * h, cols * w, 3)
+    return g.repeat(scale, 0).repeat(scale, 1)
+
+
+# ---- generators: a diffusers base (torch), an exported model directory (runtime) ----------
+def diffusers_generator(
+    model_dir,
+    steps: int = 25,
+    guidance: float = 3.0,
+    batch: int = 48,
+    threads: int = 1,
+    numpy_noise: bool = False,
+) -> GenerateFn:
+    """Sample a diffusers-format toy base: DDIM (eta 0), classifier-free guidance, run by the
+    PyTorch twin of the runtime (:class:`iap_rt.train.reference.TorchPipeline`) on the base's
+    CLIP embeddings (``""`` as the unconditional prompt), ``batch`` prompts per UNet call.
+
+    ``numpy_noise``: draw image noise with :func:`iap_rt.pipeline.initial_noise` (the runtime's),
+    so images match :func:`runtime_generator`'s for the same seed; else torch's generator."""
+    import torch
+
+    from iap_rt.pipeline import initial_noise as noise
+    from iap_rt.train.reference import TorchPipeline
+    from iap_rt.train.toy.base_model import load_base, tokenize
+
+    torch.set_num_threads(threads)
+    tok, text, unet, vae, sched_cfg = load_base(model_dir)
+    ref = TorchPipeline(unet, vae, sched_cfg, default_scheduler="ddim")
+    channels = unet.config.in_channels
+    size = unet.config.sample_size
+
+    @torch.no_grad()
+    def generate(prompts: list[str], seeds: list[int]) -> np.ndarray:
+        out = []
+        uncond = text(tokenize(tok, [""])).last_hidden_state  # (1, S, D)
+        for i in range(0, len(prompts), batch):
+            p, s = prompts[i : i + batch], seeds[i : i + batch]
+            cond = text(tokenize(tok, p)).last_hidden_state  # (b, S, D)
+            ctx = torch.cat([uncond.expand_as(cond), cond])  # (2b, S, D)
+            if numpy_noise:
+                z = torch.from_numpy(
+                    np.concatenate([noise(x, 1, (channels, size, size)) for x in s])
+                )
+            else:
+                z = torch.stack(
+                    [
+                        torch.randn(
+                            channels, size, size, generator=torch.Generator().manual_seed(x)
+                        )
+                        for x in s
+                    ]
+                )  # (b, C, h, w)
+            z = ref.denoise(ctx, z, steps, guidance, "ddim")  # (b, C, h, w)
+            x = ref.decode(z)  # (b, 3, H, W) in [-1, 1]
+            img = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+            out.append(img.permute(0, 2, 3, 1).numpy())
+        return np.concatenate(out)
+
+    return generate
+
+
 def runtime_generator(
     model_dir, steps: int = 25, guidance: float = 3.0, scheduler: str = "ddim", chunk: int = 16
 ) -> GenerateFn:
@@ -205,3 +279,35 @@ def runtime_generator(
         return np.concatenate([r.images for r in out])  # (N, H, W, 3) uint8
 
     return generate
+
+
+# ---- the English base's record ------------------------------------------------------------
+def evaluate_base(
+    base: str | os.PathLike,
+    out: str | os.PathLike | None = None,
+    seeds_two: int = 2,
+    seeds_one: int = 4,
+    steps: int = 25,
+    guidance: float = 3.0,
+    threads: int = 2,
+) -> dict:
+    """Held-out English scores of a toy base (``iap-rt toy base-eval``: diffusers sampling, the
+    checker), the record ``bench/results/toy2_base.json`` holds; ``out``: write it there."""
+    base = Path(base)
+    gen = diffusers_generator(base, steps=steps, guidance=guidance, threads=threads)
+    res_two, *_ = evaluate(gen, "en", select_combos("heldout", "two"), seeds_two)
+    res_one, *_ = evaluate(gen, "en", select_combos("heldout", "one"), seeds_one)
+    train = json.loads((base / "toy_base.json").read_text("utf-8"))
+    record = {
+        "base": str(base),
+        "eval": {"combos": "heldout", "steps": steps, "guidance": guidance, "scheduler": "ddim",
+                 "seeds_two": seeds_two, "seeds_one": seeds_one},  # fmt: skip
+        "two_object": {k: v for k, v in res_two.items() if k not in ("lang", "n_one", "n")},
+        "one_object": {k: v for k, v in res_one.items() if k not in ("lang", "n_two", "n")},
+        "train": {k: train[k] for k in ("steps", "samples_seen", "train_cpu_minutes",
+                                          "train_wall_minutes", "params", "torch_threads")},
+        "config": train["config"],
+    }  # fmt: skip
+    if out is not None:
+        write_json_atomic(Path(out), record)
+    return record

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from iap_rt.errors import InputError
-from iap_rt.train.toy2.transfer import base_fingerprint, check_same_base, pin_record
+from iap_rt.train.toy.workdir import base_fingerprint, check_same_base, pin_record
 
 
 def _base(root, unet=b"unet-weights", text=b"text-weights"):

@@ -19,21 +19,21 @@ TINY_EVAL = {"seeds_per_combo": 1, "steps": 2, "guidance": 3.0, "scheduler": "dd
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from iap_rt.train.toy2.base import base_config, train_base
-    from iap_rt.train.toy2.data import write_dataset
+    from iap_rt.train.toy.base import train_base
+    from iap_rt.train.toy.base_model import BaseConfig
+    from iap_rt.train.toy.data import write_dataset
 
     root = tmp_path_factory.mktemp("toy2")
     write_dataset(root / "data", n=200, seed=0, n_test=8)
-    cfg = base_config(block_out_channels=(8, 16, 16, 16, 16), text_width=16, text_layers=1,
+    cfg = BaseConfig(block_out_channels=(8, 16, 16, 16, 16), text_width=16, text_layers=1,
                       text_heads=2, batch_size=4, log_every=1)  # fmt: skip
     base = train_base(root / "data", root / "base", minutes=5, max_steps=2, cfg=cfg, progress=str)
     return root, base
 
 
 def test_base_reads_two_object_captions_and_samples(world):
-    from iap_rt.train.toy.base import load_tokenizer
-    from iap_rt.train.toy.sampling import diffusers_generator
-    from iap_rt.train.toy2.evaluate import evaluate, select_combos
+    from iap_rt.train.toy.base_model import load_tokenizer
+    from iap_rt.train.toy.evaluate import diffusers_generator, evaluate, select_combos
 
     _, base = world
     tok = load_tokenizer(base / "tokenizer")
@@ -47,8 +47,8 @@ def test_base_reads_two_object_captions_and_samples(world):
 
 
 def test_grid_cells_results_and_resume(world, tmp_path):
-    from iap_rt.train.toy2 import curves, transfer
-    from iap_rt.train.toy2.report import aggregate
+    from iap_rt.train.toy import curves, transfer
+    from iap_rt.train.toy.report import aggregate
 
     root, base = world
     work = tmp_path / "work"
@@ -103,8 +103,8 @@ def test_grid_cells_results_and_resume(world, tmp_path):
     # plug-in: a restyled UNet fine-tuned alone, the pivot encoder reused without retraining
     from safetensors.torch import load_file
 
-    from iap_rt.train.toy2.data import write_dataset
-    from iap_rt.train.toy2.finetune import finetune_unet, plugin_eval
+    from iap_rt.train.toy.data import write_dataset
+    from iap_rt.train.toy.finetune import finetune_unet, plugin_eval
 
     write_dataset(tmp_path / "outline", n=16, n_test=2, style="outline")
     ft = finetune_unet(base, tmp_path / "outline", tmp_path / "ft", minutes=0.02, batch_size=2)
@@ -138,8 +138,8 @@ def test_grid_cells_results_and_resume(world, tmp_path):
 def test_finetune_resumes_from_its_checkpoint_and_refuses_other_settings(world, tmp_path):
     """A killed fine-tune continues from out/checkpoint (steps and CPU time count across the
     resume) and ends with the same files as one uninterrupted; other settings are refused."""
-    from iap_rt.train.toy2.data import write_dataset
-    from iap_rt.train.toy2.finetune import finetune_unet
+    from iap_rt.train.toy.data import write_dataset
+    from iap_rt.train.toy.finetune import finetune_unet
 
     _, base = world
     write_dataset(tmp_path / "outline", n=16, n_test=2, style="outline")
@@ -178,10 +178,11 @@ def test_base_with_the_auxiliary_scene_loss_learns_it_and_resumes(world, tmp_pat
     """--text-aux: the head trains (its loss falls), lives in the checkpoint only, resumes."""
     from safetensors import safe_open
 
-    from iap_rt.train.toy2.base import base_config, train_base
+    from iap_rt.train.toy.base import train_base
+    from iap_rt.train.toy.base_model import BaseConfig
 
     root, _ = world
-    cfg = base_config(block_out_channels=(8, 16, 16, 16, 16), text_width=16, text_layers=1,
+    cfg = BaseConfig(block_out_channels=(8, 16, 16, 16, 16), text_width=16, text_layers=1,
                       text_heads=2, batch_size=16, log_every=1, lr=3e-3, warmup_steps=1,
                       extra={"text_aux_weight": 1.0})  # fmt: skip
     logs: list[str] = []
@@ -204,7 +205,7 @@ def test_base_with_the_auxiliary_scene_loss_learns_it_and_resumes(world, tmp_pat
 
 
 def test_claim_runs_record_and_resume(world, tmp_path):
-    from iap_rt.train.toy2 import claim
+    from iap_rt.train.toy import claim
 
     root, base = world
     work, results = tmp_path / "work", tmp_path / "results"

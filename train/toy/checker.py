@@ -1,7 +1,7 @@
 """The v2 attribute checker: which combo (layout + one or two objects) a toy image shows.
 
 A small CNN (3 conv layers + 2 dense, ~190k parameters) with five heads that read a scene in
-its canonical form (:mod:`iap_rt.train.toy2.scenes`):
+its canonical form (:mod:`iap_rt.train.toy.scenes`):
 
     layout    left, right, top, bottom, centre (one object) | h, v (two objects)
     colour_a, shape_a    the object (one object) or the left / top one (two objects)
@@ -10,9 +10,9 @@ its canonical form (:mod:`iap_rt.train.toy2.scenes`):
 so "which object is where" is part of the answer, not a post-hoc rule. Trained on freshly
 drawn synthetic images of *all* combos (held-out ones too: the checker is a measuring
 instrument, not a model under test), in both styles, with v1's augmentations that imitate
-what a diffusion sampler gets wrong (:func:`iap_rt.train.toy.checker_blocks.degrade`).
+what a diffusion sampler gets wrong (:func:`degrade`).
 
-Inference is plain numpy (v1's safetensors reader and conv helpers), so ``iap-rt toy2 eval``
+Inference is plain numpy (v1's safetensors reader and conv helpers), so ``iap-rt toy eval``
 can check images of the torch-free runtime; :func:`train_checker` imports torch inside.
 """
 
@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
 from iap_rt.errors import ArtifactNotFoundError
-from iap_rt.train.toy.checker_blocks import _conv3x3_relu, _maxpool2, degrade, read_safetensors
-from iap_rt.train.toy2 import scenes
+from iap_rt.train.toy import scenes
 
 HEADS = {
     "layout": scenes.LAYOUTS,
@@ -41,7 +41,7 @@ HIDDEN = 128
 
 
 def default_checker_path() -> Path:
-    return Path(str(resources.files("iap_rt") / "data" / "toy2_checker.safetensors"))
+    return Path(str(resources.files("iap_rt") / "data" / "toy_checker.safetensors"))
 
 
 def labels_of(combo: tuple) -> tuple[int, int, int, int, int]:
@@ -66,6 +66,38 @@ def combo_of(idx: tuple[int, int, int, int, int]) -> tuple:
     return (layout, a)
 
 
+# ---- numpy inference blocks------------------------------------------------------------------------
+_DTYPES = {"F32": np.float32, "F16": np.float16, "I64": np.int64}
+
+
+def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:
+    """(tensors, metadata) of a safetensors file, with numpy only."""
+    raw = Path(path).read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    meta = header.pop("__metadata__", {}) or {}
+    base = 8 + n
+    out = {}
+    for k, v in header.items():
+        a, b = v["data_offsets"]
+        arr = np.frombuffer(raw[base + a : base + b], dtype=_DTYPES[v["dtype"]])
+        out[k] = arr.reshape(v["shape"]).copy()
+    return out, meta
+
+
+def conv3x3_relu(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(N, C, H, W) -> (N, O, H, W), zero padding 1, then ReLU."""
+    xp = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    win = np.lib.stride_tricks.sliding_window_view(xp, (3, 3), axis=(2, 3))  # (N,C,H,W,3,3)
+    y = np.einsum("nchwij,ocij->nohw", win, w, optimize=True) + b[None, :, None, None]
+    return np.maximum(y, 0.0)
+
+
+def maxpool2(x: np.ndarray) -> np.ndarray:
+    n, c, h, w = x.shape
+    return x.reshape(n, c, h // 2, 2, w // 2, 2).max(axis=(3, 5))
+
+
 class Checker:
     """Classify ``(N, 32, 32, 3)`` uint8 images into combos."""
 
@@ -73,7 +105,7 @@ class Checker:
         path = Path(path) if path is not None else default_checker_path()
         if not path.is_file():
             raise ArtifactNotFoundError(
-                f"toy2 checker {path} is missing", fix="iap-rt toy2 checker --out " + str(path)
+                f"toy checker {path} is missing", fix="iap-rt toy checker --out " + str(path)
             )
         self.w, self.meta = read_safetensors(path)
 
@@ -81,7 +113,7 @@ class Checker:
         """``(N, 27)`` logits of the five heads, concatenated in :data:`HEADS` order."""
         x = images.astype(np.float32).transpose(0, 3, 1, 2) / 255.0  # (N, 3, 32, 32)
         for i in range(len(WIDTHS)):
-            x = _maxpool2(_conv3x3_relu(x, self.w[f"conv{i}.weight"], self.w[f"conv{i}.bias"]))
+            x = maxpool2(conv3x3_relu(x, self.w[f"conv{i}.weight"], self.w[f"conv{i}.bias"]))
         h = x.reshape(len(x), -1)  # (N, 64*4*4)
         h = np.maximum(h @ self.w["fc.weight"].T + self.w["fc.bias"], 0.0)
         return h @ self.w["head.weight"].T + self.w["head.bias"]
@@ -113,6 +145,35 @@ def synthetic_set(
         imgs[i] = scenes.make_image(combo, np.random.default_rng([seed, 1, i]), style)
         labels[i] = labels_of(combo)
     return imgs, labels
+
+
+def degrade(x, gen):
+    """Augment a float (N, 3, 32, 32) batch in [0, 1] the way samplers go wrong (torch)."""
+    import torch
+    import torch.nn.functional as F
+
+    n = x.shape[0]
+
+    def u(lo, hi, *shape):
+        return lo + (hi - lo) * torch.rand(n, *shape, generator=gen)
+
+    # colour drift of the whole image and brightness / contrast
+    x = x * u(0.85, 1.15, 1, 1, 1) + u(-0.08, 0.08, 3, 1, 1)
+    # blur half of the images
+    blur = torch.rand(n, generator=gen) < 0.5
+    if blur.any():
+        k = torch.tensor([1.0, 2.0, 1.0])
+        k = (k[:, None] * k[None, :]) / 16.0
+        xb = F.conv2d(
+            F.pad(x[blur], (1, 1, 1, 1), mode="replicate"), k.expand(3, 1, 3, 3), groups=3
+        )
+        x = x.clone()
+        x[blur] = xb
+    # low-frequency blotches (8x8 noise upsampled) and pixel noise
+    blot = torch.randn(n, 3, 8, 8, generator=gen) * u(0.0, 0.08, 1, 1, 1)
+    x = x + F.interpolate(blot, size=x.shape[-2:], mode="bilinear", align_corners=False)
+    x = x + torch.randn(x.shape, generator=gen) * u(0.0, 0.08, 1, 1, 1)
+    return x.clamp(0, 1)
 
 
 def _accuracy(pred, y) -> dict:

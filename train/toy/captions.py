@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from iap_rt.train.toy import shapes as v1
-from iap_rt.train.toy2.scenes import n_objects
+from iap_rt.train.toy.scenes import n_objects
 
 # relation of the first-named object to the second, per axis and order of naming
 RELATIONS = ("left", "right", "above", "below")

@@ -1,4 +1,4 @@
-"""The paper's claim at equal compute (``iap-rt toy2 claim``): ``pivot`` on 10 % of the triples
+"""The paper's claim at equal compute (``iap-rt toy claim``): ``pivot`` on 10 % of the triples
 against ``denoise`` on 100 %, the same CPU budget each, several seeds; ``denoise`` on 100 % at
 :data:`LONG_FACTOR` x the budget too.
 
@@ -24,9 +24,9 @@ from pathlib import Path
 
 from iap_rt.errors import ArtifactNotFoundError, InputError
 from iap_rt.fileio import write_json_atomic
-from iap_rt.train.toy import workdir as v1t
-from iap_rt.train.toy2 import transfer as t2
-from iap_rt.train.toy2.report import base_used, fraction_value
+from iap_rt.train.toy import transfer
+from iap_rt.train.toy.report import base_used, fraction_value
+from iap_rt.train.toy.workdir import run_workers
 
 PIVOT = ("pivot", "10pct")
 DENOISE = ("denoise", "100pct")
@@ -150,12 +150,12 @@ def run_claim(
     for f in (PIVOT[1], DENOISE[1]):
         if not (data / f"train_{f}.jsonl").is_file():
             raise ArtifactNotFoundError(
-                f"{data / f'train_{f}.jsonl'} is missing", fix=f"iap-rt toy2 data --out {data}"
+                f"{data / f'train_{f}.jsonl'} is missing", fix=f"iap-rt toy data --out {data}"
             )
     if budget_s <= 0:
         raise InputError(f"--budget-s must be > 0, got {budget_s}")
-    ev = ev or t2.default_eval()
-    common, spp = t2.prepare(
+    ev = ev or transfer.default_eval()
+    common, spp = transfer.prepare(
         data, base, work, seeds, batch, ev, jobs, log, calib_lengths, (PIVOT[0], DENOISE[0])
     )
     specs = claim_specs(common, spp, seeds, long_seeds, budget_s)
@@ -164,7 +164,7 @@ def run_claim(
         "long_factor": LONG_FACTOR,
         "s_per_step_cpu": {k: spp[k] for k in (PIVOT[0], DENOISE[0])},
         "batch_size": batch,
-        "lr": t2.LR,
+        "lr": transfer.LR,
         "seeds": list(seeds),
         "long_seeds": list(long_seeds),
         "eval": ev | {"combos": "heldout", "noise": "numpy initial_noise"},
@@ -174,18 +174,19 @@ def run_claim(
         "commit": _commit(),
     }
     tasks = [
-        ("cell", t2.cell_name(s), s, work / "cells" / f"{t2.cell_name(s)}.json") for s in specs
+        ("cell", transfer.cell_name(s), s, work / "cells" / f"{transfer.cell_name(s)}.json")
+        for s in specs
     ]
 
     def done(_name):
         write_record(work, results, setup)
 
     if jobs > 0:
-        v1t._run_workers(tasks, work, jobs, log, module=t2.MODULE, on_done=done)
+        run_workers(tasks, work, jobs, log, module=transfer.MODULE, on_done=done)
     else:  # in this process (tests)
         for _, name, spec, result in tasks:
             if not result.is_file():
-                t2.run_cell(spec)
+                transfer.run_cell(spec)
                 done(name)
     return write_record(work, results, setup)
 

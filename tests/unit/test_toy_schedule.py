@@ -1,6 +1,6 @@
 """The transfer grid's run order (longest_first): long runs first, then big fractions."""
 
-from iap_rt.train.toy2.transfer import grid_specs, longest_first
+from iap_rt.train.toy.transfer import grid_specs, longest_first
 
 
 def test_long_runs_first_then_larger_fractions_untrained_last():

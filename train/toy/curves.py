@@ -1,4 +1,4 @@
-"""Learning curves (``iap-rt toy2 curves``): binding accuracy against CPU time and samples seen.
+"""Learning curves (``iap-rt toy curves``): binding accuracy against CPU time and samples seen.
 
 Per objective, one run on 10 % of the triples (seed 0) with the long budget (``LONG_FACTOR`` x
 the grid's), keeping :data:`~.transfer.CURVE_POINTS` evenly spaced checkpoints; the grid's
@@ -20,12 +20,12 @@ import sys
 from pathlib import Path
 
 from iap_rt.fileio import ensure_dir, write_json_atomic
-from iap_rt.train.toy import workdir as v1t
-from iap_rt.train.toy2 import transfer as t2
-from iap_rt.train.toy2.report import base_used
+from iap_rt.train.toy import transfer
+from iap_rt.train.toy.report import base_used
+from iap_rt.train.toy.workdir import run_workers
 
 CURVE_FRACTION = "10pct"
-MODULE = "iap_rt.train.toy2.curves"
+MODULE = "iap_rt.train.toy.curves"
 
 
 def checkpoint_encoder(run_dir: Path, ckpt: Path, out: Path) -> Path:
@@ -55,8 +55,8 @@ def curve_points(spec: dict) -> list[dict]:
     run_dir = Path(spec["run_dir"])
     if not (run_dir / "cell_train.json").is_file():
         data_file = Path(spec["data"]) / f"train_{spec['fraction']}.jsonl"
-        t2.train_run(
-            spec, run_dir, spec["steps"], data_file, spec.get("checkpoints", t2.CURVE_POINTS)
+        transfer.train_run(
+            spec, run_dir, spec["steps"], data_file, spec.get("checkpoints", transfer.CURVE_POINTS)
         )
     points = []
     for step, ckpt in list_checkpoints(run_dir):
@@ -64,8 +64,8 @@ def curve_points(spec: dict) -> list[dict]:
         if not res_path.is_file():
             enc = checkpoint_encoder(run_dir, ckpt, work / "curve_encoders" / spec["name"])
             model = work / "models" / f"curve_{spec['name']}"
-            v1t.export(base, enc, model, like=work / "models" / "template")
-            res = t2.evaluate_model(model, work, spec["eval"])
+            transfer.export_model(base, enc, model, like=work / "models" / "template")
+            res = transfer.evaluate_model(model, work, spec["eval"])
             write_json_atomic(res_path, {
                 "objective": spec["objective"], "fraction": spec["fraction"],
                 "seed": spec["seed"], "step": step, "cpu_s": step * spec["s_per_step"],
@@ -81,7 +81,7 @@ def untrained_cell(common: dict, seed: int) -> dict:
     first when the grid has not run in this work dir."""
     path = Path(common["work"]) / "cells" / f"s{seed}_untrained.json"
     if not path.is_file():
-        t2.run_cell(common | {"objective": "untrained", "fraction": "0pct", "seed": seed})
+        transfer.run_cell(common | {"objective": "untrained", "fraction": "0pct", "seed": seed})
     return json.loads(path.read_text("utf-8"))
 
 
@@ -92,30 +92,30 @@ def run_curves(
     """Every objective's 10 % curve + the grid's long ``denoise`` run; aggregate and plot.
 
     The grid's long ``denoise`` run and its untrained cell (step 0) are reused where
-    ``iap-rt toy2 transfer`` made them in ``work``, else made here: the curves need no grid."""
+    ``iap-rt toy transfer`` made them in ``work``, else made here: the curves need no grid."""
     data, base, work = Path(data_dir), Path(base), Path(work)
-    ev = t2.default_eval()
-    common, spp = t2.prepare(data, base, work, (seed,), batch, ev, jobs, log)
-    long_budget = t2.LONG_FACTOR * budget_s
+    ev = transfer.default_eval()
+    common, spp = transfer.prepare(data, base, work, (seed,), batch, ev, jobs, log)
+    long_budget = transfer.LONG_FACTOR * budget_s
     specs = []
-    for o in t2.OBJECTIVES:
+    for o in transfer.OBJECTIVES:
         name = f"{CURVE_FRACTION}_s{seed}_{o}"
         specs.append(common | {
             "name": name, "objective": o, "fraction": CURVE_FRACTION, "seed": seed,
             "steps": max(1, int(long_budget / spp[o])), "s_per_step": spp[o],
             "run_dir": str(work / "curve_runs" / name),
         })  # fmt: skip
-    grid_long = f"{t2.LONG_FRACTION}_s{seed}_{t2.LONG_OBJECTIVE}"
+    grid_long = f"{transfer.LONG_FRACTION}_s{seed}_{transfer.LONG_OBJECTIVE}"
     specs.append(common | {
-        "name": grid_long, "objective": t2.LONG_OBJECTIVE, "fraction": t2.LONG_FRACTION,
-        "seed": seed, "steps": max(1, int(long_budget / spp[t2.LONG_OBJECTIVE])),
-        "s_per_step": spp[t2.LONG_OBJECTIVE], "run_dir": str(work / "runs" / grid_long),
+        "name": grid_long, "objective": transfer.LONG_OBJECTIVE, "fraction": transfer.LONG_FRACTION,
+        "seed": seed, "steps": max(1, int(long_budget / spp[transfer.LONG_OBJECTIVE])),
+        "s_per_step": spp[transfer.LONG_OBJECTIVE], "run_dir": str(work / "runs" / grid_long),
     })  # fmt: skip
     # "curve_" keeps the workers' specs/ and logs/ files apart from the grid cells' of that name
     tasks = [("curve", f"curve_{s['name']}", s, work / "curves" / f"{s['name']}.done.json")
              for s in specs]  # fmt: skip
     ensure_dir(work / "curves")
-    v1t._run_workers(tasks, work, jobs, log, module=MODULE)
+    run_workers(tasks, work, jobs, log, module=MODULE)
     untrained = untrained_cell(common, seed)
     english = json.loads((work / "english.json").read_text("utf-8"))
     curves = []
@@ -183,7 +183,7 @@ def plot(record: dict, out: Path) -> Path:
     return out
 
 
-if __name__ == "__main__":  # worker: python -m iap_rt.train.toy2.curves curve SPEC
+if __name__ == "__main__":  # worker: python -m iap_rt.train.toy.curves curve SPEC
     spec = json.loads(Path(sys.argv[2]).read_text("utf-8"))
     import torch
 

@@ -11,10 +11,10 @@ import re
 
 import numpy as np
 
+from iap_rt.train.toy import captions as cap
+from iap_rt.train.toy import scenes as sc
 from iap_rt.train.toy import shapes as v1
-from iap_rt.train.toy2 import captions as cap
-from iap_rt.train.toy2 import scenes as sc
-from iap_rt.train.toy2.base import MAX_LENGTH
+from iap_rt.train.toy.base_model import MAX_LENGTH
 
 EN_COLOUR = {w: c for c, ws in v1.EN_COLOUR.items() for w in ws}
 EN_SHAPE = {w: s for s, ws in v1.EN_SHAPE.items() for w in ws}

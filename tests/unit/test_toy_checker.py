@@ -8,9 +8,9 @@ import json
 import numpy as np
 import pytest
 
-from iap_rt.train.toy2 import checker as ck
-from iap_rt.train.toy2 import scenes as sc
-from iap_rt.train.toy2.evaluate import EvalItem, agreement, judge_two, score, select_combos
+from iap_rt.train.toy import checker as ck
+from iap_rt.train.toy import scenes as sc
+from iap_rt.train.toy.evaluate import EvalItem, agreement, judge_two, score, select_combos
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from iap_rt.train.toy2.report import aggregate, fraction_value
+from iap_rt.train.toy.report import aggregate, fraction_value
 
 SCORES = {"colour": 0.9, "shape": 0.9, "relation": 0.8, "one_all": 1.0, "agreement": 0.7,
           "agreement_two": 0.65, "pixel_mse": 0.01, "n": 216, "n_two": 192, "n_one": 24}  # fmt: skip
@@ -63,7 +63,7 @@ def test_results_rows_summary_and_claim(tmp_path):
 
 
 def test_versus_within_noise_and_missing_key():
-    from iap_rt.train.toy2.report import versus
+    from iap_rt.train.toy.report import versus
 
     a = {"binding": {"mean": 0.30, "sd": 0.05, "n": 3}}
     b = {"binding": {"mean": 0.25, "sd": 0.05, "n": 3}}
@@ -86,7 +86,7 @@ def _png_size(path):
 
 
 def test_curves_plot_adds_an_objects_row_only_when_every_point_has_it(tmp_path):
-    from iap_rt.train.toy2.curves import plot
+    from iap_rt.train.toy.curves import plot
 
     def pts(b, objects=True):
         extra = (lambda v: {"objects": v}) if objects else (lambda v: {})

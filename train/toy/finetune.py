@@ -1,7 +1,7 @@
-"""Plug-in compatibility (``iap-rt toy2 finetune`` / ``toy2 plugin``): a restyled UNet, old encoders.
+"""Plug-in compatibility (``iap-rt toy finetune`` / ``toy plugin``): a restyled UNet, old encoders.
 
 :func:`finetune_unet` fine-tunes the English base's UNet alone (text encoder, tokenizer, VAE
-frozen) on English captions of images in another style (``iap-rt toy2 data --style outline``:
+frozen) on English captions of images in another style (``iap-rt toy data --style outline``:
 coloured outlines on a dark background) and writes a complete diffusers pipeline directory
 whose only new part is ``unet/``, the way community fine-tunes of SD are shipped.
 
@@ -52,22 +52,21 @@ def finetune_unet(
 
     Resumable: every ``checkpoint_minutes`` (wall clock) and at the end, the UNet, its EMA,
     the AdamW moments, the RNG and the CPU time spent go to ``out/checkpoint`` (the base's
-    format, :func:`~iap_rt.train.toy.base.save_training_state`); a later call with the same
+    format, :func:`~iap_rt.train.toy.train_state.save_training_state`); a later call with the same
     base, data and settings continues from there, and the budget counts across resumes.
     ``max_steps`` stops earlier (tests)."""
     import torch
     from diffusers import DDPMScheduler
 
     from iap_rt.train.ema import EMA
-    from iap_rt.train.toy.base import (
-        load_base,
-        load_training_data,
+    from iap_rt.train.toy.base import load_training_data
+    from iap_rt.train.toy.base_model import load_base, tokenize
+    from iap_rt.train.toy.train_state import (
         load_training_state,
         read_training_state,
         save_training_state,
-        tokenize,
     )
-    from iap_rt.train.toy2.transfer import base_fingerprint
+    from iap_rt.train.toy.workdir import base_fingerprint
 
     base, out = Path(base), Path(out)
     ckpt = out / "checkpoint"
@@ -188,10 +187,9 @@ def plugin_eval(
     the budget)."""
     import numpy as np
 
-    from iap_rt.train.toy.sampling import diffusers_generator
-    from iap_rt.train.toy2 import transfer as t2
-    from iap_rt.train.toy2.evaluate import dark_fraction, evaluate
-    from iap_rt.train.toy2.report import base_used
+    from iap_rt.train.toy import transfer
+    from iap_rt.train.toy.evaluate import dark_fraction, diffusers_generator, evaluate
+    from iap_rt.train.toy.report import base_used
 
     finetuned, work = Path(finetuned), Path(work)
     if source not in SOURCES:
@@ -200,17 +198,17 @@ def plugin_eval(
     seeds = own_seeds or seeds
     record_ft = json.loads((finetuned / "toy_finetune.json").read_text("utf-8"))
     base = Path(record_ft["from"])
-    fingerprint = t2.check_same_base(work, base)  # the encoders were trained against it
+    fingerprint = transfer.check_same_base(work, base)  # the encoders were trained against it
     if record_ft.get("base_sha256") != fingerprint:  # retrained since the fine-tune
         raise InputError(f"{finetuned} was not fine-tuned from today's {base} (its record has "
                          f"another or no base fingerprint); fine-tune it again")  # fmt: skip
     pw = ensure_dir(work / "plugin")
     _same_finetune(pw, record_ft)
-    ev = ev or t2.default_eval()
+    ev = ev or transfer.default_eval()
     if not (pw / "english.json").is_file():
         gen = diffusers_generator(finetuned, steps=ev["steps"], guidance=ev["guidance"],
                                   numpy_noise=True)  # fmt: skip
-        res, img, _, preds = evaluate(gen, "en", t2.eval_combos(ev), ev["seeds_per_combo"])
+        res, img, _, preds = evaluate(gen, "en", transfer.eval_combos(ev), ev["seeds_per_combo"])
         np.savez_compressed(pw / "english.npz", images=img, preds=np.array(json.dumps(preds)))
         write_json_atomic(pw / "english.json", res | {"dark": dark_fraction(img)})
     rows = [{"objective": "english", "seed": 0}
@@ -225,7 +223,7 @@ def plugin_eval(
                 if not (template / "manifest.json").is_file():  # fine-tuned UNet + VAE once
                     export_plugin(base, finetuned, enc, template)
                 export_plugin(base, finetuned, enc, model, like=template)
-                res = t2.evaluate_model(model, pw, ev)
+                res = transfer.evaluate_model(model, pw, ev)
                 orig = _on_base(work, source, name)  # the same encoder, the original UNet
                 if orig is not None:
                     res |= {f"{k}_on_base": orig[k] for k in ("binding", "agreement")}
@@ -248,7 +246,7 @@ def _same_finetune(pw: Path, record: dict) -> None:
     """The plug-in cache (English on the fine-tuned UNet, finished cells) belongs to one
     fine-tune: refuse to mix results from another."""
     own = pw / "finetuned.json"
-    from iap_rt.train.toy2.transfer import pin_record
+    from iap_rt.train.toy.workdir import pin_record
 
     msg = (f"{pw} holds plug-in results for another fine-tuned UNet ({own}); move or delete "
            f"{pw} to evaluate this one")  # fmt: skip

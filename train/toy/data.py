@@ -1,4 +1,4 @@
-"""Toy world v2 dataset files (``iap-rt toy2 data``): images + JSONL that ``iap-rt train`` reads.
+"""Toy world v2 dataset files (``iap-rt toy data``): images + JSONL that ``iap-rt train`` reads.
 
 :func:`write_dataset` writes::
 
@@ -9,7 +9,7 @@
     meta.json                     seed, counts, held-out combos, vocabularies
 
 Each JSONL row: ``{"image", "zh", "en", "layout", "objects", "style", "split"}`` (``objects``:
-``[[colour, shape], ...]`` in combo order, see :mod:`iap_rt.train.toy2.scenes`), with the image
+``[[colour, shape], ...]`` in combo order, see :mod:`iap_rt.train.toy.scenes`), with the image
 path relative to the JSONL file. A quarter of the images (``one_fraction``) show one object;
 the rest two. Sample ``i`` of a stream depends only on ``(seed, stream, i)``.
 
@@ -26,8 +26,8 @@ import numpy as np
 from PIL import Image
 
 from iap_rt.fileio import ensure_dir, write_json_atomic, write_text_atomic
+from iap_rt.train.toy import captions, scenes
 from iap_rt.train.toy import shapes as v1
-from iap_rt.train.toy2 import captions, scenes
 
 DATA_VERSION = 2
 FRACTIONS = (0.01, 0.05, 0.10, 1.0)

@@ -1,7 +1,7 @@
 """The v2 transfer grid's result files: ``toy2_transfer.json`` and ``toy2_transfer.md``.
 
 ``results``: one object per (objective, fraction, seed) with the cell's scores (see
-:mod:`iap_rt.train.toy2.evaluate`), agreement with English from the same noise, pixel MSE,
+:mod:`iap_rt.train.toy.evaluate`), agreement with English from the same noise, pixel MSE,
 budget, CPU and wall training seconds, steps and samples seen. ``objective`` is ``english``
 (the base; fraction 1.0), ``untrained`` (fraction 0.0, one per seed) or a training objective;
 ``fraction`` is a float (0.01, 0.05, 0.1, 1.0). ``summary``: mean / sd / min / max over seeds

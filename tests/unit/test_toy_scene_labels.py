@@ -6,8 +6,8 @@ torch = pytest.importorskip("torch")
 
 
 def test_scene_labels_name_layout_and_both_slots():
-    from iap_rt.train.toy2 import scenes
-    from iap_rt.train.toy2.base import scene_labels
+    from iap_rt.train.toy import scenes
+    from iap_rt.train.toy.base import scene_labels
 
     rows = [scenes.combo_to_json(("h", ("red", "circle"), ("blue", "square"))),
             scenes.combo_to_json(("left", ("green", "cross")))]  # fmt: skip
