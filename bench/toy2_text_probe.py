@@ -47,14 +47,13 @@ def encode(tok, enc, caption: str) -> tuple[np.ndarray, list[str]]:
 def samples(tok, enc, combos, n: int, rng) -> dict[str, list]:
     """Probe rows from ``n`` random captions of ``combos``."""
     from iap_rt.train.toy import captions
-    from iap_rt.train.toy import shapes as v1
 
     out: dict[str, list] = {"slot_x": [], "slot_y": [], "second": [], "red": [], "rel_x": [],
                             "rel_y": []}  # fmt: skip
     for _ in range(n):
         c = combos[rng.integers(len(combos))]
         h, words = encode(tok, enc, captions.caption_en(c, rng))
-        at = [[j for j, w in enumerate(words) if w in v1.EN_COLOUR[o[0]]] for o in c[1:]]
+        at = [[j for j, w in enumerate(words) if w in captions.EN_COLOUR[o[0]]] for o in c[1:]]
         if all(len(p) == 1 for p in at):
             for slot in (0, 1):
                 out["slot_x"].append(h[at[slot][0]])

@@ -1,4 +1,4 @@
-"""Toy world v2 code paths at tiny size: base, grid cells (train, export, evaluate), results,
+"""The toy world's code paths at tiny size: base, grid cells (train, export, evaluate), results,
 resumption, learning-curve checkpoints and the plot."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def world(tmp_path_factory):
     from iap_rt.train.toy.base_model import BaseConfig
     from iap_rt.train.toy.data import write_dataset
 
-    root = tmp_path_factory.mktemp("toy2")
+    root = tmp_path_factory.mktemp("toy")
     write_dataset(root / "data", n=200, seed=0, n_test=8)
     cfg = BaseConfig(block_out_channels=(8, 16, 16, 16, 16), text_width=16, text_layers=1,
                       text_heads=2, batch_size=4, log_every=1)  # fmt: skip

@@ -1,4 +1,4 @@
-"""Toy world v2 captions mean their combo in both languages, written independently.
+"""Captions mean their combo in both languages, written independently.
 
 Each language gets a small rule-based reader written here from the templates' *meaning*
 (who is named first, which relation word, whose side it describes); every caption must read
@@ -13,11 +13,10 @@ import numpy as np
 
 from iap_rt.train.toy import captions as cap
 from iap_rt.train.toy import scenes as sc
-from iap_rt.train.toy import shapes as v1
 from iap_rt.train.toy.base_model import MAX_LENGTH
 
-EN_COLOUR = {w: c for c, ws in v1.EN_COLOUR.items() for w in ws}
-EN_SHAPE = {w: s for s, ws in v1.EN_SHAPE.items() for w in ws}
+EN_COLOUR = {w: c for c, ws in cap.EN_COLOUR.items() for w in ws}
+EN_SHAPE = {w: s for s, ws in cap.EN_SHAPE.items() for w in ws}
 EN_REL = {
     "to the left of": "left", "left of": "left", "on the left of": "left",
     "to the right of": "right", "right of": "right", "on the right of": "right",
@@ -129,15 +128,33 @@ def test_languages_choose_naming_order_and_templates_independently():
     assert "在" in seen_zh and "左" in seen_zh
 
 
-def test_one_object_captions_are_v1_captions():
+def test_one_object_combos_get_the_one_shape_captions():
     for k, combo in enumerate(sc.one_object_combos()[::11]):
         (c, s) = combo[1]
         a = cap.caption_en(combo, np.random.default_rng(k))
-        b = v1.caption_en(c, s, combo[0], np.random.default_rng(k))
+        b = cap.caption_one_en(c, s, combo[0], np.random.default_rng(k))
         assert a == b
         a = cap.caption_zh(combo, np.random.default_rng(k))
-        b = v1.caption_zh(c, s, combo[0], np.random.default_rng(k))
+        b = cap.caption_one_zh(c, s, combo[0], np.random.default_rng(k))
         assert a == b
+
+
+def test_one_shape_captions_differ_and_vary():
+    rng = np.random.default_rng(0)
+    combo = ("orange", "circle", "left")
+    en = {cap.caption_one_en(*combo, rng) for _ in range(200)}
+    zh = {cap.caption_one_zh(*combo, rng) for _ in range(200)}
+    assert len(en) > 20 and len(zh) > 20
+    assert all(c.isascii() for c in en) and not any(c.isascii() for c in zh)
+    # word order: English mostly names the place last, Chinese mostly first
+    en_last = np.mean([c.rstrip().endswith(("left", "left side")) for c in en])
+    zh_first = np.mean([c.startswith(("左", "在左", "画面左")) for c in zh])
+    assert en_last > 0.5 and zh_first > 0.5
+    # every caption names the three attributes in its own words
+    for c in en:
+        assert "orange" in c and "left" in c and any(s in c for s in cap.EN_SHAPE["circle"])
+    for c in zh:
+        assert any(s in c for s in ("橙", "橘")) and "左" in c and "圆" in c
 
 
 def test_vocabularies_cover_every_caption_and_fit_the_token_budget():

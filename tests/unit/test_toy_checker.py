@@ -1,5 +1,5 @@
-"""The shipped v2 checker reads fresh synthetic scenes correctly (numpy, no torch), and the
-v2 scores mean what the evaluation docstring says."""
+"""The shipped checker reads fresh synthetic scenes correctly (numpy, no torch), and the
+scores mean what the evaluation docstring says."""
 
 from __future__ import annotations
 
@@ -28,9 +28,9 @@ def test_labels_roundtrip_every_combo():
         assert ck.combo_of(ck.labels_of(combo)) == combo
 
 
-def test_recorded_accuracy_per_attribute_is_v1s(checker):
-    """v1: 99.9 % clean / 99.7 % degraded on its three attributes. v2 per head: >= 99.8 %
-    clean, >= 99.5 % degraded; a whole two-object scene (five heads) >= 99.5 % / 98 %."""
+def test_recorded_accuracy_per_attribute(checker):
+    """Per head >= 99.8 % clean, >= 99.5 % degraded (the one-shape world's checker had 99.9 % /
+    99.7 % on its three attributes); a whole two-object scene (five heads) >= 99.5 % / 98 %."""
     acc = json.loads(checker.meta["accuracy"])
     for head in ck.HEADS:
         assert acc["clean"][head] >= 0.998 and acc["degraded"][head] >= 0.995, head

@@ -1,4 +1,4 @@
-"""The v2 grid's result files: one row per (objective, fraction, seed), summary, the claim."""
+"""The transfer grid's result files: one row per (objective, fraction, seed), summary, the claim."""
 
 from __future__ import annotations
 

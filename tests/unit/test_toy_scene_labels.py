@@ -1,4 +1,4 @@
-"""The auxiliary scene-from-text targets and loss of the v2 base (``--text-aux``)."""
+"""The auxiliary scene-from-text targets and loss of the English base (``--text-aux``)."""
 
 import pytest
 

@@ -1,4 +1,4 @@
-"""A toy2 work dir (grid, curves, plug-in) belongs to one base: its weights, not its path."""
+"""A toy work dir (grid, curves, plug-in) belongs to one base: its weights, not its path."""
 
 import json
 

@@ -1,4 +1,4 @@
-"""Toy world v2: the held-out split is compositional, scenes show what their combo says."""
+"""The toy world: the held-out split is compositional, scenes show what their combo says."""
 
 from __future__ import annotations
 
@@ -9,7 +9,34 @@ import pytest
 
 from iap_rt.train.toy import data as d
 from iap_rt.train.toy import scenes as sc
-from iap_rt.train.toy import shapes as v1
+from iap_rt.train.toy import shapes
+
+
+def test_one_object_heldout_is_a_fifth_and_compositional():
+    held = sc.heldout_one_object(0)
+    assert len(held) == 24 and len(set(held)) == 24
+    train = set(sc.train_combos(0, "one"))
+    assert len(train) == 96 and not train & set(held)
+    # every attribute pair still occurs in training
+    for c in sc.COLOURS:
+        for p in sc.POSITIONS:
+            assert any((p, (c, s)) in train for s in sc.SHAPES)
+        for s in sc.SHAPES:
+            assert any((p, (c, s)) in train for p in sc.POSITIONS)
+    for s in sc.SHAPES:
+        for p in sc.POSITIONS:
+            assert any((p, (c, s)) in train for c in sc.COLOURS)
+    assert sc.heldout_one_object(1) != held
+    assert sc.heldout_combos(0)[:24] == held
+
+
+def test_one_shape_images_show_the_shape_where_its_position_says():
+    rng = np.random.default_rng(1)
+    for pos, (x0, y0) in shapes.CENTRES.items():
+        img = sc.make_image((pos, ("blue", "square")), rng).astype(float)
+        fg = img[..., 2] - img[..., 0] > 60  # blue, not grey
+        ys, xs = np.nonzero(fg)
+        assert abs(xs.mean() - x0) < 3 and abs(ys.mean() - y0) < 3
 
 
 def test_heldout_units_are_a_fifth_balanced_and_one_axis_per_pair():
@@ -62,17 +89,17 @@ def test_pair_geometry_puts_a_before_b_on_the_axis(axis):
             assert sc.MARGIN <= o.cy - o.radius and o.cy + o.radius <= sc.IMAGE_SIZE - sc.MARGIN
 
 
-def test_one_object_flat_images_are_v1_images():
+def test_one_object_flat_images_are_one_drawn_shape():
     for i, combo in enumerate(sc.one_object_combos()[::7]):
         (c, s) = combo[1]
         a = sc.make_image(combo, np.random.default_rng([5, i]))
-        b = v1.render(v1.draw_sample(c, s, combo[0], np.random.default_rng([5, i])))
+        b = shapes.render(shapes.draw_sample(c, s, combo[0], np.random.default_rng([5, i])))
         assert np.array_equal(a, b)
 
 
 def _colour_at(img: np.ndarray, x: float, y: float) -> str:
     px = img[int(round(y - 0.5)), int(round(x - 0.5))].astype(float)
-    return min(v1.RGB, key=lambda c: np.sum((px - np.array(v1.RGB[c])) ** 2))
+    return min(shapes.RGB, key=lambda c: np.sum((px - np.array(shapes.RGB[c])) ** 2))
 
 
 def test_images_show_the_objects_where_the_scene_says():
@@ -108,7 +135,7 @@ def test_combo_json_roundtrip():
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
-    out = tmp_path_factory.mktemp("toy2") / "data"
+    out = tmp_path_factory.mktemp("toy") / "data"
     meta = d.write_dataset(out, n=400, seed=3, n_test=60)
     return out, meta
 

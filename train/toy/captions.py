@@ -1,7 +1,9 @@
-"""Toy world v2 captions: English and Chinese written independently from a scene's combo.
+"""Captions of a scene's combo in English and Chinese, written independently, and the words and
+characters they can contain.
 
-One-object combos use toy world v1's caption functions unchanged (so v1 prompts still mean
-what they meant). For two objects each language draws, on its own:
+One object: a template with the colour, shape and place (English mostly names the place last,
+Chinese mostly first; synonyms per language; Chinese colours bind to the noun in three forms:
+红色的圆, 红色圆形, 红圆). Two objects: each language draws, on its own,
 
 - which object it names first (the relation word follows: "A left of B" or "B right of A"),
 - a template (each language has one where the *reference* object comes first: "to the left
@@ -17,9 +19,112 @@ from __future__ import annotations
 
 import numpy as np
 
-from iap_rt.train.toy import shapes as v1
 from iap_rt.train.toy.scenes import n_objects
 
+# ---- one object -------------------------------------------------------------------------------
+EN_COLOUR = {
+    "red": ("red", "scarlet"),
+    "green": ("green",),
+    "blue": ("blue",),
+    "yellow": ("yellow",),
+    "purple": ("purple", "violet"),
+    "orange": ("orange",),
+}
+EN_SHAPE = {
+    "circle": ("circle", "disc", "round dot"),
+    "square": ("square", "box"),
+    "triangle": ("triangle",),
+    "cross": ("cross", "plus sign"),
+}
+EN_WHERE = {  # prepositional phrases
+    "left": ("on the left", "at the left", "on the left side", "to the left"),
+    "right": ("on the right", "at the right", "on the right side", "to the right"),
+    "top": ("at the top", "on top", "near the top", "in the upper part"),
+    "bottom": ("at the bottom", "near the bottom", "in the lower part"),
+    "centre": ("in the centre", "in the center", "in the middle"),
+}
+EN_PLACE = {  # noun phrases
+    "left": ("left side", "left"),
+    "right": ("right side", "right"),
+    "top": ("top", "upper part"),
+    "bottom": ("bottom", "lower part"),
+    "centre": ("centre", "center", "middle"),
+}
+EN_ONE_TEMPLATES = (
+    "{a} {c} {s} {w}",
+    "{c} {s}, {p}",
+    "{w}, {a} {c} {s}",
+    "there is {a} {c} {s} {w}",
+    "{a} {s} in {c} {w}",
+    "{c} {s} {w}",
+    "{p}: {c} {s}",
+)
+
+ZH_COLOUR = {  # (long form, short form(s)); the short form is bound to the noun ("红圆")
+    "red": (("红色",), ("红",)),
+    "green": (("绿色",), ("绿",)),
+    "blue": (("蓝色",), ("蓝",)),
+    "yellow": (("黄色",), ("黄",)),
+    "purple": (("紫色",), ("紫",)),
+    "orange": (("橙色", "橘色"), ("橙",)),
+}
+ZH_SHAPE = {
+    "circle": ("圆", "圆形", "圆圈"),
+    "square": ("正方形", "方块", "方形"),
+    "triangle": ("三角形", "三角"),
+    "cross": ("十字", "十字形", "加号"),
+}
+ZH_PLACE = {
+    "left": ("左边", "左侧", "左面"),
+    "right": ("右边", "右侧", "右面"),
+    "top": ("上面", "上方", "顶部"),
+    "bottom": ("下面", "下方", "底部"),
+    "centre": ("中间", "中央", "正中间"),
+}
+ZH_ONE_TEMPLATES = (
+    "{p}有一个{cs}",
+    "{cs}在{p}",
+    "一个{cs}，位于{p}",
+    "在{p}的{cs}",
+    "{p}：{cs}",
+    "画面{p}是一个{cs}",
+    "{p}画着一个{cs}",
+)
+
+
+def article(word: str) -> str:
+    """The English indefinite article of ``word`` (a / an)."""
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def caption_one_en(colour: str, shape: str, position: str, rng: np.random.Generator) -> str:
+    """One English caption of one shape (template, synonyms and word order from ``rng``)."""
+    t = EN_ONE_TEMPLATES[rng.integers(len(EN_ONE_TEMPLATES))]
+    c = EN_COLOUR[colour][rng.integers(len(EN_COLOUR[colour]))]
+    s = EN_SHAPE[shape][rng.integers(len(EN_SHAPE[shape]))]
+    w = EN_WHERE[position][rng.integers(len(EN_WHERE[position]))]
+    p = EN_PLACE[position][rng.integers(len(EN_PLACE[position]))]
+    a = article(s) if t.startswith("{a} {s}") else article(c)
+    return t.format(a=a, c=c, s=s, w=w, p=p)
+
+
+def caption_one_zh(colour: str, shape: str, position: str, rng: np.random.Generator) -> str:
+    """One Chinese caption of one shape, drawn independently of the English one."""
+    t = ZH_ONE_TEMPLATES[rng.integers(len(ZH_ONE_TEMPLATES))]
+    longs, shorts = ZH_COLOUR[colour]
+    s = ZH_SHAPE[shape][rng.integers(len(ZH_SHAPE[shape]))]
+    form = rng.integers(3)
+    if form == 0:  # 红色的圆
+        cs = f"{longs[rng.integers(len(longs))]}的{s}"
+    elif form == 1:  # 红色圆形
+        cs = f"{longs[rng.integers(len(longs))]}{s}"
+    else:  # 红圆
+        cs = f"{shorts[rng.integers(len(shorts))]}{s}"
+    p = ZH_PLACE[position][rng.integers(len(ZH_PLACE[position]))]
+    return t.format(p=p, cs=cs)
+
+
+# ---- two objects ------------------------------------------------------------------------------
 # relation of the first-named object to the second, per axis and order of naming
 RELATIONS = ("left", "right", "above", "below")
 INVERSE = {"left": "right", "right": "left", "above": "below", "below": "above"}
@@ -36,7 +141,7 @@ EN_ITS = {  # "{F} with {S} {its}": where S is, seen from F
     "above": ("above it",),
     "below": ("below it", "under it"),
 }
-EN_TEMPLATES = (
+EN_TWO_TEMPLATES = (
     "{F} {rel} {S}",
     "{F} is {rel} {S}",
     "there is {F} {rel} {S}",
@@ -50,7 +155,7 @@ ZH_REL = {
     "above": ("上面", "上方", "上边"),
     "below": ("下面", "下方", "下边"),
 }
-ZH_TEMPLATES = (
+ZH_TWO_TEMPLATES = (
     "{F}在{S}的{rel}",
     "{F}位于{S}{rel}",
     "{S}的{rel}有{F}",  # the reference object first
@@ -74,17 +179,17 @@ def _named(combo: tuple, rng: np.random.Generator) -> tuple[tuple, tuple, str]:
 
 def en_object(obj: tuple, rng: np.random.Generator) -> str:
     colour, shape = obj
-    c = _pick(rng, v1.EN_COLOUR[colour])
-    s = _pick(rng, v1.EN_SHAPE[shape])
+    c = _pick(rng, EN_COLOUR[colour])
+    s = _pick(rng, EN_SHAPE[shape])
     if rng.integers(4) == 0:
-        return f"{v1._a(s)} {s} in {c}"
-    return f"{v1._a(c)} {c} {s}"
+        return f"{article(s)} {s} in {c}"
+    return f"{article(c)} {c} {s}"
 
 
 def zh_object(obj: tuple, rng: np.random.Generator, article: bool = True) -> str:
     colour, shape = obj
-    longs, shorts = v1.ZH_COLOUR[colour]
-    s = _pick(rng, v1.ZH_SHAPE[shape])
+    longs, shorts = ZH_COLOUR[colour]
+    s = _pick(rng, ZH_SHAPE[shape])
     form = rng.integers(3)
     if form == 0:  # 红色的圆
         cs = f"{_pick(rng, longs)}的{s}"
@@ -99,9 +204,9 @@ def caption_en(combo: tuple, rng: np.random.Generator) -> str:
     """One English caption of ``combo`` (template, naming order, synonyms from ``rng``)."""
     if n_objects(combo) == 1:
         (colour, shape) = combo[1]
-        return v1.caption_en(colour, shape, combo[0], rng)
+        return caption_one_en(colour, shape, combo[0], rng)
     first, second, rel = _named(combo, rng)
-    t = _pick(rng, EN_TEMPLATES)
+    t = _pick(rng, EN_TWO_TEMPLATES)
     return t.format(
         F=en_object(first, rng),
         S=en_object(second, rng),
@@ -114,9 +219,9 @@ def caption_zh(combo: tuple, rng: np.random.Generator) -> str:
     """One Chinese caption of ``combo``, drawn independently of the English one."""
     if n_objects(combo) == 1:
         (colour, shape) = combo[1]
-        return v1.caption_zh(colour, shape, combo[0], rng)
+        return caption_one_zh(colour, shape, combo[0], rng)
     first, second, rel = _named(combo, rng)
-    t = _pick(rng, ZH_TEMPLATES)
+    t = _pick(rng, ZH_TWO_TEMPLATES)
     r = rng.integers(3)  # one synonym set for both relation words of a caption
     return t.format(
         F=zh_object(first, rng, article="有{F}" in t),
@@ -130,26 +235,29 @@ CAPTIONS = {"en": caption_en, "zh": caption_zh}
 
 
 def en_vocabulary() -> list[str]:
-    """Every English word a v1 or v2 caption can contain, sorted."""
-    words = set(v1.en_vocabulary())
-    for table in (EN_REL, EN_ITS):
+    """Every English word (and punctuation token) a caption can contain, sorted."""
+    words: set[str] = {"a", "an", "in"}
+    for table in (EN_COLOUR, EN_SHAPE, EN_WHERE, EN_PLACE, EN_REL, EN_ITS):
         for phrases in table.values():
             for ph in phrases:
                 words.update(ph.split())
-    for t in EN_TEMPLATES:
-        words.update(tok for tok in t.split() if not tok.startswith("{"))
-    words.update({"a", "an", "in"})
+    for t in EN_ONE_TEMPLATES + EN_TWO_TEMPLATES:
+        for tok in t.replace(",", " , ").replace(":", " : ").split():
+            if not tok.startswith("{"):
+                words.add(tok)
     return sorted(words)
 
 
 def zh_characters() -> list[str]:
-    """Every character a v1 or v2 Chinese caption can contain, sorted."""
-    chars = set(v1.zh_characters())
-    for phrases in ZH_REL.values():
-        chars.update("".join(phrases))
-    for t in ZH_TEMPLATES:
-        for field in ("{F}", "{S}", "{rel}", "{inv}"):
+    """Every character a Chinese caption can contain, sorted."""
+    chars: set[str] = set("一个的")
+    for table in (ZH_SHAPE, ZH_PLACE, ZH_REL):
+        for phrases in table.values():
+            chars.update("".join(phrases))
+    for longs, shorts in ZH_COLOUR.values():
+        chars.update("".join(longs + shorts))
+    for t in ZH_ONE_TEMPLATES + ZH_TWO_TEMPLATES:
+        for field in ("{p}", "{cs}", "{F}", "{S}", "{rel}", "{inv}"):
             t = t.replace(field, "")
         chars.update(t)
-    chars.update("一个的")
     return sorted(chars)

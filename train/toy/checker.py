@@ -1,4 +1,4 @@
-"""The v2 attribute checker: which combo (layout + one or two objects) a toy image shows.
+"""The checker: which combo (layout + one or two objects) a toy image shows.
 
 A small CNN (3 conv layers + 2 dense, ~190k parameters) with five heads that read a scene in
 its canonical form (:mod:`iap_rt.train.toy.scenes`):
@@ -9,10 +9,10 @@ its canonical form (:mod:`iap_rt.train.toy.scenes`):
 
 so "which object is where" is part of the answer, not a post-hoc rule. Trained on freshly
 drawn synthetic images of *all* combos (held-out ones too: the checker is a measuring
-instrument, not a model under test), in both styles, with v1's augmentations that imitate
+instrument, not a model under test), in both styles, with augmentations that imitate
 what a diffusion sampler gets wrong (:func:`degrade`).
 
-Inference is plain numpy (v1's safetensors reader and conv helpers), so ``iap-rt toy eval``
+Inference is plain numpy (a safetensors reader and conv / pool blocks here), so ``iap-rt toy eval``
 can check images of the torch-free runtime; :func:`train_checker` imports torch inside.
 """
 

@@ -175,7 +175,7 @@ def plot(record: dict, out: Path) -> Path:
         row[1].set_xlim(left=0)  # symlog would show an empty negative half
         row[0].set_ylabel(METRICS[metric])
         row[0].legend(fontsize=8, loc="lower right")
-    fig.suptitle("Toy world v2: Chinese encoders against a frozen English base", fontsize=11)
+    fig.suptitle("Toy world: Chinese encoders against a frozen English base", fontsize=11)
     fig.tight_layout()
     ensure_dir(out.parent)
     fig.savefig(out, dpi=110)

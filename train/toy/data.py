@@ -1,4 +1,5 @@
-"""Toy world v2 dataset files (``iap-rt toy data``): images + JSONL that ``iap-rt train`` reads.
+"""The toy world's dataset files (``iap-rt toy data``): images + JSONL that ``iap-rt train``
+reads, and the readers of those files.
 
 :func:`write_dataset` writes::
 
@@ -11,7 +12,9 @@
 Each JSONL row: ``{"image", "zh", "en", "layout", "objects", "style", "split"}`` (``objects``:
 ``[[colour, shape], ...]`` in combo order, see :mod:`iap_rt.train.toy.scenes`), with the image
 path relative to the JSONL file. A quarter of the images (``one_fraction``) show one object;
-the rest two. Sample ``i`` of a stream depends only on ``(seed, stream, i)``.
+the rest two. Sample ``i`` of a stream depends only on ``(seed, stream, i)``. ``meta.json``
+names the world ``toy2``, version 2 (the one- and two-object world, which was ``iap-rt toy2``
+while a one-shape world was ``iap-rt toy``; its version-1 data had no ``world`` key).
 
 numpy + PIL only (no torch).
 """
@@ -27,7 +30,6 @@ from PIL import Image
 
 from iap_rt.fileio import ensure_dir, write_json_atomic, write_text_atomic
 from iap_rt.train.toy import captions, scenes
-from iap_rt.train.toy import shapes as v1
 
 DATA_VERSION = 2
 FRACTIONS = (0.01, 0.05, 0.10, 1.0)
@@ -51,8 +53,8 @@ def mixed_combos(
         one = [c for c in held if scenes.n_objects(c) == 1]
         two = [c for c in held if scenes.n_objects(c) == 2]
     is_one = rng.random(n) < one_fraction
-    ones = v1.balanced_combos(one, int(is_one.sum()), rng)
-    twos = v1.balanced_combos(two, n - int(is_one.sum()), rng)
+    ones = balanced_combos(one, int(is_one.sum()), rng)
+    twos = balanced_combos(two, n - int(is_one.sum()), rng)
     it_one, it_two = iter(ones), iter(twos)
     return [next(it_one) if k else next(it_two) for k in is_one]
 
@@ -89,7 +91,7 @@ def write_dataset(
     one_fraction: float = ONE_FRACTION,
     style: str = "flat",
 ) -> dict:
-    """Write the v2 dataset to ``out`` (layout in the module docstring); returns meta.json."""
+    """Write the dataset to ``out`` (layout in the module docstring); returns meta.json."""
     out = ensure_dir(out)
     ensure_dir(out / "images")
     n_test = n // 10 if n_test is None else n_test
@@ -129,8 +131,25 @@ def write_dataset(
     return meta
 
 
-read_jsonl = v1.read_jsonl
-load_images = v1.load_images
+def balanced_combos(combos: list, n: int, rng: np.random.Generator) -> list:
+    """``n`` combinations: consecutive shuffled rounds of ``combos`` (every prefix balanced)."""
+    out: list = []
+    while len(out) < n:
+        out.extend(combos[i] for i in rng.permutation(len(combos)))
+    return out[:n]
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def load_images(path: str | os.PathLike, rows: list[dict] | None = None) -> np.ndarray:
+    """All images of a JSONL file as one (N, H, W, 3) uint8 array."""
+    path = Path(path)
+    rows = read_jsonl(path) if rows is None else rows
+    imgs = [np.asarray(Image.open(path.parent / r["image"]).convert("RGB")) for r in rows]
+    return np.stack(imgs)
 
 
 def row_combo(row: dict) -> tuple:

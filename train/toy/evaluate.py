@@ -1,12 +1,12 @@
-"""Toy world v2 evaluation: generate for held-out combos and score what the checker sees.
+"""Evaluation: generate images for held-out combos and score what the checker sees in them.
 
-Image generation is v1's swappable ``(prompts, seeds) -> (N, 32, 32, 3) uint8`` function
+Image generation is a swappable ``(prompts, seeds) -> (N, 32, 32, 3) uint8`` function
 (:func:`diffusers_generator` for a diffusers base and English
 prompts; :func:`runtime_generator` here for exported model directories: the torch-free
 runtime with several prompts per UNet batch, each image identical to it generated alone).
 
 Prompts: for combo ``k`` (its index in :func:`scenes.all_combos`, so one-object combos keep
-v1's prompts and seeds) and image ``j`` the caption comes from the dataset's caption function
+the one-shape world's prompts and seeds) and image ``j`` the caption comes from the dataset's caption function
 with ``rng([EVAL_SEED, k, j, lang])``; the initial noise from ``seed = base_seed + 1000 k + j``,
 the same for both languages.
 
@@ -24,7 +24,7 @@ colour first: a prompt's two colours always differ), ties going to the same slot
   sharper measure of whether a text encoder conveys which colour goes with which shape);
 - ``binding``: the drawn combo equals the prompt's (both objects right, relation right).
 
-One-object prompts: v1's ``colour``, ``shape``, ``position`` and ``all``, prefixed ``one_``.
+One-object prompts: ``colour``, ``shape``, ``position`` and ``all``, prefixed ``one_``.
 """
 
 from __future__ import annotations

@@ -133,7 +133,7 @@ def aggregate(work, results, setup: dict) -> dict:
 
 def base_used(work) -> dict:
     """The base a work dir's results were made with (``work/base.json``: its path and weights'
-    sha256, see :func:`.transfer.check_same_base`), for every toy2 result file."""
+    sha256, see :func:`.workdir.check_same_base`), for every result file of a work dir."""
     return json.loads((Path(work) / "base.json").read_text("utf-8"))
 
 
@@ -178,7 +178,7 @@ def markdown(record: dict) -> str:
     claim."""
     setup = record["setup"]
     out = [
-        "Toy world v2 transfer: held-out two-object Chinese prompts (192 combos of object pair "
+        "Toy world transfer: held-out two-object Chinese prompts (192 combos of object pair "
         "and relation never seen in training) and one-object prompts (24), one image each, "
         f"DDIM {setup['eval']['steps']} steps, guidance {setup['eval']['guidance']}. Every "
         f"Chinese row trains a fresh encoder for the same CPU time (~{setup['budget_cpu_s']:.0f} "

@@ -1,24 +1,26 @@
-"""Toy world v2 scenes: one or two filled shapes on a plain background, and their split.
+"""Scenes of the toy world: one or two filled shapes on a plain background, their combos, the
+held-out split, and how a scene is drawn.
 
 A scene is described by a *combo*, a hashable tuple ``(layout, *objects)`` with objects
 ``(colour, shape)``:
 
-- one object: ``("left", ("red", "circle"))``; layout is the v1 position (left, right, top,
-  bottom, centre) and the geometry is exactly toy world v1's (:mod:`iap_rt.train.toy.shapes`);
+- one object: ``("left", ("red", "circle"))``; layout is the position (left, right, top,
+  bottom, centre) and the image is one shape drawn by :mod:`iap_rt.train.toy.shapes`;
 - two objects: ``("h", A, B)`` = A to the left of B, ``("v", A, B)`` = A above B. The two
   objects always differ in colour. ``A`` is the left (top) one, so the combo is the same
   whichever object a caption names first ("A left of B" = "B right of A").
 
 Held out of every training split (what evaluation prompts use):
 
-- one object: v1's 24 of 120 (colour, shape, position) combinations;
+- one object: 24 of the 120 (colour, shape, position) combinations, one position per
+  (colour, shape), so that every attribute pair still occurs in training;
 - two objects: 96 of the 480 *(unordered object pair, axis)* units (20 %): for a held-out unit
   neither "X left of Y" nor "Y left of X" (say) is ever drawn in training, although X and Y
   each appear in training on both axes, in both slots, next to many others, and the pair
   appears on the other axis. Generalising needs composition of objects and relation.
 
-Styles: ``flat`` (v1's look: filled shapes on light grey) and ``outline`` (coloured outlines
-on a dark background), the "visibly different style" of the plug-in experiment.
+Styles: ``flat`` (filled shapes on light grey) and ``outline`` (coloured outlines on a dark
+background), the "visibly different style" of the plug-in experiment.
 
 numpy + PIL only (no torch).
 """
@@ -31,19 +33,19 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from iap_rt.train.toy import shapes as v1
+from iap_rt.train.toy import shapes
 
-COLOURS, SHAPES, POSITIONS = v1.COLOURS, v1.SHAPES, v1.POSITIONS
+COLOURS, SHAPES, POSITIONS = shapes.COLOURS, shapes.SHAPES, shapes.POSITIONS
 AXES = ("h", "v")
 LAYOUTS = POSITIONS + AXES  # the checker's layout classes
 STYLES = ("flat", "outline")
 OBJECTS = tuple(itertools.product(COLOURS, SHAPES))  # 24 (colour, shape) objects
-IMAGE_SIZE = v1.IMAGE_SIZE  # 32
-SUPERSAMPLE = v1.SUPERSAMPLE
+IMAGE_SIZE = shapes.IMAGE_SIZE  # 32
+SUPERSAMPLE = shapes.SUPERSAMPLE
 N_HELDOUT_UNITS = 96
 
 # two-object geometry (pixels of a 32-pixel image)
-PAIR_RADIUS = (4.0, 5.2)  # half-extent of each shape (one object: v1's RADIUS)
+PAIR_RADIUS = (4.0, 5.2)  # half-extent of each shape (one object: shapes.RADIUS)
 MARGIN = 1.0  # free pixels between a shape and the image border
 GAP = 2.0  # free pixels between the two shapes along the axis
 MAX_SKEW = 0.4  # |offset across the axis| <= MAX_SKEW * distance along it (axis unambiguous)
@@ -62,8 +64,9 @@ def two_object_combos() -> list[tuple]:
 
 
 def one_object_combos() -> list[tuple]:
-    """Every one-object combo ``(position, (colour, shape))`` in v1's order."""
-    return [(p, (c, s)) for c, s, p in v1.all_combos()]
+    """Every one-object combo ``(position, (colour, shape))``, colour-major (the evaluation's
+    prompt and seed of a combo depend on its index here)."""
+    return [(p, (c, s)) for c, s, p in itertools.product(COLOURS, SHAPES, POSITIONS)]
 
 
 def all_combos() -> list[tuple]:
@@ -99,9 +102,25 @@ def unit_of(combo: tuple) -> tuple:
     return (axis, x, y)
 
 
+def heldout_one_object(split_seed: int = 0) -> list[tuple]:
+    """The 24 held-out one-object combos (20 % of 120), in :func:`one_object_combos` order.
+
+    One position per (colour, shape) pair: ``pos = (colour_rank + shape_rank) mod 5`` over
+    seeded orderings of the three attribute lists. For a fixed colour the 4 shapes hold out
+    4 distinct positions; for a fixed shape the 6 colours hold out each position at most
+    twice, so every attribute pair still occurs in training.
+    """
+    rng = np.random.default_rng([split_seed, 7])
+    cr = {c: int(i) for i, c in zip(rng.permutation(len(COLOURS)), COLOURS)}
+    sr = {s: int(i) for i, s in zip(rng.permutation(len(SHAPES)), SHAPES)}
+    pos = [POSITIONS[i] for i in rng.permutation(len(POSITIONS))]
+    held = {(pos[(cr[c] + sr[s]) % len(POSITIONS)], (c, s)) for c in COLOURS for s in SHAPES}
+    return [combo for combo in one_object_combos() if combo in held]
+
+
 def heldout_combos(split_seed: int = 0) -> list[tuple]:
-    """Held-out combos: v1's 24 one-object ones, then both orders of every held-out unit."""
-    one = [(p, (c, s)) for c, s, p in v1.heldout_combos(split_seed)]
+    """Held-out combos: the 24 one-object ones, then both orders of every held-out unit."""
+    one = heldout_one_object(split_seed)
     units = set(heldout_units(split_seed))
     return one + [c for c in two_object_combos() if unit_of(c) in units]
 
@@ -137,13 +156,13 @@ class Scene:
 
 
 def _rgb(colour: str, rng: np.random.Generator) -> tuple[int, int, int]:
-    base = np.array(v1.RGB[colour])
-    jit = rng.integers(-v1.COLOUR_JITTER, v1.COLOUR_JITTER + 1, 3)
+    base = np.array(shapes.RGB[colour])
+    jit = rng.integers(-shapes.COLOUR_JITTER, shapes.COLOUR_JITTER + 1, 3)
     return tuple(int(v) for v in np.clip(base + jit, 0, 255))
 
 
 def _background(style: str, rng: np.random.Generator) -> tuple[int, int, int]:
-    lo, hi = v1.BACKGROUND if style == "flat" else DARK_BACKGROUND
+    lo, hi = shapes.BACKGROUND if style == "flat" else DARK_BACKGROUND
     g = rng.integers(lo, hi + 1)
     return tuple(int(v) for v in np.clip(g + rng.integers(-4, 5, 3), 0, 255))
 
@@ -168,7 +187,7 @@ def draw_scene(combo: tuple, rng: np.random.Generator, style: str = "flat") -> S
     layout = combo[0]
     if n_objects(combo) == 1:
         (colour, shape) = combo[1]
-        s = v1.draw_sample(colour, shape, layout, rng)
+        s = shapes.draw_sample(colour, shape, layout, rng)
         objs = (Obj(colour, shape, s.cx, s.cy, s.radius, s.rgb),)
         bg = s.background if style == "flat" else _background(style, rng)
         return Scene(combo, objs, bg, style)
@@ -227,10 +246,10 @@ def _draw(d: ImageDraw.ImageDraw, o: Obj, k: float, style: str) -> None:
 def render(scene: Scene, size: int = IMAGE_SIZE) -> np.ndarray:
     """The ``(size, size, 3)`` uint8 image of ``scene`` (geometry scales with size / 32)."""
     if scene.style == "flat" and len(scene.objects) == 1:
-        o = scene.objects[0]  # exactly v1's image
-        s = v1.Sample(o.colour, o.shape, scene.combo[0], o.cx, o.cy, o.radius, o.rgb,
+        o = scene.objects[0]  # one shape: exactly shapes.render's image
+        s = shapes.Sample(o.colour, o.shape, scene.combo[0], o.cx, o.cy, o.radius, o.rgb,
                       scene.background)  # fmt: skip
-        return v1.render(s, size)
+        return shapes.render(s, size)
     k = SUPERSAMPLE * size / IMAGE_SIZE
     big = Image.new("RGB", (size * SUPERSAMPLE,) * 2, scene.background)
     d = ImageDraw.Draw(big)

@@ -1,4 +1,4 @@
-"""The toy trainers' training state (the base's and the plug-in fine-tune's): weights, their
+"""The toy trainers' training state (the base's and the plug-in fine-tune's): weights, their EMA,
 AdamW moments, the torch RNG and the step count in one atomic safetensors file.
 """
 

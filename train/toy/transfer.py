@@ -1,4 +1,4 @@
-"""The toy v2 transfer grid (``iap-rt toy transfer``): a fresh Chinese encoder per cell.
+"""The transfer grid (``iap-rt toy transfer``): a fresh Chinese encoder per cell.
 
 Cells: objective (``pivot``, ``full``, ``embed``, ``denoise``) x data fraction (1, 5, 10 %) x
 seed, each with the same CPU-time budget; ``denoise`` also on 100 % of the triples with
@@ -12,10 +12,10 @@ the untrained encoder once per seed; the English base once.
    gets ``budget / (s/step)`` steps. Process CPU time, not wall time, because the machine is
    shared; every cell runs on one thread (``OMP_NUM_THREADS=1``), so CPU time is work;
 3. a cell trains with ``iap-rt train`` (in-process), exports with ``iap-rt export --engines
-   none`` (v1's helper: UNet and VAE copied from a template export) and is evaluated through
+   none`` (:func:`export_model`: UNet and VAE copied from a template export) and is evaluated through
    the torch-free runtime on every held-out combo; the English base is evaluated once through
    diffusers from the same numpy noise (agreement compares like with like);
-4. cells are one-thread subprocesses (v1's worker pool), each writes ``cells/<name>.json`` and
+4. cells are one-thread subprocesses (:func:`.workdir.run_workers`), each writes ``cells/<name>.json`` and
    a finished cell is never re-run, so an interrupted grid resumes; the long ``denoise`` runs
    keep :data:`CURVE_POINTS` checkpoints for the learning curves (:mod:`.curves`);
 5. :func:`aggregate` writes ``toy2_transfer.json`` (``results``: one object per objective,
@@ -81,7 +81,7 @@ def eval_combos(ev: dict) -> list[tuple]:
 
 
 def build_init_encoder(data: Path, base: Path, out: Path, seed: int) -> Path:
-    """``out`` = vocab.txt + a fresh char-vocabulary BERT (v1's config, 40 positions)."""
+    """``out`` = vocab.txt + a fresh char-vocabulary BERT (:func:`encoder_config`, 40 positions)."""
     import torch
     from transformers import BertConfig
 
