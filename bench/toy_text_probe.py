@@ -1,4 +1,4 @@
-"""Where does the toy v2 English base lose the relation? Linear probes on its text encoder.
+"""Where does the toy English base lose the relation? Linear probes on its text encoder.
 
 The first base (trained without ``--text-aux``) drew both objects of a two-object prompt right
 and on the right axis, but put them on the wrong sides half the time
@@ -17,8 +17,10 @@ combos:
 - ``control_colour_is_red``: the same probe on the same states asked what they certainly hold
   (is this colour word's colour red?), so a coin-toss score above means absent, not unprobed.
 
-Usage: ``python bench/toy2_text_probe.py [--base iap_rt/data/toy2_base] [--out
-bench/results/toy2_text_probe.json]`` (about a minute on one CPU thread).
+Usage: ``python bench/toy_text_probe.py [--base iap_rt/data/toy_base] [--out
+bench/results/toy_text_probe.json]`` (about a minute on one CPU thread). The committed probes
+(``toy2_text_probe.json``, ``toy2_text_probe_noaux.json``) were made as
+``bench/toy2_text_probe.py``, the same script before the toy world's rename.
 """
 
 from __future__ import annotations
@@ -83,8 +85,8 @@ def fit(x: np.ndarray, y: np.ndarray, steps: int = 3000, lr: float = 0.5):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--base", default="iap_rt/data/toy2_base")
-    ap.add_argument("--out", default="bench/results/toy2_text_probe.json")
+    ap.add_argument("--base", default="iap_rt/data/toy_base")
+    ap.add_argument("--out", default="bench/results/toy_text_probe.json")
     ap.add_argument("--n-train", type=int, default=3000, help="training captions")
     ap.add_argument("--n-test", type=int, default=1500, help="held-out captions")
     args = ap.parse_args()

@@ -67,13 +67,13 @@ def test_grid_cells_results_and_resume(world, tmp_path):
         "base": str(base), "budget_cpu_s": 0.5, "seeds": [0], "s_per_step_cpu": spp,
         "long": {"factor": 5}, "eval": TINY_EVAL,
     })  # fmt: skip
-    saved = json.loads((tmp_path / "results" / "toy2_transfer.json").read_text())
+    saved = json.loads((tmp_path / "results" / "toy_transfer.json").read_text())
     assert saved == json.loads(json.dumps(record))
     got = {(r["objective"], r["fraction"], r["seed"]) for r in saved["results"]}
     assert got == {("english", 1.0, 0), ("untrained", 0.0, 0), ("pivot", 0.01, 0),
                    ("embed", 0.01, 0), ("denoise", 1.0, 0)}  # fmt: skip
     assert all("binding" in r for r in saved["results"])
-    assert "| **" in (tmp_path / "results" / "toy2_transfer.md").read_text()
+    assert "| **" in (tmp_path / "results" / "toy_transfer.md").read_text()
     # the curves' step 0 is the grid's untrained cell, evaluated when the grid has not run
     untrained = work / "cells" / "s0_untrained.json"
     first = json.loads(untrained.read_text())

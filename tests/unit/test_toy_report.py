@@ -37,7 +37,7 @@ def test_results_rows_summary_and_claim(tmp_path):
              "long": {"factor": 5}, "eval": {"steps": 25, "guidance": 3.0},
              "s_per_step_cpu": {"pivot": 0.2, "denoise": 0.5}}  # fmt: skip
     rec = aggregate(work, tmp_path / "results", setup)
-    saved = json.loads((tmp_path / "results" / "toy2_transfer.json").read_text())
+    saved = json.loads((tmp_path / "results" / "toy_transfer.json").read_text())
     assert saved["results"] == rec["results"]
     assert saved["base_used"] == {"base": str(base), "sha256": "ab" * 32}  # which base made it
     keys = [(r["objective"], r["fraction"], r["seed"]) for r in saved["results"]]
@@ -47,7 +47,7 @@ def test_results_rows_summary_and_claim(tmp_path):
     piv5 = next(s for s in saved["summary"] if (s["objective"], s["fraction"]) == ("pivot", 0.05))
     assert abs(piv5["binding"]["mean"] - 0.51) < 1e-9 and piv5["binding"]["n"] == 3
     assert saved["claim"]["holds"] is True and abs(saved["claim"]["denoise_100pct"] - 0.4) < 1e-9
-    md = (tmp_path / "results" / "toy2_transfer.md").read_text()
+    md = (tmp_path / "results" / "toy_transfer.md").read_text()
     assert "**holds**" in md and "| 5 % | IAP `pivot` |" in md and "0.51 ± 0.01" in md
     # pivot 10 % - denoise 100 %: binding +0.15, no spread: beyond 2 SE; objects: seeds 0.8,
     # 0.9, 1.0 (sd 0.1) vs 0.75: +0.15 ± 0.1 / sqrt(3) = 0.058, beyond 2 SE (0.115)

@@ -4,8 +4,8 @@ against ``denoise`` on 100 %, the same CPU budget each, several seeds; ``denoise
 
 Every run is a transfer-grid cell (:func:`.transfer.run_cell`: train in-process on one thread,
 export, evaluate every held-out combo through the runtime from the English base's noise), so
-the figures compare directly with ``toy2_transfer.json``. The record
-(``bench/results/toy_claim.json``) is rewritten after every finished run, so a session cut
+the figures compare directly with the grid's (``toy_transfer.json``; the committed grid:
+``toy2_transfer.json``). The record (``bench/results/toy_claim.json``) is rewritten after every finished run, so a session cut
 short keeps what finished; a finished run is never re-run.
 
 Record: ``english_binding`` / ``english_objects`` (the base), ``results`` (one object per run:

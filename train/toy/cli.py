@@ -273,7 +273,7 @@ def transfer_cmd(data_dir, base, work, results, fractions, seeds, budget_s, batc
         jobs=jobs,
         log=lambda m: click.echo(m, err=True),
     )
-    click.echo(f"wrote {Path(results) / 'toy2_transfer.md'} ({len(rec['results'])} rows)")
+    click.echo(f"wrote {Path(results) / 'toy_transfer.md'} ({len(rec['results'])} rows)")
 
 
 @toy.command("claim")
@@ -303,7 +303,7 @@ def claim_cmd(data_dir, base, work, results, seeds, long_seeds, budget_s, jobs):
 @click.option("--base", required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--work", required=True, type=click.Path(file_okay=False), help="The grid's WORK.")
 @click.option("--results", default="bench/results", show_default=True, type=click.Path())
-@click.option("--plot", "plot_path", default="docs/toy2_curves.png", show_default=True)
+@click.option("--plot", "plot_path", default="docs/toy_curves.png", show_default=True)
 @click.option("--budget-s", default=180.0, show_default=True, help="The grid's --budget-s.")
 @click.option("--jobs", default=2, show_default=True)
 def curves_cmd(data_dir, base, work, results, plot_path, budget_s, jobs):
@@ -314,7 +314,7 @@ def curves_cmd(data_dir, base, work, results, plot_path, budget_s, jobs):
 
     run_curves(data_dir, base, work, results=results, plot_path=plot_path, budget_s=budget_s,
                jobs=jobs, log=lambda m: click.echo(m, err=True))  # fmt: skip
-    click.echo(f"wrote {Path(results) / 'toy2_curves.json'} and {plot_path}")
+    click.echo(f"wrote {Path(results) / 'toy_curves.json'} and {plot_path}")
 
 
 @toy.command("finetune")
@@ -348,7 +348,7 @@ def finetune_cmd(base, data_dir, out, minutes):
 @toy.command("plugin")
 @click.option("--finetuned", required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--work", required=True, type=click.Path(exists=True, file_okay=False))
-@click.option("--out", default="bench/results/toy2_plugin.json", show_default=True)
+@click.option("--out", default="bench/results/toy_plugin.json", show_default=True)
 @click.option("--fraction", default="10pct", show_default=True)
 @click.option("--seeds", default="0,1,2", show_default=True, help="The grid seeds to take.")
 @click.option("--source", type=click.Choice(["grid", "curves"]), default="grid",

@@ -7,8 +7,8 @@ Every checkpoint's encoder is exported and evaluated like a grid cell (same held
 same noise); step 0 is the untrained encoder. The x axes are *derived*: CPU seconds = step x
 the objective's calibrated CPU seconds per step, samples = step x batch.
 
-Writes ``curves/<run>_<step>.json`` per point (resumable), ``toy2_curves.json`` and the plot
-``docs/toy2_curves.png`` (matplotlib, imported inside :func:`plot`).
+Writes ``curves/<run>_<step>.json`` per point (resumable), ``toy_curves.json`` and the plot
+``docs/toy_curves.png`` (matplotlib, imported inside :func:`plot`).
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def untrained_cell(common: dict, seed: int) -> dict:
 
 
 def run_curves(
-    data_dir, base, work, results="bench/results", plot_path="docs/toy2_curves.png",
+    data_dir, base, work, results="bench/results", plot_path="docs/toy_curves.png",
     budget_s: float = 180.0, batch: int = 64, jobs: int = 2, seed: int = 0, log=print,
 ) -> dict:  # fmt: skip
     """Every objective's 10 % curve + the grid's long ``denoise`` run; aggregate and plot.
@@ -132,7 +132,7 @@ def run_curves(
     record = {"base_used": base_used(work), "budget_cpu_s": long_budget, "batch_size": batch,
               "english_binding": english["binding"], "english_objects": english.get("objects"),
               "curves": curves}  # fmt: skip
-    write_json_atomic(Path(results) / "toy2_curves.json", record)
+    write_json_atomic(Path(results) / "toy_curves.json", record)
     plot(record, Path(plot_path))
     return record
 

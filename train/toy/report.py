@@ -1,4 +1,5 @@
-"""The v2 transfer grid's result files: ``toy2_transfer.json`` and ``toy2_transfer.md``.
+"""The transfer grid's result files: ``toy_transfer.json`` and ``toy_transfer.md`` (the
+committed records of the grid are ``toy2_transfer.*``, made when the world was ``iap-rt toy2``).
 
 ``results``: one object per (objective, fraction, seed) with the cell's scores (see
 :mod:`iap_rt.train.toy.evaluate`), agreement with English from the same noise, pixel MSE,
@@ -119,15 +120,15 @@ def claim(summary: list[dict]) -> dict | None:
 
 
 def aggregate(work, results, setup: dict) -> dict:
-    """Write ``toy2_transfer.json`` / ``.md`` from the finished cells in ``work``."""
+    """Write ``toy_transfer.json`` / ``.md`` from the finished cells in ``work``."""
     work, results = Path(work), Path(results)
     rows = collect(work, Path(setup["base"]))
     summary = summarise(rows)
     record = {"setup": setup, "base_used": base_used(work), "results": rows, "summary": summary,
               "claim": claim(summary)}  # fmt: skip
     results.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(results / "toy2_transfer.json", record)
-    write_text_atomic(results / "toy2_transfer.md", markdown(record))
+    write_json_atomic(results / "toy_transfer.json", record)
+    write_text_atomic(results / "toy_transfer.md", markdown(record))
     return record
 
 

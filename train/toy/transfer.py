@@ -18,8 +18,8 @@ the untrained encoder once per seed; the English base once.
 4. cells are one-thread subprocesses (:func:`.workdir.run_workers`), each writes ``cells/<name>.json`` and
    a finished cell is never re-run, so an interrupted grid resumes; the long ``denoise`` runs
    keep :data:`CURVE_POINTS` checkpoints for the learning curves (:mod:`.curves`);
-5. :func:`aggregate` writes ``toy2_transfer.json`` (``results``: one object per objective,
-   fraction and seed) and ``toy2_transfer.md``.
+5. :func:`aggregate` writes ``toy_transfer.json`` (``results``: one object per objective,
+   fraction and seed) and ``toy_transfer.md``.
 """
 
 from __future__ import annotations
