@@ -46,6 +46,30 @@ def test_base_reads_two_object_captions_and_samples(world):
     assert set(res) >= {"colour", "shape", "relation", "binding", "one_all"}
 
 
+def test_base_dir_is_a_diffusers_pipeline_and_sampling_is_seeded(world):
+    """What `iap-rt train --base` / `iap-rt export --base` load: a StableDiffusionPipeline
+    directory with DDIM, a near-lossless pixel VAE (scale factor 1) and the training record."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+
+    from iap_rt.train.toy.evaluate import diffusers_generator
+
+    _, base = world
+    pipe = StableDiffusionPipeline.from_pretrained(str(base), local_files_only=True)
+    assert pipe.unet.config.in_channels == 3 and pipe.vae_scale_factor == 1
+    assert isinstance(pipe.scheduler, DDIMScheduler)
+    vae = AutoencoderKL.from_pretrained(str(base / "vae"))
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        rec = vae.decode(vae.encode(x).latent_dist.sample()).sample
+    assert float((rec - x).abs().max()) < 2e-3  # the fixed pixel "VAE" is near lossless
+    record = json.loads((base / "toy_base.json").read_text())
+    assert record["steps"] == 2 and record["samples_seen"] == 8
+    assert record["data"]["world"] == "toy2" and record["data"]["n_train"] == 200
+    gen = diffusers_generator(base, steps=2, batch=4)
+    prompts, seeds = ["a red circle left of a blue square", "a green cross at the top"], [3, 4]
+    assert np.array_equal(gen(prompts, seeds), gen(prompts, seeds))  # seeded
+
+
 def test_grid_cells_results_and_resume(world, tmp_path):
     from iap_rt.train.toy import curves, transfer
     from iap_rt.train.toy.report import aggregate
