@@ -12,9 +12,9 @@
 #              ort.sha256 (the whole archive).
 # There (the device tool's `run`, carry in brackets), one call each, back to back. With
 # onnxruntime-gpu 1.31.1 (194 MiB as tar.xz -9e) beside a 23 MiB working tree that was five
-# parts, one call each, the last one measuring; a retry costs a sixth call. Since the toy v2
-# base is committed (iap_rt/data/toy2_base, 10 MiB) the tree is 33 MiB and `resplit` makes
-# seven parts:
+# parts, one call each, the last one measuring; a retry costs a sixth call. With both toy
+# worlds' bases committed the tree was 33 MiB and `resplit` made seven parts; with only
+# iap_rt/data/toy_base (10 MiB) left it is 24 MiB (run `resplit` to see the count):
 #   1. bash bench/gpu_check.sh start          [.gpucheck/py, .gpucheck/ort.00, .gpucheck/ort.00.sha256]
 #      installs the wheels and the project into /tmp/iap/site and starts the SD 1.5 fp16
 #      build + export in the background (it overlaps the next calls)

@@ -100,10 +100,10 @@ def write_rows(path: Path, images: list[str], n: int, fmt: str = "jsonl") -> Pat
 
 
 def toy_models() -> tuple[Path, Path]:
-    from iap_rt.train.toy.base import shipped_base_dir
+    """The embedded default model's PyTorch sources: the toy English base and Chinese encoder."""
+    from iap_rt.modeldir import default_model_sources
 
-    base = shipped_base_dir()
-    return base, base.parent / "toy_encoder"
+    return default_model_sources()
 
 
 def tiny_models(work: Path) -> tuple[Path, Path]:

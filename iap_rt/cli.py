@@ -25,8 +25,7 @@ COMMANDS = {
     "engines": ("iap_rt.engines.cli:engines", "Build TensorRT engines from a model directory."),
     "bench": ("iap_rt.bench.command:bench", "Benchmark backends side by side (JSON results)."),
     "serve": ("iap_rt.serve.cli:serve", "Serve the model: Triton + an OpenAI-compatible API."),
-    "toy": ("iap_rt.train.toy.cli:toy", "The toy world: data, base model, evaluation."),
-    "toy2": ("iap_rt.train.toy2.cli:toy2", "Toy world v2: two objects, relations, plug-ins."),
+    "toy": ("iap_rt.train.toy.cli:toy", "The toy world: data, base, checker, transfer, plug-ins."),
 }
 
 
@@ -59,7 +58,6 @@ COMMAND_EXTRAS = {
     "export": "export",
     "engines": "trt",
     "toy": "train",
-    "toy2": "train",
     "bench": "export",
     "serve": "serve",
 }

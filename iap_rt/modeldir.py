@@ -70,7 +70,7 @@ def network_files(network: str) -> tuple[str, ...]:
 
 # the package-data folders the embedded default model was exported from (its PyTorch sources:
 # the English base and the Chinese encoder; ``scripts/make_default_model.py`` writes them)
-DEFAULT_MODEL_SOURCES = ("toy2_base", "toy2_encoder")
+DEFAULT_MODEL_SOURCES = ("toy_base", "toy_encoder")
 
 
 def default_model_dir() -> Path:

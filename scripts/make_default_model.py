@@ -1,10 +1,10 @@
-"""Rebuild the embedded default model from the toy world v2 English base and a Chinese encoder.
+"""Rebuild the embedded default model from the toy world's English base and a Chinese encoder.
 
     python scripts/make_default_model.py --encoder ENCODER [--base BASE]
 
-1. copies ``BASE`` (default: the committed ``iap_rt/data/toy2_base``) there when it is another
+1. copies ``BASE`` (default: the committed ``iap_rt/data/toy_base``) there when it is another
    directory, and ``ENCODER`` (the ``chinese_encoder/`` of an ``iap-rt train --objective pivot``
-   run against that base) to ``iap_rt/data/toy2_encoder``: the PyTorch sources of the default
+   run against that base) to ``iap_rt/data/toy_encoder``: the PyTorch sources of the default
    model (:data:`iap_rt.modeldir.DEFAULT_MODEL_SOURCES`, the torch reference of
    ``iap-rt bench --arch toy``);
 2. exports them with the project's own export stage (ONNX, fp32, no engines) into
@@ -16,7 +16,8 @@
 4. draws ``docs/toy_grid.png``: two-object prompts, English (top) vs Chinese (bottom), same
    initial noise.
 
-The v1 default (one object) was built by this script's previous version (git history).
+The one-shape world's default (``toy-zh-pivot``) was built by this script's previous version
+(git history).
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ DEST = DATA / "default_model"
 RESULT = ROOT / "bench" / "results" / "toy_default_eval.json"
 GRID = ROOT / "docs" / "toy_grid.png"
 MODEL_ID = "toy2-zh-pivot"  # "toy*": `iap-rt bench --arch toy` benchmarks the embedded model
-# the CI subset (tests/unit/test_default_model_accuracy.py re-runs it with `iap-rt toy2 eval`):
+# (the id the shipped model was built with, when this world was `iap-rt toy2`; tests pin it)
+# the CI subset (tests/unit/test_default_model_accuracy.py re-runs it with `iap-rt toy eval`):
 # that many held-out combos of each kind, evenly spread
 CI_EVAL = {"combos": "heldout", "max_combos": 12, "seeds": 2, "steps": 25, "guidance": 3.0}
 CI_MARGIN = 0.10  # the test fails below a committed figure - margin
@@ -67,8 +69,8 @@ def _export(base: Path, encoder: Path) -> None:
                                default_guidance=FULL_EVAL["guidance"])  # fmt: skip
         man = read_manifest(out)
         # the manifest records where the sources were; name them, not a temporary path
-        man["base_model"] = f"iap_rt/data/{base.name} (toy world v2 English base)"
-        man["encoder"] = f"iap_rt/data/{encoder.name} (toy world v2 pivot encoder, 10 %)"
+        man["base_model"] = f"iap_rt/data/{base.name} (toy world English base)"
+        man["encoder"] = f"iap_rt/data/{encoder.name} (toy world pivot encoder, 10 %)"
         for k in ("base", "encoder", "out"):
             man.get("export_config", {}).pop(k, None)
         if "unet_source" in man:
@@ -79,8 +81,13 @@ def _export(base: Path, encoder: Path) -> None:
 
 def _run(base: Path, ev: dict) -> dict:
     """Chinese (runtime) and English (diffusers) on the same held-out items and noise."""
-    from iap_rt.train.toy.evaluate import diffusers_generator
-    from iap_rt.train.toy2.evaluate import agreement, evaluate, runtime_generator, select_combos
+    from iap_rt.train.toy.evaluate import (
+        agreement,
+        diffusers_generator,
+        evaluate,
+        runtime_generator,
+        select_combos,
+    )
 
     combos = select_combos(ev["combos"], "all", limit=ev["max_combos"])
     kw = dict(steps=ev["steps"], guidance=ev["guidance"])
@@ -109,8 +116,13 @@ def _grid(base: Path) -> list[dict]:
     import numpy as np
     from PIL import Image
 
-    from iap_rt.train.toy.evaluate import diffusers_generator, grid
-    from iap_rt.train.toy2.evaluate import eval_items, runtime_generator, select_combos
+    from iap_rt.train.toy.evaluate import (
+        diffusers_generator,
+        eval_items,
+        grid,
+        runtime_generator,
+        select_combos,
+    )
 
     combos = select_combos("heldout", "two", limit=GRID_COMBOS)
     en_items, zh_items = eval_items("en", combos, 1), eval_items("zh", combos, 1)
@@ -129,7 +141,7 @@ def main() -> int:
     base_dest, encoder_dest = default_model_sources()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--base", type=Path, default=base_dest,
-                    help=f"toy2 English base (iap-rt toy2 base --out) [{base_dest}]")  # fmt: skip
+                    help=f"toy English base (iap-rt toy base --out) [{base_dest}]")  # fmt: skip
     ap.add_argument("--encoder", required=True, type=Path, help="chinese_encoder/ of a pivot run")
     a = ap.parse_args()
     _copy(a.base, base_dest)

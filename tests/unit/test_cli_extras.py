@@ -37,7 +37,6 @@ def run_without_torch(tmp_path, *args):
         (["export", "--base", "sd", "--encoder", "enc", "--out", "model"], "export"),
         (["toy", "base", "--data", "data", "--out", "base"], "train"),
         (["toy", "checker", "--out", "checker.safetensors"], "train"),
-        (["toy2", "base", "--data", "data", "--out", "base"], "train"),
     ],
 )
 def test_stage_without_torch_names_the_extra(tmp_path, args, extra):

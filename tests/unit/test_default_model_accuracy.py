@@ -1,6 +1,6 @@
 """The shipped default model still draws what Chinese prompts ask for (CI accuracy gate).
 
-Re-runs ``iap-rt toy2 eval`` on the embedded model (torch-free runtime + numpy checker) on the
+Re-runs ``iap-rt toy eval`` on the embedded model (torch-free runtime + numpy checker) on the
 small held-out subset ``scripts/make_default_model.py`` evaluated when it built the model, one-
 and two-object prompts, and fails when two-object binding or one-object accuracy drops below
 the committed figure minus the margin recorded beside it (``bench/results/toy_default_eval.json``).
@@ -21,7 +21,7 @@ def test_default_model_chinese_accuracy_holds(run_cli):
     ci = committed["ci_subset"]
     ev = ci["settings"]
     r = run_cli(
-        "toy2", "eval", "--model", str(md.path), "--lang", "zh", "--combos", ev["combos"],
+        "toy", "eval", "--model", str(md.path), "--lang", "zh", "--combos", ev["combos"],
         "--kind", "all", "--max-combos", str(ev["max_combos"]), "--seeds", str(ev["seeds"]),
         "--steps", str(ev["steps"]), "--guidance", str(ev["guidance"]), "--json",
     )  # fmt: skip

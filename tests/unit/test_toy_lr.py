@@ -1,17 +1,17 @@
-"""The toy bases' learning-rate schedule: warm-up, constant, optional linear cool-down."""
+"""The toy base's learning-rate schedule: warm-up, constant, linear cool-down."""
 
 import pytest
 
-from iap_rt.train.toy.base import BaseConfig, learning_rate
-from iap_rt.train.toy2.base import base_config
+from iap_rt.train.toy.base import learning_rate
+from iap_rt.train.toy.base_model import BaseConfig
 
 
-def test_v1_schedule_is_warmup_then_constant_to_the_end():
-    cfg = BaseConfig(lr=1e-3, warmup_steps=100)
+def test_without_decay_the_schedule_is_warmup_then_constant_to_the_end():
+    cfg = BaseConfig(lr=1e-3, warmup_steps=100, lr_decay_fraction=0.0)
     assert learning_rate(cfg, 0, 0.0) == pytest.approx(1e-5)
     assert learning_rate(cfg, 49, 0.1) == pytest.approx(5e-4)
     assert learning_rate(cfg, 99, 0.2) == pytest.approx(1e-3)
-    assert learning_rate(cfg, 5000, 0.999) == pytest.approx(1e-3)  # no decay: v1's base
+    assert learning_rate(cfg, 5000, 0.999) == pytest.approx(1e-3)  # no decay
 
 
 def test_decay_cools_linearly_to_zero_over_the_final_fraction():
@@ -24,7 +24,9 @@ def test_decay_cools_linearly_to_zero_over_the_final_fraction():
     assert learning_rate(cfg, 0, 0.9) == pytest.approx(1e-4 * 0.4)  # warm-up and decay multiply
 
 
-def test_v2_base_cools_down_and_changes_still_apply():
-    cfg = base_config()
-    assert cfg.lr_decay_fraction > 0 and cfg.ema_decay < BaseConfig().ema_decay
-    assert base_config(lr_decay_fraction=0.0).lr_decay_fraction == 0.0
+def test_the_base_cools_down_by_default_and_changes_still_apply():
+    cfg = BaseConfig()
+    # the shipped base's recipe: cool down over the last 30 %, EMA over ~200 steps
+    assert (cfg.lr_decay_fraction, cfg.ema_decay) == (0.3, 0.995)
+    assert learning_rate(cfg, 5000, 0.85) == pytest.approx(cfg.lr * 0.5)
+    assert BaseConfig(lr_decay_fraction=0.0).lr_decay_fraction == 0.0

@@ -1,322 +1,77 @@
-"""The toy world: seeded 32x32 images of one filled shape, with independent EN and ZH captions.
+"""The toy world's dataset files (``iap-rt toy data``): images + JSONL that ``iap-rt train``
+reads, and the readers of those files.
 
-Attributes: shape {circle, square, triangle, cross}, colour {red, green, blue, yellow, purple,
-orange}, position {left, right, top, bottom, centre}; 4 x 6 x 5 = 120 combinations. Size,
-offset, shape colour and background brightness are jittered per image.
+:func:`write_dataset` writes::
 
-About 20% of the combinations (24) are *held out* of every training split: for every
-(colour, shape) pair exactly one position is held out, arranged so that every (colour,
-position) and (shape, position) pair still occurs in training. Generalising to a held-out
-combination therefore needs composition, not memorisation.
+    images/train_000000.png ...   32x32 RGB PNGs
+    train.jsonl                   training combos only (= train_100pct.jsonl)
+    train_1pct.jsonl ...          nested prefixes of train.jsonl (1 %, 5 %, 10 %, 100 %)
+    test.jsonl                    images of held-out combos (checker tests, validation)
+    meta.json                     seed, counts, held-out combos, vocabularies
 
-English and Chinese captions are written independently from the attributes, each with its
-own templates, synonyms and word order (Chinese mostly puts the position first, English
-last), so neither language is a word-for-word translation of the other.
-
-:func:`write_dataset` writes (``iap-rt toy data``)::
-
-    images/000000.png ...     32x32 RGB PNGs
-    train.jsonl               training combinations only (what `iap-rt toy base` reads)
-    train_10pct.jsonl ...     nested fraction subsets of train.jsonl (1%, 3%, 10%) for transfer
-    test.jsonl                images of held-out combinations (validation / checker tests)
-    meta.json                 attributes, held-out combinations, seed, counts
-
-Each JSONL row: ``{"image", "zh", "en", "colour", "shape", "position", "split"}`` with the
-image path relative to the JSONL file (what ``iap-rt train --data`` reads).
+Each JSONL row: ``{"image", "zh", "en", "layout", "objects", "style", "split"}`` (``objects``:
+``[[colour, shape], ...]`` in combo order, see :mod:`iap_rt.train.toy.scenes`), with the image
+path relative to the JSONL file. A quarter of the images (``one_fraction``) show one object;
+the rest two. Sample ``i`` of a stream depends only on ``(seed, stream, i)``. ``meta.json``
+names the world ``toy2``, version 2 (the one- and two-object world, which was ``iap-rt toy2``
+while a one-shape world was ``iap-rt toy``; its version-1 data had no ``world`` key).
 
 numpy + PIL only (no torch).
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from iap_rt.fileio import ensure_dir, write_json_atomic, write_text_atomic
+from iap_rt.train.toy import captions, scenes
 
-SHAPES = ("circle", "square", "triangle", "cross")
-COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
-POSITIONS = ("left", "right", "top", "bottom", "centre")
-ATTRIBUTES = ("colour", "shape", "position")
-
-IMAGE_SIZE = 32
-SUPERSAMPLE = 4  # shapes are drawn at 4x and box-filtered down (anti-aliased edges)
-FRACTIONS = (0.01, 0.03, 0.10)
-DATA_VERSION = 1
-
-# Base RGB of each colour; every image jitters each channel by up to +-COLOUR_JITTER.
-RGB = {
-    "red": (215, 35, 35),
-    "green": (40, 165, 60),
-    "blue": (40, 80, 225),
-    "yellow": (235, 210, 25),
-    "purple": (140, 50, 195),
-    "orange": (245, 135, 20),
-}
-COLOUR_JITTER = 18
-BACKGROUND = (205, 245)  # plain grey background, brightness drawn per image
-# Shape centre per position in a 32-pixel image (x, y); offsets jitter by +-OFFSET_JITTER.
-CENTRES = {
-    "left": (9, 16),
-    "right": (23, 16),
-    "top": (16, 9),
-    "bottom": (16, 23),
-    "centre": (16, 16),
-}
-OFFSET_JITTER = 2.0
-RADIUS = (4.5, 6.5)  # half-extent of the shape in pixels (32-pixel image)
-
-# ---- captions --------------------------------------------------------------------------------
-EN_COLOUR = {
-    "red": ("red", "scarlet"),
-    "green": ("green",),
-    "blue": ("blue",),
-    "yellow": ("yellow",),
-    "purple": ("purple", "violet"),
-    "orange": ("orange",),
-}
-EN_SHAPE = {
-    "circle": ("circle", "disc", "round dot"),
-    "square": ("square", "box"),
-    "triangle": ("triangle",),
-    "cross": ("cross", "plus sign"),
-}
-EN_WHERE = {  # prepositional phrases
-    "left": ("on the left", "at the left", "on the left side", "to the left"),
-    "right": ("on the right", "at the right", "on the right side", "to the right"),
-    "top": ("at the top", "on top", "near the top", "in the upper part"),
-    "bottom": ("at the bottom", "near the bottom", "in the lower part"),
-    "centre": ("in the centre", "in the center", "in the middle"),
-}
-EN_PLACE = {  # noun phrases
-    "left": ("left side", "left"),
-    "right": ("right side", "right"),
-    "top": ("top", "upper part"),
-    "bottom": ("bottom", "lower part"),
-    "centre": ("centre", "center", "middle"),
-}
-EN_TEMPLATES = (
-    "{a} {c} {s} {w}",
-    "{c} {s}, {p}",
-    "{w}, {a} {c} {s}",
-    "there is {a} {c} {s} {w}",
-    "{a} {s} in {c} {w}",
-    "{c} {s} {w}",
-    "{p}: {c} {s}",
-)
-
-ZH_COLOUR = {  # (long form, short form(s)); the short form is bound to the noun ("红圆")
-    "red": (("红色",), ("红",)),
-    "green": (("绿色",), ("绿",)),
-    "blue": (("蓝色",), ("蓝",)),
-    "yellow": (("黄色",), ("黄",)),
-    "purple": (("紫色",), ("紫",)),
-    "orange": (("橙色", "橘色"), ("橙",)),
-}
-ZH_SHAPE = {
-    "circle": ("圆", "圆形", "圆圈"),
-    "square": ("正方形", "方块", "方形"),
-    "triangle": ("三角形", "三角"),
-    "cross": ("十字", "十字形", "加号"),
-}
-ZH_PLACE = {
-    "left": ("左边", "左侧", "左面"),
-    "right": ("右边", "右侧", "右面"),
-    "top": ("上面", "上方", "顶部"),
-    "bottom": ("下面", "下方", "底部"),
-    "centre": ("中间", "中央", "正中间"),
-}
-ZH_TEMPLATES = (
-    "{p}有一个{cs}",
-    "{cs}在{p}",
-    "一个{cs}，位于{p}",
-    "在{p}的{cs}",
-    "{p}：{cs}",
-    "画面{p}是一个{cs}",
-    "{p}画着一个{cs}",
-)
+DATA_VERSION = 2
+FRACTIONS = (0.01, 0.05, 0.10, 1.0)
+ONE_FRACTION = 0.25
 
 
-def all_combos() -> list[tuple[str, str, str]]:
-    """Every (colour, shape, position) combination, in a fixed order."""
-    return list(itertools.product(COLOURS, SHAPES, POSITIONS))
+def fraction_name(fraction: float) -> str:
+    """0.05 -> ``"5pct"`` (the grid's name of a training subset)."""
+    return f"{round(fraction * 100):d}pct"
 
 
-def heldout_combos(split_seed: int = 0) -> list[tuple[str, str, str]]:
-    """The 24 held-out (colour, shape, position) combinations (20% of 120).
-
-    One position per (colour, shape) pair: ``pos = (colour_rank + shape_rank) mod 5`` over
-    seeded orderings of the three attribute lists. For a fixed colour the 4 shapes hold out
-    4 distinct positions; for a fixed shape the 6 colours hold out each position at most
-    twice, so every attribute pair still occurs in training.
-    """
-    rng = np.random.default_rng([split_seed, 7])
-    cr = {c: int(i) for i, c in zip(rng.permutation(len(COLOURS)), COLOURS)}
-    sr = {s: int(i) for i, s in zip(rng.permutation(len(SHAPES)), SHAPES)}
-    pos = [POSITIONS[i] for i in rng.permutation(len(POSITIONS))]
-    out = [(c, s, pos[(cr[c] + sr[s]) % len(POSITIONS)]) for c in COLOURS for s in SHAPES]
-    return sorted(out, key=all_combos().index)
-
-
-def train_combos(split_seed: int = 0) -> list[tuple[str, str, str]]:
-    held = set(heldout_combos(split_seed))
-    return [c for c in all_combos() if c not in held]
-
-
-def _a(word: str) -> str:
-    return "an" if word[0] in "aeiou" else "a"
-
-
-def caption_en(colour: str, shape: str, position: str, rng: np.random.Generator) -> str:
-    """One English caption (template, synonyms and word order drawn from ``rng``)."""
-    t = EN_TEMPLATES[rng.integers(len(EN_TEMPLATES))]
-    c = EN_COLOUR[colour][rng.integers(len(EN_COLOUR[colour]))]
-    s = EN_SHAPE[shape][rng.integers(len(EN_SHAPE[shape]))]
-    w = EN_WHERE[position][rng.integers(len(EN_WHERE[position]))]
-    p = EN_PLACE[position][rng.integers(len(EN_PLACE[position]))]
-    a = _a(s) if t.startswith("{a} {s}") else _a(c)
-    return t.format(a=a, c=c, s=s, w=w, p=p)
-
-
-def caption_zh(colour: str, shape: str, position: str, rng: np.random.Generator) -> str:
-    """One Chinese caption, drawn independently of the English one."""
-    t = ZH_TEMPLATES[rng.integers(len(ZH_TEMPLATES))]
-    longs, shorts = ZH_COLOUR[colour]
-    s = ZH_SHAPE[shape][rng.integers(len(ZH_SHAPE[shape]))]
-    form = rng.integers(3)
-    if form == 0:  # 红色的圆
-        cs = f"{longs[rng.integers(len(longs))]}的{s}"
-    elif form == 1:  # 红色圆形
-        cs = f"{longs[rng.integers(len(longs))]}{s}"
-    else:  # 红圆
-        cs = f"{shorts[rng.integers(len(shorts))]}{s}"
-    p = ZH_PLACE[position][rng.integers(len(ZH_PLACE[position]))]
-    return t.format(p=p, cs=cs)
-
-
-def en_vocabulary() -> list[str]:
-    """Every English word (and punctuation token) a caption can contain, sorted."""
-    words: set[str] = set()
-    for table in (EN_COLOUR, EN_SHAPE, EN_WHERE, EN_PLACE):
-        for phrases in table.values():
-            for ph in phrases:
-                words.update(ph.split())
-    for t in EN_TEMPLATES:
-        for tok in t.replace(",", " , ").replace(":", " : ").split():
-            if not tok.startswith("{"):
-                words.add(tok)
-    words.update({"a", "an"})
-    return sorted(words)
-
-
-def zh_characters() -> list[str]:
-    """Every character a Chinese caption can contain, sorted."""
-    chars: set[str] = set()
-    for table in (ZH_SHAPE, ZH_PLACE):
-        for phrases in table.values():
-            chars.update("".join(phrases))
-    for longs, shorts in ZH_COLOUR.values():
-        chars.update("".join(longs + shorts))
-    for t in ZH_TEMPLATES:
-        chars.update(t.replace("{p}", "").replace("{cs}", ""))
-    chars.add("的")
-    return sorted(chars)
-
-
-# ---- images ----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Sample:
-    colour: str
-    shape: str
-    position: str
-    cx: float  # shape centre, pixels of a 32-pixel image
-    cy: float
-    radius: float
-    rgb: tuple[int, int, int]
-    background: tuple[int, int, int]
-
-
-def draw_sample(colour: str, shape: str, position: str, rng: np.random.Generator) -> Sample:
-    """Draw the jittered geometry and colours of one image."""
-    x0, y0 = CENTRES[position]
-    cx = x0 + rng.uniform(-OFFSET_JITTER, OFFSET_JITTER)
-    cy = y0 + rng.uniform(-OFFSET_JITTER, OFFSET_JITTER)
-    radius = rng.uniform(*RADIUS)
-    base = np.array(RGB[colour])
-    rgb = np.clip(base + rng.integers(-COLOUR_JITTER, COLOUR_JITTER + 1, 3), 0, 255)
-    g = rng.integers(BACKGROUND[0], BACKGROUND[1] + 1)
-    bg = np.clip(g + rng.integers(-4, 5, 3), 0, 255)
-    return Sample(
-        colour,
-        shape,
-        position,
-        float(cx),
-        float(cy),
-        float(radius),
-        tuple(int(v) for v in rgb),
-        tuple(int(v) for v in bg),
-    )
-
-
-def render(s: Sample, size: int = IMAGE_SIZE) -> np.ndarray:
-    """The (size, size, 3) uint8 image of ``s`` (geometry scales with ``size``/32)."""
-    k = SUPERSAMPLE * size / IMAGE_SIZE
-    big = Image.new("RGB", (size * SUPERSAMPLE,) * 2, s.background)
-    d = ImageDraw.Draw(big)
-    cx, cy, r = s.cx * k, s.cy * k, s.radius * k
-    if s.shape == "circle":
-        d.ellipse((cx - r, cy - r, cx + r, cy + r), fill=s.rgb)
-    elif s.shape == "square":
-        h = 0.9 * r
-        d.rectangle((cx - h, cy - h, cx + h, cy + h), fill=s.rgb)
-    elif s.shape == "triangle":
-        R = 1.2 * r  # circumradius of an upward equilateral triangle, centroid at (cx, cy)
-        pts = [(cx, cy - R), (cx - 0.866 * R, cy + 0.5 * R), (cx + 0.866 * R, cy + 0.5 * R)]
-        d.polygon(pts, fill=s.rgb)
-    elif s.shape == "cross":
-        a, w = 1.05 * r, 0.36 * r
-        d.rectangle((cx - a, cy - w, cx + a, cy + w), fill=s.rgb)
-        d.rectangle((cx - w, cy - a, cx + w, cy + a), fill=s.rgb)
+def mixed_combos(
+    split: str, n: int, rng: np.random.Generator, split_seed: int, one_fraction: float
+) -> list[tuple]:
+    """``n`` combos of ``split`` (train / test): one-object with probability ``one_fraction``,
+    each kind in balanced shuffled rounds (every prefix is balanced)."""
+    if split == "train":
+        one, two = scenes.train_combos(split_seed, "one"), scenes.train_combos(split_seed, "two")
     else:
-        raise ValueError(f"unknown shape {s.shape!r}")
-    return np.asarray(big.resize((size, size), Image.BOX), dtype=np.uint8)
-
-
-def make_image(
-    colour: str, shape: str, position: str, rng: np.random.Generator, size: int = IMAGE_SIZE
-) -> np.ndarray:
-    return render(draw_sample(colour, shape, position, rng), size)
-
-
-def balanced_combos(combos: list, n: int, rng: np.random.Generator) -> list:
-    """``n`` combinations: consecutive shuffled rounds of ``combos`` (every prefix balanced)."""
-    out: list = []
-    while len(out) < n:
-        out.extend(combos[i] for i in rng.permutation(len(combos)))
-    return out[:n]
+        held = scenes.heldout_combos(split_seed)
+        one = [c for c in held if scenes.n_objects(c) == 1]
+        two = [c for c in held if scenes.n_objects(c) == 2]
+    is_one = rng.random(n) < one_fraction
+    ones = balanced_combos(one, int(is_one.sum()), rng)
+    twos = balanced_combos(two, n - int(is_one.sum()), rng)
+    it_one, it_two = iter(ones), iter(twos)
+    return [next(it_one) if k else next(it_two) for k in is_one]
 
 
 def sample_rows(
-    combos: list, n: int, seed: int, stream: int, size: int = IMAGE_SIZE
+    combos: list[tuple], seed: int, stream: int, style: str = "flat"
 ) -> list[tuple[dict, np.ndarray]]:
-    """``n`` (row, image) pairs; sample ``i`` depends only on (seed, stream, i) and its combo."""
-    order = balanced_combos(combos, n, np.random.default_rng([seed, stream, 0]))
+    """``(row, image)`` per combo; sample ``i`` draws from ``rng([seed, stream, 1, i])``."""
     out = []
-    for i, (colour, shape, position) in enumerate(order):
+    for i, combo in enumerate(combos):
         rng = np.random.default_rng([seed, stream, 1, i])
-        img = make_image(colour, shape, position, rng, size)
+        img = scenes.make_image(combo, rng, style)
         row = {
-            "en": caption_en(colour, shape, position, rng),
-            "zh": caption_zh(colour, shape, position, rng),
-            "colour": colour,
-            "shape": shape,
-            "position": position,
+            "en": captions.caption_en(combo, rng),
+            "zh": captions.caption_zh(combo, rng),
+            **scenes.combo_to_json(combo),
+            "style": style,
         }
         out.append((row, img))
     return out
@@ -326,56 +81,62 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
-def fraction_name(fraction: float) -> str:
-    return f"train_{round(fraction * 100):d}pct.jsonl"
-
-
 def write_dataset(
     out: str | os.PathLike,
-    n: int = 20000,
+    n: int = 40000,
     seed: int = 0,
     split_seed: int = 0,
     n_test: int | None = None,
-    size: int = IMAGE_SIZE,
     fractions: tuple[float, ...] = FRACTIONS,
+    one_fraction: float = ONE_FRACTION,
+    style: str = "flat",
 ) -> dict:
-    """Write the toy dataset to ``out`` (layout in the module docstring); returns meta.json."""
+    """Write the dataset to ``out`` (layout in the module docstring); returns meta.json."""
     out = ensure_dir(out)
-    img_dir = ensure_dir(out / "images")
+    ensure_dir(out / "images")
     n_test = n // 10 if n_test is None else n_test
-    splits = {
-        "train": sample_rows(train_combos(split_seed), n, seed, 0, size),
-        "test": sample_rows(heldout_combos(split_seed), n_test, seed, 1, size),
-    }
     rows_by_split: dict[str, list[dict]] = {}
-    for split, pairs in splits.items():
+    for stream, (split, count) in enumerate((("train", n), ("test", n_test))):
+        rng = np.random.default_rng([seed, stream, 0])
+        combos = mixed_combos(split, count, rng, split_seed, one_fraction)
         rows = []
-        for i, (row, img) in enumerate(pairs):
+        for i, (row, img) in enumerate(sample_rows(combos, seed, stream, style)):
             rel = f"images/{split}_{i:06d}.png"
-            Image.fromarray(img).save(img_dir / f"{split}_{i:06d}.png", optimize=False)
+            Image.fromarray(img).save(out / rel, optimize=False)
             rows.append({"image": rel, **row, "split": split})
         rows_by_split[split] = rows
         _write_jsonl(out / f"{split}.jsonl", rows)
     subsets = {}
     for f in fractions:
         k = max(1, round(f * n))
-        _write_jsonl(out / fraction_name(f), rows_by_split["train"][:k])
-        subsets[fraction_name(f)] = k
+        name = f"train_{fraction_name(f)}.jsonl"
+        _write_jsonl(out / name, rows_by_split["train"][:k])
+        subsets[name] = k
     meta = {
         "version": DATA_VERSION,
+        "world": "toy2",
         "seed": seed,
         "split_seed": split_seed,
-        "image_size": size,
+        "style": style,
+        "image_size": scenes.IMAGE_SIZE,
         "n_train": n,
         "n_test": n_test,
+        "one_fraction": one_fraction,
         "subsets": subsets,
-        "attributes": {"colour": COLOURS, "shape": SHAPES, "position": POSITIONS},
-        "heldout": [list(c) for c in heldout_combos(split_seed)],
-        "en_vocabulary": en_vocabulary(),
-        "zh_characters": zh_characters(),
+        "heldout": [scenes.combo_to_json(c) for c in scenes.heldout_combos(split_seed)],
+        "en_vocabulary": captions.en_vocabulary(),
+        "zh_characters": captions.zh_characters(),
     }
     write_json_atomic(out / "meta.json", meta)
     return meta
+
+
+def balanced_combos(combos: list, n: int, rng: np.random.Generator) -> list:
+    """``n`` combinations: consecutive shuffled rounds of ``combos`` (every prefix balanced)."""
+    out: list = []
+    while len(out) < n:
+        out.extend(combos[i] for i in rng.permutation(len(combos)))
+    return out[:n]
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
@@ -389,3 +150,7 @@ def load_images(path: str | os.PathLike, rows: list[dict] | None = None) -> np.n
     rows = read_jsonl(path) if rows is None else rows
     imgs = [np.asarray(Image.open(path.parent / r["image"]).convert("RGB")) for r in rows]
     return np.stack(imgs)
+
+
+def row_combo(row: dict) -> tuple:
+    return scenes.combo_from_json(row)
