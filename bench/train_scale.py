@@ -282,8 +282,8 @@ def index_child(args) -> None:
     """What ``iap-rt train`` does with the data before loading a model, timed per phase."""
     t0 = time.perf_counter()
     from iap_rt.train.config import TrainConfig
-    from iap_rt.train.data import text_key
     from iap_rt.train.dataset import plan_sets, read_sets
+    from iap_rt.train.latent_cache import text_key
 
     rec = {
         "import_s": round(time.perf_counter() - t0, 2),

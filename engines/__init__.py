@@ -9,4 +9,8 @@ Extra: ``pip install 'iap-rt[trt]'`` (TensorRT-RTX, polygraphy, onnx), or full T
 NVIDIA (README). Entry points: ``iap-rt engines build|check`` (:mod:`iap_rt.engines.cli`),
 :func:`iap_rt.engines.stage.build_engines`, :func:`iap_rt.engines.stage.maybe_build_engines`
 (``iap-rt export --engines``).
+
+Benchmark pieces: the engine-build benchmark at SD 1.5 size is ``bench/engine_sd15.py``
+(``bench/results/engine_sd15.json``); running engines is timed by ``iap-rt bench --backends
+trt`` (:mod:`iap_rt.bench`, worker :mod:`iap_rt.bench.worker`).
 """

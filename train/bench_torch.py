@@ -4,7 +4,7 @@
     python -m iap_rt.train.bench_torch worker SPEC_JSON RESULT_JSON   # torch, torch-compile
     python -m iap_rt.train.bench_torch build ARCH ROOT                # tiny | sd15 sources
 
-- ``worker``: the reference backends, :class:`iap_rt.train.reference.TorchPipeline` in eager
+- ``worker``: the reference backends, :class:`iap_rt.train.torch_pipeline.TorchPipeline` in eager
   PyTorch (fp32 on CPU; fp16 with diffusers' default SDPA attention on CUDA, the VAE at the
   model directory's VAE precision so that the VAE decode is compared like for like, and
   timed at fp16 and fp32 both), optionally the UNet under ``torch.compile``; measured by
@@ -53,7 +53,7 @@ def load_torch(spec: WorkerSpec) -> LoadedBackend:
         import diffusers  # noqa: F401 - imported before the cold-start clock starts
         import torch
 
-        from iap_rt.train.reference import TorchPipeline
+        from iap_rt.train.torch_pipeline import TorchPipeline
     except ImportError as e:
         raise BackendUnavailableError(
             f"the torch reference needs torch and diffusers ({e})",

@@ -24,7 +24,8 @@ import torch
 from iap_rt.errors import InputError
 from iap_rt.tokenizer import PromptTokenizer
 from iap_rt.train.config import TrainConfig
-from iap_rt.train.data import (
+from iap_rt.train.imageindex import ImageIndex, ScanResult, gather_objects, scan_images
+from iap_rt.train.latent_cache import (
     ShardCache,
     await_entries,
     check_bad,
@@ -34,7 +35,6 @@ from iap_rt.train.data import (
     owner,
     text_key,
 )
-from iap_rt.train.imageindex import ImageIndex, ScanResult, gather_objects, scan_images
 from iap_rt.train.models import Frozen
 from iap_rt.train.rows import Rows, read_rows
 from iap_rt.train.sample_rng import derive_seed

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from iap_rt.train.data import ShardCache, sha256_bytes
+from iap_rt.train.latent_cache import ShardCache, sha256_bytes
 from iap_rt.train.rows import Rows
 
 INDEX = "image-keys.parquet"

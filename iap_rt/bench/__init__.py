@@ -14,7 +14,7 @@ How a run works (:func:`iap_rt.bench.run.run_bench`):
    written after every backend (``complete: false`` until the last). The
    ``ort``/``trt`` workers (``python -m iap_rt.bench.worker``) never import torch; the
    ``torch``/``torch-compile`` worker is ``python -m iap_rt.train.bench_torch worker``, which
-   runs :class:`iap_rt.train.reference.TorchPipeline`.
+   runs :class:`iap_rt.train.torch_pipeline.TorchPipeline`.
 3. in each worker: load (session creation / model load) + the first image = **cold start**;
    then ``warmup - 1`` unmeasured images; then ``repeat`` measured images. Per run the
    pipeline's own timings are kept (text encoder incl. tokenizer, UNet per step, whole loop,

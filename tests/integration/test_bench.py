@@ -146,7 +146,7 @@ def test_torch_vae_runs_at_the_requested_precision_and_is_timed_at_both(
     import torch
 
     from iap_rt.train.bench_torch import vae_decode_by_precision
-    from iap_rt.train.reference import TorchPipeline
+    from iap_rt.train.torch_pipeline import TorchPipeline
 
     ref = TorchPipeline.from_dirs(
         tiny_model_dir, tiny_sd_dir, tiny_encoder_dir, vae_dtype=torch.float16

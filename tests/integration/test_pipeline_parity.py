@@ -1,5 +1,5 @@
 """The runtime (ONNX Runtime + numpy schedulers) against its PyTorch twin
-(:class:`iap_rt.train.reference.TorchPipeline`: diffusers UNet/VAE/schedulers + our encoder in
+(:class:`iap_rt.train.torch_pipeline.TorchPipeline`: diffusers UNet/VAE/schedulers + our encoder in
 torch) on the same tiny model and seed."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from iap_rt.backends.ort import OrtBackend
 from iap_rt.modeldir import ModelDir
 from iap_rt.pipeline import Pipeline, initial_noise
 from iap_rt.schedulers import SCHEDULERS
-from iap_rt.train.reference import DIFFUSERS_SCHEDULERS, TorchPipeline
+from iap_rt.train.torch_pipeline import DIFFUSERS_SCHEDULERS, TorchPipeline
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,7 @@ def test_reference_refuses_what_it_cannot_run(reference):
     import torch
 
     from iap_rt.errors import ConfigError, InputError
-    from iap_rt.train.reference import diffusers_scheduler
+    from iap_rt.train.torch_pipeline import diffusers_scheduler
 
     with pytest.raises(ConfigError, match="unknown scheduler 'heun'") as e:
         diffusers_scheduler("heun", reference.scheduler_config)

@@ -271,8 +271,8 @@ def test_a_sample_draws_the_same_numbers_in_any_batch(tmp_path, tiny_encoder_dir
     from diffusers import DDPMScheduler
 
     from iap_rt.train import sample_rng
-    from iap_rt.train.data import ShardCache, text_key
     from iap_rt.train.dataset import CachedSet, make_batch
+    from iap_rt.train.latent_cache import ShardCache, text_key
     from iap_rt.train.models import load_encoder
     from iap_rt.train.rows import read_rows
 
@@ -314,7 +314,7 @@ def test_a_sample_draws_the_same_numbers_in_any_batch(tmp_path, tiny_encoder_dir
 def test_two_ranks_build_one_cache_without_sharing_a_file(tmp_path):
     import hashlib
 
-    from iap_rt.train.data import ShardCache, fill_cache
+    from iap_rt.train.latent_cache import ShardCache, fill_cache
 
     todo = {hashlib.sha256(str(i).encode()).hexdigest(): i for i in range(300)}
     key = {i: k for k, i in todo.items()}

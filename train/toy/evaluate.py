@@ -216,7 +216,7 @@ def diffusers_generator(
     numpy_noise: bool = False,
 ) -> GenerateFn:
     """Sample a diffusers-format toy base: DDIM (eta 0), classifier-free guidance, run by the
-    PyTorch twin of the runtime (:class:`iap_rt.train.reference.TorchPipeline`) on the base's
+    PyTorch twin of the runtime (:class:`iap_rt.train.torch_pipeline.TorchPipeline`) on the base's
     CLIP embeddings (``""`` as the unconditional prompt), ``batch`` prompts per UNet call.
 
     ``numpy_noise``: draw image noise with :func:`iap_rt.pipeline.initial_noise` (the runtime's),
@@ -224,7 +224,7 @@ def diffusers_generator(
     import torch
 
     from iap_rt.pipeline import initial_noise as noise
-    from iap_rt.train.reference import TorchPipeline
+    from iap_rt.train.torch_pipeline import TorchPipeline
     from iap_rt.train.toy.base_model import load_base, tokenize
 
     torch.set_num_threads(threads)
