@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import click
 
-from iap_rt.config import load_config
+from iap_rt.config import config_options, load_config
+from iap_rt.enginedir import FLAVOURS
+from iap_rt.engines.config import EngineConfig
 from iap_rt.errors import ArtifactMismatchError, ArtifactNotFoundError
 
-FLAVOUR_CHOICE = click.Choice(["auto", "tensorrt", "tensorrt_rtx"])
+FLAVOUR_CHOICE = click.Choice(["auto", *FLAVOURS])
 
 
 @click.group("engines")
@@ -23,63 +25,17 @@ def engines():
     type=click.Path(file_okay=False),
     help="Model directory written by `iap-rt export`.",
 )
+@config_options(
+    EngineConfig,
+    choices={"flavour": ("auto", *FLAVOURS)},
+    names={"flavour": "--trt-flavour", "dynamic": "--dynamic/--static",
+           "compute_capabilities": ("--compute-capabilities", "--compute-capability")},
+)  # fmt: skip
 @click.option(
     "--config",
     "config_path",
     type=click.Path(dir_okay=False),
     help="Workspace TOML (default ./iap-rt.toml); its [engines] table.",
-)
-@click.option(
-    "--trt-flavour",
-    "flavour",
-    type=FLAVOUR_CHOICE,
-    default=None,
-    help="TensorRT flavour (default auto: what is installed).",
-)
-@click.option(
-    "--height",
-    type=int,
-    default=None,
-    help="Image height to optimise for [the model's native size].",
-)
-@click.option(
-    "--width", type=int, default=None, help="Image width to optimise for [the model's native size]."
-)
-@click.option("--batch", default=None, help="Images per prompt: 1 (static) or MIN:MAX, e.g. 1:4.")
-@click.option("--resolution", default=None, help="Dynamic image side range MIN:MAX, e.g. 256:768.")
-@click.option(
-    "--dynamic/--static",
-    default=None,
-    help="Dynamic shorthand: --batch 1:4 --resolution 256:1024 unless given.",
-)
-@click.option(
-    "--guidance/--no-guidance",
-    default=None,
-    help="Engines for classifier-free guidance (UNet/text batch 2B) [guidance].",
-)
-@click.option("--networks", default=None, help="Comma-separated subset, e.g. unet [all].")
-@click.option(
-    "--compute-capability",
-    "compute_capabilities",
-    default=None,
-    help="TensorRT-RTX targets, e.g. 8.6,8.9 or current [portable default].",
-)
-@click.option("--optimization-level", type=int, default=None, help="Builder level 0-5 [3].")
-@click.option("--workspace-mb", type=int, default=None, help="Builder workspace limit (MiB).")
-@click.option(
-    "--timing-cache/--no-timing-cache",
-    default=None,
-    help="Keep a per-GPU timing cache (full TensorRT) [on].",
-)
-@click.option(
-    "--detailed-profile/--no-detailed-profile",
-    default=None,
-    help="Keep detailed layer info (engine inspector).",
-)
-@click.option(
-    "--cuda-graph/--no-cuda-graph",
-    default=None,
-    help="Default the runtime to CUDA-graph capture of the UNet step.",
 )
 @click.option("--force", is_flag=True, help="Rebuild even when up-to-date engines exist.")
 def build(model, config_path, force, **options):  # fmt: skip

@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import click
 
-from iap_rt.config import GenerateConfig, ServeConfig, load_config
+from iap_rt.config import GenerateConfig, ServeConfig, config_options, load_config
 from iap_rt.errors import InputError, OutputError
-
-SCHEDULER_CHOICES = ("ddim", "euler", "dpm++")
-BACKEND_CHOICES = ("auto", "ort", "trt")
 
 
 def read_prompts_file(path: str) -> list[str]:
@@ -35,42 +31,7 @@ def read_prompts_file(path: str) -> list[str]:
 
 @click.command("generate")
 @click.argument("prompt", required=False)
-@click.option("--model", help="Model directory (default: workspace, else the embedded model).")
-@click.option("--negative", help="Negative prompt (what to steer away from).")
-@click.option("--steps", type=int, help="Denoising steps, 1-1000 [25].")
-@click.option(
-    "--guidance",
-    type=float,
-    help="Classifier-free guidance scale, 0-100; <= 1 disables it [the model's default: 7.5 "
-    "for SD, 3 for the embedded toy model].",
-)
-@click.option(
-    "--seed", type=int, help="Seed of the first image, 0 to 2**63-1; image i uses seed+i [0]."
-)
-@click.option(
-    "--height",
-    type=int,
-    help="Image height in pixels, a multiple of VAE factor x 2^UNet down-samplings (64 for SD 1.5) [model's size].",
-)
-@click.option(
-    "--width", type=int, help="Image width in pixels, same rule as --height [model's size]."
-)
-@click.option("--batch-size", type=int, help="Images per prompt [1].")
-@click.option(
-    "--chunk-size", type=int, help="Images per UNet batch; larger batches run as several [8]."
-)
-@click.option(
-    "--memory-limit",
-    help="Refuse a call whose estimated peak memory exceeds this: auto (90% of what is "
-    "available), a size like 12GB, or off [auto].",
-)
-@click.option("--scheduler", help=f"One of {', '.join(SCHEDULER_CHOICES)} [model's default].")
-@click.option("--backend", help=f"One of {', '.join(BACKEND_CHOICES)} [auto].")
-@click.option(
-    "--out",
-    help="One image: a .png, .jpg, .jpeg or .webp file; else a directory of numbered PNGs "
-    "[outputs/].",
-)
+@config_options(GenerateConfig)
 @click.option(
     "--prompts-file", type=click.Path(), help="Generate for every line of this UTF-8 file."
 )
@@ -167,70 +128,19 @@ def generate(prompt, as_json, config_path, prompts_file, no_progress, server, **
 
 @click.command("info")
 @click.option("--model", type=click.Path(), help="Model directory (default: the embedded model).")
-def info(model):
-    """Show installed backends, TensorRT, the model manifest, its integrity and leftovers."""
-    import importlib.metadata
+@click.option("--json", "as_json", is_flag=True, help="Print everything as JSON (for scripts).")
+def info(model, as_json):
+    """Summarise the install (ONNX Runtime, TensorRT) and a model directory: architecture,
+    size, networks and their integrity, engines, sampling defaults, what it knows."""
+    from iap_rt.modeldir import default_model_dir
+    from iap_rt.summary import report, summary_lines
 
-    from iap_rt.errors import ArtifactMismatchError
-    from iap_rt.fileio import leftovers, lock_holder
-    from iap_rt.modeldir import ModelDir, default_model_dir
-    from iap_rt.ortinfo import ort_status
-
-    version = importlib.metadata.version("iap-rt")
-    click.echo(f"iap-rt {version}  python {sys.version.split()[0]}")
-    for line in ort_status().lines():  # the wheel, its providers, what CUDA lacks + the fix
-        click.echo(line)
-    trt = _tensorrt_flavours()
-    click.echo("TensorRT: " + (", ".join(f"{k} {v}" for k, v in trt.items()) or "not installed"))
-    path = Path(model or default_model_dir())
-    opened = ModelDir.open(path, verify=False, clean=False)
-    click.echo(f"model: {opened.path}")
-    holder = lock_holder(path)
-    for p in leftovers(path):
-        state = (
-            f"in use by a running export, pid {holder}"
-            if holder
-            else "left by a killed export; the next generate, export or engines run on this "
-            "model removes it"
-        )
-        click.echo(f"leftover: {p} ({_du(p) / 1e6:.1f} MB, {state})")
-    try:
-        hashed = opened.verify()
-        files = opened.recorded_hashes()
-        how = f"hashed {len(hashed)} now" if hashed else "unchanged since verified"
-        click.echo(f"integrity: {len(files)} network file(s) match the manifest ({how})")
-    except ArtifactMismatchError as e:
-        click.echo(f"integrity: FAILED: {e}")
-    click.echo(json.dumps(opened.manifest, indent=2, ensure_ascii=False))
-
-
-def _du(path: Path) -> int:
-    """Bytes under ``path`` (files only; vanished entries count 0)."""
-    total = 0
-    for p in path.rglob("*") if path.exists() else ():
-        try:
-            if p.is_file() and not p.is_symlink():
-                total += p.stat().st_size
-        except OSError:
-            continue
-    return total
-
-
-def _tensorrt_flavours() -> dict:
-    import importlib.metadata
-
-    found = {}
-    for flavour, dists in (
-        ("tensorrt", ("tensorrt", "tensorrt-cu12", "tensorrt-cu13")),
-        ("tensorrt_rtx", ("tensorrt-rtx-cu13", "tensorrt-rtx", "tensorrt_rtx")),
-    ):
-        for d in dists:
-            try:
-                found[flavour] = importlib.metadata.version(d)
-                break
-            except importlib.metadata.PackageNotFoundError:
-                continue
-    return found
+    doc = report(Path(model or default_model_dir()))
+    if as_json:
+        click.echo(json.dumps(doc, indent=2, ensure_ascii=False))
+    else:
+        for line in summary_lines(doc):
+            click.echo(line)
 
 
 @click.command("init")

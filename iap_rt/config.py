@@ -351,3 +351,93 @@ def _toml_value(v) -> str:
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     s = str(v).replace("\\", "\\\\").replace('"', '\\"')
     return f'"{s}"'
+
+
+# ---- command-line options from a config dataclass ------------------------------------------
+def flag_name(name: str) -> str:
+    """``batch_size`` -> ``--batch-size``."""
+    return "--" + name.replace("_", "-")
+
+
+def option_help(cls, name: str, required: bool = False, note: str = "") -> str:
+    """A field's help (+ ``note``) with its default (or "required"), as ``--help`` shows it."""
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    text = f.metadata.get("help", "") + note
+    if required:
+        return text + "  [required, here or in iap-rt.toml]"
+    if f.default is dataclasses.MISSING or f.default is None or f.default == ():
+        return text
+    if isinstance(f.default, tuple):
+        shown = ",".join(map(str, f.default))
+    else:
+        shown = f.default or '""' if isinstance(f.default, str) else _toml_value(f.default)
+    return text + f"  [default: {shown}]"
+
+
+def config_options(
+    cls,
+    *,
+    required: tuple[str, ...] = (),
+    choices: Mapping[str, tuple[str, ...]] | None = None,
+    names: Mapping[str, str | tuple[str, ...]] | None = None,
+    comma_lists: tuple[str, ...] = (),
+    skip: tuple[str, ...] = (),
+):
+    """A decorator adding one click option per field of the config dataclass ``cls``: the
+    option's name, type, help and shown default all come from the field, so an option, its
+    ``iap-rt.toml`` key and its default cannot drift (pass the options to
+    :func:`load_config`). Every option defaults to None, "not given", so the TOML value or the
+    field's default applies.
+
+    ``names``: a field's option declaration(s) when it is not ``--field-name`` (e.g.
+    ``"--trt-flavour"``, ``"--dynamic/--static"`` for a boolean, or a tuple: the name and
+    older aliases); ``choices``: allowed
+    values (click checks them); ``comma_lists``: tuple fields whose values may also be given
+    comma-separated (``--backends ort,trt``); ``skip``: fields that are not options. Booleans
+    are ``--x/--no-x`` (a field named ``no_x`` is the one flag ``--no-x``); tuples repeat."""
+    import click
+
+    hints = typing.get_type_hints(cls)
+    choices, names = dict(choices or {}), dict(names or {})
+
+    def decorate(command):
+        for fld in reversed(dataclasses.fields(cls)):
+            if fld.name in skip:
+                continue
+            kinds, _ = _allowed(hints[fld.name])
+            kind = typing.get_origin(kinds[0]) or kinds[0]
+            kw = {"default": None, "help": option_help(cls, fld.name, fld.name in required)}
+            decls = names.get(fld.name, flag_name(fld.name))
+            decls = (decls,) if isinstance(decls, str) else tuple(decls)
+            if kind is bool:
+                if "/" in decls[0]:
+                    pass  # "--on/--off" as given
+                elif fld.name.startswith("no_"):
+                    kw["is_flag"] = True
+                else:
+                    decls = (f"{decls[0]}/--no-{decls[0][2:]}",)
+                option = click.option(*decls, fld.name, **kw)
+            elif kind is tuple:
+                split = fld.name in comma_lists
+                note = "; repeat the option for several" + (
+                    " (or separate them with commas)" if split else ""
+                )
+                kw["help"] = option_help(cls, fld.name, fld.name in required, note)
+                option = click.option(*decls, fld.name, multiple=True,
+                                      callback=lambda c, p, v, s=split: _tuple_value(v, s), **kw)  # fmt: skip
+            elif fld.name in choices:
+                option = click.option(*decls, fld.name, type=click.Choice(choices[fld.name]), **kw)
+            else:
+                option = click.option(*decls, fld.name, type=kind, **kw)
+            command = option(command)
+        return command
+
+    return decorate
+
+
+def _tuple_value(values: tuple, split: bool) -> tuple | None:
+    """A repeated option's values (None: not given), comma lists split where allowed."""
+    values = tuple(v for v in values or () if v is not None)
+    if split:
+        values = tuple(v.strip() for item in values for v in item.split(",") if v.strip())
+    return tuple(values) or None

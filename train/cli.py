@@ -1,7 +1,7 @@
 """``iap-rt train``: the click command (loaded lazily by ``iap_rt.cli``).
 
 Every :class:`~iap_rt.train.config.TrainConfig` field is an option, generated from the field
-(name, type, help, default), so the command line, ``iap-rt.toml`` and the recorded config can
+(name, type, help, default) by :func:`iap_rt.config.config_options`, so the command line, ``iap-rt.toml`` and the recorded config can
 never drift apart. Options left out keep the TOML value or the default (shown by ``--help``).
 ``--num-processes N`` (and ``--num-machines``...) hand the same command to N processes through
 :mod:`~iap_rt.train.launch`.
@@ -12,10 +12,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import shlex
-import typing
 
 import click
 
+from iap_rt.config import config_options
 from iap_rt.train.config import OBJECTIVES, PRECISIONS, SCHEDULES, TrainConfig
 
 CHOICES = {"objective": OBJECTIVES, "lr_schedule": SCHEDULES, "mixed_precision": PRECISIONS}
@@ -27,41 +27,8 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _base_type(hint):
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    return (args[0] if args else hint) if typing.get_args(hint) else hint
-
-
-def config_options(f):
-    """One click option per TrainConfig field (default None: "not given", so the TOML wins)."""
-    hints = typing.get_type_hints(TrainConfig)
-    for fld in reversed(dataclasses.fields(TrainConfig)):
-        kind = _base_type(hints[fld.name])
-        kind = typing.get_origin(kind) or kind
-        help_ = fld.metadata.get("help", "")
-        if fld.name in REQUIRED:
-            help_ += "  [required, here or in iap-rt.toml]"
-        elif fld.default is not None:
-            shown = str(fld.default).lower() if isinstance(fld.default, bool) else fld.default
-            help_ += f"  [default: {shown}]"
-        kw = dict(default=None, help=help_)
-        if kind is bool:
-            flag = _flag(fld.name)
-            f = click.option(f"{flag}/--no-{flag[2:]}", fld.name, **kw)(f)
-        elif kind is tuple:
-            kw["help"] = help_ + "; repeat the option for several"
-            f = click.option(_flag(fld.name), fld.name, multiple=True, **kw)(f)
-        elif fld.name in CHOICES:
-            f = click.option(_flag(fld.name), fld.name, type=click.Choice(CHOICES[fld.name]), **kw)(
-                f
-            )
-        else:
-            f = click.option(_flag(fld.name), fld.name, type=kind, **kw)(f)
-    return f
-
-
 @click.command("train")
-@config_options
+@config_options(TrainConfig, required=REQUIRED, choices=CHOICES)
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --out.")
 @click.option("--cache-only", is_flag=True, help="Build the latent/embedding cache and exit.")
 @click.option("--config", "config_path", help="TOML file with a [train] table.")

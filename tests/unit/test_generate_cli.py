@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from iap_rt.images import read_params
+from iap_rt.modeldir import default_model_dir
 
 SMALL = ("--height", "64", "--width", "64", "--steps", "3", "--no-progress")
 
@@ -177,10 +178,27 @@ def test_bad_prompts_files(tmp_path, run_cli):
     assert not (tmp_path / "o").exists()
 
 
-def test_info_shows_backends_and_manifest(run_cli):
+def test_info_is_a_summary_and_json_holds_the_manifest(run_cli):
     r = run_cli("info")
     assert r.code == 0, r.err
-    assert "CPUExecutionProvider" in r.out and '"spec_hash"' in r.out and "TensorRT" in r.out
+    lines = r.out.splitlines()
+    assert len(lines) <= 25, r.out  # one screen
+    assert "CPUExecutionProvider" in r.out and "TensorRT" in r.out
+    for words in (
+        "model: toy2-zh-pivot",
+        "native size: 32x32",
+        "networks: text_encoder fp32",
+        "integrity: 3 network file(s) match",
+        "engines: none",
+        "sampling defaults: ddim, guidance 3, 25 steps",
+        "knows: one or two coloured",
+    ):
+        assert words in r.out, words  # fmt: skip
+    r = run_cli("info", "--json")
+    doc = json.loads(r.out)
+    manifest = json.loads((default_model_dir() / "manifest.json").read_text("utf-8"))
+    assert doc["model"]["manifest"] == manifest and doc["model"]["integrity"]["ok"]
+    assert doc["model"]["defaults"]["guidance"] == 3.0 and "onnxruntime" in doc
 
 
 def test_default_size_comes_from_the_manifest(tmp_path, run_cli, model_copy):
