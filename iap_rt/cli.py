@@ -18,7 +18,7 @@ from iap_rt.errors import IapRtError
 # name -> (module:attribute of a click command, one-line help shown by `iap-rt --help`)
 COMMANDS = {
     "generate": ("iap_rt.commands:generate", "Generate images from Chinese prompts."),
-    "info": ("iap_rt.commands:info", "Show installed backends, TensorRT and a model manifest."),
+    "info": ("iap_rt.commands:info", "Summarise the install and a model (--json: everything)."),
     "init": ("iap_rt.commands:init", "Write a commented iap-rt.toml workspace file."),
     "train": ("iap_rt.train.cli:train", "IAP-train a Chinese text encoder against a frozen SD."),
     "export": ("iap_rt.export.cli:export", "Export encoder, UNet and VAE to a model directory."),

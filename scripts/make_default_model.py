@@ -43,7 +43,7 @@ CI_MARGIN = 0.10  # the test fails below a committed figure - margin
 CI_METRICS = ("binding", "one_all")  # two-object scenes right, one-object prompts right
 FULL_EVAL = {"combos": "heldout", "max_combos": None, "seeds": 2, "steps": 25, "guidance": 3.0}
 EVAL_SCHEDULER = "ddim"  # what runtime_generator and diffusers_generator sample with
-GRID_COMBOS = 8  # two-object held-out prompts in the README's grid
+GRID_COMBOS = 8  # two-object held-out prompts in the toy README's grid
 
 
 def _copy(src: Path, dest: Path) -> None:
@@ -61,6 +61,7 @@ def _copy(src: Path, dest: Path) -> None:
 def _export(base: Path, encoder: Path) -> None:
     from iap_rt.export.stage import export_model_dir
     from iap_rt.modeldir import read_manifest, write_manifest
+    from iap_rt.train.toy.captions import caption_world
 
     with tempfile.TemporaryDirectory() as tmp:
         # `iap-rt generate` with no options samples as the figures below were measured
@@ -69,8 +70,11 @@ def _export(base: Path, encoder: Path) -> None:
                                default_guidance=FULL_EVAL["guidance"])  # fmt: skip
         man = read_manifest(out)
         # the manifest records where the sources were; name them, not a temporary path
-        man["base_model"] = f"iap_rt/data/{base.name} (toy world English base)"
-        man["encoder"] = f"iap_rt/data/{encoder.name} (toy world pivot encoder, 10 %)"
+        man["base_model"] = f"iap_rt/data/{base.name} (the toy world's English base)"
+        man["encoder"] = (
+            f"iap_rt/data/{encoder.name} (the toy world's pivot encoder, 10 % of the triples)"
+        )
+        man["caption_world"] = caption_world()  # prompts outside it get a notice
         for k in ("base", "encoder", "out"):
             man.get("export_config", {}).pop(k, None)
         if "unet_source" in man:

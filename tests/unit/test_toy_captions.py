@@ -169,3 +169,22 @@ def test_vocabularies_cover_every_caption_and_fit_the_token_budget():
             longest = max(longest, len(toks))
             assert set(cap.caption_zh(combo, r)) <= chars
     assert longest + 2 <= MAX_LENGTH  # BOS + words + EOS
+
+
+def test_every_chinese_caption_names_a_word_of_the_declared_world():
+    """The embedded model's manifest declares this world (prompts without any of its words get
+    a notice): every caption the world writes contains one, and the manifest holds it."""
+    import json
+
+    from iap_rt.modeldir import default_model_dir
+    from iap_rt.train.toy.captions import caption_world, caption_zh
+    from iap_rt.train.toy.scenes import all_combos
+
+    world = caption_world()
+    rng = np.random.default_rng(0)
+    for combo in all_combos():
+        for _ in range(3):
+            text = caption_zh(combo, rng)
+            assert any(w in text for w in world["words"]), text
+    manifest = json.loads((default_model_dir() / "manifest.json").read_text("utf-8"))
+    assert manifest["caption_world"] == world

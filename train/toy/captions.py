@@ -261,3 +261,25 @@ def zh_characters() -> list[str]:
             t = t.replace(field, "")
         chars.update(t)
     return sorted(chars)
+
+
+# the shortest words that name a colour or a shape in every Chinese caption form above
+ZH_WORLD_WORDS = ("红", "绿", "蓝", "黄", "紫", "橙", "橘", "圆", "方", "三角", "十字", "加号")
+ZH_EXAMPLES = (
+    "左边有一个红色的圆",
+    "左边是红色的圆形，右边是蓝色的十字",
+    "绿色三角形在黄色方块的上面",
+)
+
+
+def caption_world() -> dict:
+    """What a model of this world declares in its manifest (``caption_world``, read by
+    :func:`iap_rt.requests.notice`): what it draws, the words its captions name colours and
+    shapes with, and prompts to try."""
+    return {
+        "draws": "one or two coloured shapes (circles, squares, triangles and crosses in red, "
+        "green, blue, yellow, purple or orange) on a 32x32 canvas, left, right, above or below "
+        "each other",
+        "words": list(ZH_WORLD_WORDS),
+        "examples": list(ZH_EXAMPLES),
+    }
