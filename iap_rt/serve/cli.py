@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 
 import click
@@ -39,4 +41,12 @@ def serve(config_path, **options):
     from iap_rt.serve.launcher import serve as run
 
     cfg = load_config(ServeConfig, "serve", config_path, options)
-    sys.exit(run(cfg))
+    code = run(cfg)  # the gateway and Triton have stopped, in-flight requests answered
+    # Leave without the interpreter's finalisation: after the local tritonserver died, the
+    # C++ destructors of PyTriton's and gRPC's threads abort the process ("terminate called
+    # without an active exception", SIGABRT, a core dump) instead of exiting with ``code``.
+    # Everything that needs closing has been closed by now; flush what is buffered and go.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

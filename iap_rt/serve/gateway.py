@@ -1,8 +1,9 @@
 """The HTTP gateway (FastAPI) in front of Triton.
 
 Routes: ``POST /v1/images/generations`` (OpenAI-compatible, see ``openai_api.py``), ``GET /v1/models``,
-``GET /healthz`` (the process is alive), ``GET /readyz`` (Triton has the model loaded),
-``GET /metrics`` (Prometheus text), ``GET /info`` (model and limits, for the web page) and
+``GET /healthz`` (the process is alive), ``GET /readyz`` (a Triton in rotation has the model
+loaded; each upstream's state and the retries), ``GET /metrics`` (Prometheus text, the
+upstreams' states and retries included), ``GET /info`` (model and limits, for the web page) and
 ``GET /`` (the web page, served from ``web/``: no external assets). Every error is answered in
 OpenAI's shape, FastAPI's own 404/405/422 included. An image request is admitted only while
 fewer than ``max_queue`` images wait (else 429 with ``Retry-After``), runs as one Triton row per
@@ -139,12 +140,16 @@ def create_app(settings: GatewaySettings, pool: TritonPool, model):
     async def readyz():
         servers = await pool.readiness()
         ready = any(servers.values()) and not state.draining
-        return JSONResponse({"ready": ready, "triton": servers}, status_code=200 if ready else 503)
+        doc = {"ready": ready, "triton": servers, "upstreams": pool.state(),
+               "retries": pool.retries}  # fmt: skip
+        headers = {} if ready else {"Retry-After": str(pool.retry_after_s())}
+        return JSONResponse(doc, status_code=200 if ready else 503, headers=headers)
 
     @app.get("/metrics")
     async def prometheus():
         metrics.queue_depth = state.queue_images
-        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+        text = metrics.render() + "\n".join(pool.metric_lines()) + "\n"
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     @app.get("/info")
     async def info():
@@ -192,6 +197,8 @@ def create_app(settings: GatewaySettings, pool: TritonPool, model):
             headers = (
                 {"Retry-After": str(max(1, math.ceil(state.latency_s)))} if e.status == 429 else {}
             )
+            if e.retry_after is not None:  # 503: no Triton ready; when one may be back
+                headers = {"Retry-After": str(e.retry_after)}
             return error_response(ApiError(e.status, e.message, kind, code=e.code, headers=headers))
         except Exception as e:  # a bug: answer 500 and keep serving
             LOG.exception("request failed")

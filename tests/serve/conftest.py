@@ -34,6 +34,17 @@ class Server:
     url: str
     grpc_port: int
     log: Path
+    ports: tuple[int, int, int, int]
+
+    def tritonserver_pid(self) -> int:
+        """The pid of the ``tritonserver`` this ``iap-rt serve`` started."""
+        for pid in process_tree(self.proc.pid):
+            try:
+                if Path(f"/proc/{pid}/comm").read_text().strip() == "tritonserver":
+                    return pid
+            except OSError:
+                continue
+        raise AssertionError(f"no tritonserver under pid {self.proc.pid}")
 
     def log_tail(self, n: int = 60) -> str:
         return "\n".join(self.log.read_text("utf-8", "replace").splitlines()[-n:])
@@ -51,9 +62,11 @@ class Server:
 
 
 def start_server(log_dir: Path, *args: str, env: dict | None = None, ready: str = "/readyz",
-                 name: str = "serve", top: tuple[str, ...] = ()) -> Server:  # fmt: skip
-    """Start ``iap-rt *top serve *args`` on free ports; wait until ``ready`` answers 200."""
-    port, http, grpc, metrics = free_ports(4)
+                 name: str = "serve", top: tuple[str, ...] = (),
+                 ports: tuple[int, int, int, int] | None = None) -> Server:  # fmt: skip
+    """Start ``iap-rt *top serve *args`` on ``ports`` (gateway, Triton HTTP, gRPC, metrics;
+    default: free ones); wait until ``ready`` answers 200 (None: Triton's gRPC port opens)."""
+    port, http, grpc, metrics = ports or free_ports(4)
     log = log_dir / f"{name}-{port}.log"
     cmd = [sys.executable, "-m", "iap_rt.cli", *top, "serve", "--port", str(port),
            "--triton-http-port", str(http), "--triton-grpc-port", str(grpc),
@@ -61,7 +74,7 @@ def start_server(log_dir: Path, *args: str, env: dict | None = None, ready: str 
     with open(log, "wb") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=log_dir,
                                 env={**os.environ, **(env or {})})  # fmt: skip
-    server = Server(proc, f"http://127.0.0.1:{port}", grpc, log)
+    server = Server(proc, f"http://127.0.0.1:{port}", grpc, log, (port, http, grpc, metrics))
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -74,6 +87,24 @@ def start_server(log_dir: Path, *args: str, env: dict | None = None, ready: str 
         time.sleep(1.0)
     server.stop()
     raise AssertionError(f"iap-rt serve not ready in {START_TIMEOUT_S} s\n{server.log_tail()}")
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and every process below it (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [root]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children.get(p, [])
+    return out
 
 
 def _grpc_open(port: int) -> bool:

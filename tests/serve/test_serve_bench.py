@@ -41,3 +41,27 @@ def test_serve_load_smoke(tmp_path):
     assert len(soak["rss_samples_mb"]) >= 2
     assert doc["config"]["exit_code_batching"] == 0 == doc["config"]["exit_code_no_batching"]
     assert set(doc["summary"]) >= {"per_clients", "target_soak_zero_failed"}
+
+
+def test_serve_faults_drill_smoke(tmp_path):
+    """``bench/serve_faults.py`` at a tiny size: a Triton killed and restarted mid-run, no
+    request failed once the first second after the kill had passed, the restarted Triton got
+    rows again, every process stopped cleanly."""
+    out = tmp_path / "faults.json"
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "serve_faults.py"), "--duration-s", "14",
+         "--kill-at-s", "4", "--restart-at-s", "7", "--clients", "2", "--steps", "2",
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=900, cwd=tmp_path,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    doc = json.loads(out.read_text("utf-8"))
+    res, ev = doc["results"], doc["events"]
+    assert res["before_kill"]["answered"] > 0 and res["after_restart"]["answered"] > 0
+    assert res["one_triton_up"]["failed"] == 0 and res["one_triton_up"]["answered"] > 0
+    assert doc["summary"]["target_zero_failed"] is True
+    assert ev["kill_s"] < ev["restart_s"] < ev["back_in_rotation_s"] <= ev["traffic_again_s"]
+    assert ev["node_a_exit_code_after_kill"] == 1
+    assert doc["config"]["exit_codes_at_end"] == {"a": 0, "b": 0, "gateway": 0}
+    for p in res.values():
+        assert p["latency_p50_s"] is None or 0 < p["latency_p50_s"] <= p["latency_p99_s"]
