@@ -23,6 +23,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -144,6 +145,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=8, help="denoising steps per request")
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--out", default=str(RESULTS / "serve_faults.json"))
+    ap.add_argument("--log-dir", default=None, help="the servers' logs [a temporary directory]")
     args = ap.parse_args(argv)
     if not 0 < args.kill_at_s < args.restart_at_s < args.duration_s:
         ap.error("need 0 < --kill-at-s < --restart-at-s < --duration-s")
@@ -151,12 +153,15 @@ def main(argv=None) -> int:
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    logs = Path(args.log_dir or tempfile.mkdtemp(prefix="iap-rt-faults-"))
+    logs.mkdir(parents=True, exist_ok=True)
+    load_start = [round(x, 2) for x in os.getloadavg()]
     node = ["--no-gateway", "--max-batch", str(args.max_batch)]
-    a = Proc("a", node, free_ports(4), out.parent)
-    b = Proc("b", node, free_ports(4), out.parent)
+    a = Proc("a", node, free_ports(4), logs)
+    b = Proc("b", node, free_ports(4), logs)
     gw_ports = free_ports(4)
     gw = Proc("gateway", ["--triton-url", a.grpc_url, "--triton-url", b.grpc_url], gw_ports,
-              out.parent)  # fmt: skip
+              logs)  # fmt: skip
     port = gw_ports[0]
     procs = {"a": a, "b": b, "gateway": gw}
     events: dict = {}
@@ -174,7 +179,7 @@ def main(argv=None) -> int:
         time.sleep(max(0.0, t0 + args.restart_at_s - time.monotonic()))
         before = metrics(port)[rows_a]
         events["restart_s"] = time.monotonic() - t0
-        a2 = Proc("a-restarted", node, a.ports, out.parent)
+        a2 = Proc("a-restarted", node, a.ports, logs)
         procs["a"] = a2
         wait_until(
             lambda: readyz(port)["triton"].get(a.grpc_url), "the restarted Triton in rotation"
@@ -202,7 +207,9 @@ def main(argv=None) -> int:
     events = {k: round(v, 3) if isinstance(v, float) else v for k, v in events.items()}
     doc = {
         "command": " ".join(["python", "bench/serve_faults.py", *(argv or sys.argv[1:])]),
-        "machine": machine_info(),
+        "machine": machine_info() | {"loadavg_start": load_start,
+                                     "loadavg_end": [round(x, 2) for x in os.getloadavg()]},
+        "logs": str(logs),
         "config": vars(args) | {"exit_codes_at_end": codes},
         "events": events,
         "results": res,
