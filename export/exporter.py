@@ -157,9 +157,10 @@ def finish_onnx(raw: Path, path: str | os.PathLike, cfg: NetworkExportConfig) ->
     try:
         model = onnx.load(str(raw), load_external_data=False)
         loaded = load_small_tensors(model, raw.parent)
-        model = cleanup(model)
+        model, folded = cleanup(model, raw.parent, cfg.spec.name)
         axes = name_axes(model, cfg.spec)
         facts = {
+            "constant_folding": "done" if folded else "failed (see the export's warning)",
             "nodes": len(model.graph.node),
             "attention": attention_summary(model.graph, cfg.attention_mask),
             "axes": sorted(set(axes.values())),

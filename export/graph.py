@@ -4,7 +4,9 @@ external data past 512 MiB, and the attention-pattern check.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import logging
 import os
 import re
 from collections import defaultdict
@@ -15,6 +17,8 @@ import numpy as np
 
 from iap_rt.errors import OutputError
 from iap_rt.specs import NetworkSpec
+
+LOG = logging.getLogger("iap_rt.export")
 
 # Weights past this go to one external ``<name>.onnx.data`` file: protobuf cannot serialize a
 # message over 2 GiB, and the UNet's ONNX Runtime variant (``unet.ort.onnx``, graph only)
@@ -74,20 +78,45 @@ def restore_external(model, loaded: dict) -> None:
             t.external_data.add(key=key, value=value)
 
 
-def cleanup(model):
-    """Constant folding, dead-node removal and topological sort (onnx-graphsurgeon).
+def cleanup(model, base_dir: str | os.PathLike, name: str = "graph"):
+    """Constant folding, dead-node removal and topological sort (onnx-graphsurgeon); returns
+    (model, folded): ``folded`` False when folding failed (logged as a warning naming the
+    network and what it costs; the graph is then kept unfolded, which computes the same).
 
     Works on a graph whose weights are still external (see :func:`load_small_tensors`):
-    folding needs only the small constants, and folded results past ``SMALL_TENSOR`` are not
-    materialised (an Expand of a scalar must not become megabytes of weights).
+    folded results past ``SMALL_TENSOR`` are not materialised (an Expand of a scalar must not
+    become megabytes of weights). onnx-graphsurgeon evaluates the foldable subgraph in ONNX
+    Runtime from *bytes*, and ONNX Runtime resolves the external data of a model loaded from
+    bytes against the working directory: folding runs with ``base_dir`` (where the data file
+    is) as the working directory, or every export run from elsewhere silently skipped it.
     """
     import onnx_graphsurgeon as gs
 
     graph = gs.import_onnx(model)
-    graph.fold_constants(size_threshold=SMALL_TENSOR)
+    folded = True
+    with working_directory(base_dir):
+        try:
+            graph.fold_constants(size_threshold=SMALL_TENSOR, error_ok=False)
+        except Exception as e:  # noqa: BLE001 - folding is an optimisation: say so, go on
+            folded = False
+            LOG.warning("export: constant folding of %s failed, so its graph is saved unfolded "
+                        "(it computes the same; ONNX Runtime and TensorRT fold it when they load "
+                        "it, a slower first load): %s", name, str(e).splitlines()[0][:300])  # fmt: skip
+            graph = gs.import_onnx(model)
     graph.cleanup(remove_unused_graph_inputs=False)
     graph.toposort()
-    return gs.export_onnx(graph)
+    return gs.export_onnx(graph), folded
+
+
+@contextlib.contextmanager
+def working_directory(path: str | os.PathLike):
+    """``os.chdir(path)`` for the block (the export is single-threaded)."""
+    old = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
 
 
 def name_axes(model, spec: NetworkSpec) -> dict[str, str]:

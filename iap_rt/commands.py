@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import click
@@ -91,7 +92,8 @@ def generate(prompt, as_json, config_path, prompts_file, no_progress, server, **
             server, prompts, cfg, as_json, click.echo, lambda m: click.echo(m, err=True)
         )
 
-    model = ModelDir.open(cfg.model or default_model_dir())
+    t_open = time.perf_counter()
+    model = ModelDir.open(cfg.model or default_model_dir())  # checks every file's sha256
     pipe = Pipeline(
         model,
         get_backend(cfg.backend, model),
@@ -108,6 +110,7 @@ def generate(prompt, as_json, config_path, prompts_file, no_progress, server, **
     ]  # fmt: skip
     pipe.check_memory(pipe.plan_call([requests[0].part(0, min(cfg.batch_size, pipe.chunk_size))]))
     paths = plan_outputs(cfg.out, len(prompts) * cfg.batch_size)
+    open_s = time.perf_counter() - t_open  # opening + integrity check + tokenizer + checks
     for text in dict.fromkeys(r.notice for r in requests if r.notice):
         click.echo(text, err=True)
 
@@ -117,11 +120,14 @@ def generate(prompt, as_json, config_path, prompts_file, no_progress, server, **
         for start in range(0, request.batch_size, pipe.chunk_size):
             n = min(pipe.chunk_size, request.batch_size - start)
             result = pipe.generate([request.part(start, n)])[0]
+            timings = {"open_s": round(open_s, 6)} | result.timings.as_dict()
+            open_s = 0.0  # once, with the first call
             for image, seed in zip(result.images, result.seeds):
                 params = dict(result.params, seed=seed)
                 path = save_image(next(paths), image, params)
-                if as_json:
-                    click.echo(json.dumps({"path": str(path), **params}, ensure_ascii=False))
+                if as_json:  # timings: of the call (UNet batch) that made the image
+                    line = {"path": str(path), **params, "timings": timings}
+                    click.echo(json.dumps(line, ensure_ascii=False))
                 else:
                     click.echo(f"wrote {path}")
 

@@ -222,3 +222,18 @@ def test_height_must_suit_the_unet_downsampling_not_only_the_vae(tmp_path, run_c
     r = run_cli("generate", "山水画", "--height", str(bad), "--out", str(tmp_path / "o"))
     _assert_fails(r, f"height must be a positive multiple of {m}, got {bad}")
     assert not (tmp_path / "o").exists()
+
+
+def test_json_lines_carry_the_timings_of_their_call(tmp_path, run_cli):
+    """--json: each image line has its call's timings; opening the model (integrity check)
+    and creating the sessions are reported as such, once, not inside the text encoder."""
+    r = run_cli("generate", "红圆", "--batch-size", "3", "--chunk-size", "2", "--steps", "3",
+                "--out", str(tmp_path / "o"), "--json")  # fmt: skip
+    assert r.code == 0, r.err
+    lines = [json.loads(x) for x in r.out.splitlines()]
+    first, last = lines[0]["timings"], lines[2]["timings"]
+    assert lines[1]["timings"] == first  # the same call
+    assert first["open_s"] > 0 and first["load_s"] > 0 and first["unet_steps"] == 3
+    assert last["open_s"] == 0 and last["load_s"] == 0  # sessions already there
+    for t in (first, last):
+        assert 0 < t["unet_s"] <= t["loop_s"] <= t["total_s"] and t["text_encoder_s"] >= 0
