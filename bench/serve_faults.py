@@ -29,9 +29,9 @@ import time
 from pathlib import Path
 
 from serve_load import PROMPTS, percentile, request
-from serve_load import _tree as process_tree
 
-from iap_rt.bench.machine import machine_info
+from iap_rt.bench.machine import find_process, machine_info
+from iap_rt.serve.metrics import parse_text
 from iap_rt.serve.triton import free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,13 +57,10 @@ class Proc:
         return f"127.0.0.1:{self.ports[2]}"
 
     def tritonserver_pid(self) -> int:
-        for pid in process_tree(self.proc.pid):
-            try:
-                if Path(f"/proc/{pid}/comm").read_text().strip() == "tritonserver":
-                    return pid
-            except OSError:
-                continue
-        raise SystemExit(f"{self.name}: no tritonserver under pid {self.proc.pid}")
+        pid = find_process(self.proc.pid, "tritonserver")
+        if pid is None:
+            raise SystemExit(f"{self.name}: no tritonserver under pid {self.proc.pid}")
+        return pid
 
     def stop(self) -> int:
         if self.proc.poll() is None:
@@ -81,13 +78,7 @@ def wait_until(predicate, what: str, timeout_s: float = START_TIMEOUT_S) -> floa
 
 
 def metrics(port: int) -> dict[str, float]:
-    text = request(port, "GET", "/metrics")[1].decode()
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            k, _, v = line.rpartition(" ")
-            out[k] = float(v)
-    return out
+    return parse_text(request(port, "GET", "/metrics")[1].decode())
 
 
 def readyz(port: int) -> dict:

@@ -30,7 +30,8 @@ import threading
 import time
 from pathlib import Path
 
-from iap_rt.bench.machine import machine_info
+from iap_rt.bench.machine import machine_info, process_tree
+from iap_rt.serve.metrics import parse_text
 from iap_rt.serve.triton import free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,38 +68,15 @@ class Server:
         raise SystemExit(f"iap-rt serve not ready in 600 s; see {self.log}")
 
     def metrics(self) -> dict[str, float]:
-        text = request(self.port, "GET", "/metrics")[1].decode()
-        out = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                k, _, v = line.rpartition(" ")
-                out[k] = float(v)
-        return out
+        return parse_text(request(self.port, "GET", "/metrics")[1].decode())
 
     def rss_mb(self) -> float:
         """Resident memory of the server's whole process tree."""
-        return sum(_rss_kb(p) for p in _tree(self.proc.pid)) / 1024
+        return sum(_rss_kb(p) for p in process_tree(self.proc.pid)) / 1024
 
     def stop(self) -> int:
         self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(180)
-
-
-def _tree(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(d.name))
-    out, todo = [], [root]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo += children.get(p, [])
-    return out
 
 
 def _rss_kb(pid: int) -> int:

@@ -127,3 +127,32 @@ def nvidia_smi(args: list[str]) -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return proc.stdout if proc.returncode == 0 else None
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and every process below it (Linux ``/proc``): a server and its children."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [root]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children.get(p, [])
+    return out
+
+
+def find_process(root: int, name: str) -> int | None:
+    """The pid of the first process named ``name`` (``/proc/PID/comm``) under ``root``."""
+    for pid in process_tree(root):
+        try:
+            if Path(f"/proc/{pid}/comm").read_text().strip() == name:
+                return pid
+        except OSError:
+            continue
+    return None

@@ -38,13 +38,11 @@ class Server:
 
     def tritonserver_pid(self) -> int:
         """The pid of the ``tritonserver`` this ``iap-rt serve`` started."""
-        for pid in process_tree(self.proc.pid):
-            try:
-                if Path(f"/proc/{pid}/comm").read_text().strip() == "tritonserver":
-                    return pid
-            except OSError:
-                continue
-        raise AssertionError(f"no tritonserver under pid {self.proc.pid}")
+        from iap_rt.bench.machine import find_process
+
+        pid = find_process(self.proc.pid, "tritonserver")
+        assert pid is not None, f"no tritonserver under pid {self.proc.pid}"
+        return pid
 
     def log_tail(self, n: int = 60) -> str:
         return "\n".join(self.log.read_text("utf-8", "replace").splitlines()[-n:])
@@ -87,24 +85,6 @@ def start_server(log_dir: Path, *args: str, env: dict | None = None, ready: str 
         time.sleep(1.0)
     server.stop()
     raise AssertionError(f"iap-rt serve not ready in {START_TIMEOUT_S} s\n{server.log_tail()}")
-
-
-def process_tree(root: int) -> list[int]:
-    """``root`` and every process below it (from /proc)."""
-    children: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(d.name))
-    out, todo = [], [root]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo += children.get(p, [])
-    return out
 
 
 def _grpc_open(port: int) -> bool:
