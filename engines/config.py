@@ -105,12 +105,22 @@ class EngineConfig:
         h, w = self.height, self.width
         return (DEFAULT_SIZE if h is None else h), (DEFAULT_SIZE if w is None else w)
 
-    def network_names(self) -> list[str]:
-        names = [n.strip() for n in self.networks.split(",") if n.strip()] or list(NETWORKS)
+    def network_names(self, available=None) -> list[str]:
+        """The networks to build: the option's list, or every network the model has
+        (``available``; None: every network of the contract)."""
+        available = list(NETWORKS) if available is None else list(available)
+        names = [n.strip() for n in self.networks.split(",") if n.strip()] or available
         unknown = [n for n in names if n not in NETWORKS]
         if unknown:
             raise ConfigError(
                 f"engines networks: unknown {unknown}", fix=f"choose from {', '.join(NETWORKS)}."
+            )
+        absent = [n for n in names if n not in available]
+        if absent:
+            raise ConfigError(
+                f"engines networks: the model has no {', '.join(absent)}",
+                fix=f"add it first (iap-rt export ... --networks {','.join(absent)}), or build "
+                f"{', '.join(available)}.",
             )
         return [n for n in NETWORKS if n in names]
 

@@ -131,7 +131,7 @@ def build_engines(
     cache = cache_path.read_bytes() if use_cache and cache_path.is_file() else None
     label = "TensorRT-RTX" if flavour == "tensorrt_rtx" else "TensorRT"
     paths = []
-    for net in cfg.network_names():
+    for net in cfg.network_names(model.networks):
         spec = NETWORKS[net]
         profile = cfg.profile(spec, model.dims)
         stem = ed.engine_stem(net, profile.pop("label"))

@@ -102,7 +102,7 @@ class ExportConfig:
 
     def precision(self, network: str) -> str:
         """The precision ``network`` is exported in."""
-        if network == "vae_decoder":
+        if network in ("vae_decoder", "vae_encoder"):
             return "fp16" if self.fp16_vae else "fp32"
         return "fp16" if self.fp16 else "fp32"
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from iap_rt.specs import TEXT_ENCODER, UNET, VAE_DECODER, ModelDims, NetworkSpec
+from iap_rt.specs import TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER, ModelDims, NetworkSpec
 
 if TYPE_CHECKING:
     from iap_rt.export.inputs import ExportInputs
@@ -56,6 +56,20 @@ class VaeDecoderWrapper(nn.Module):
 
     def forward(self, latent_sample):
         return self.vae.decode(latent_sample, return_dict=False)[0]
+
+
+class VaeEncoderWrapper(nn.Module):
+    """sample (an image in [-1, 1]) -> latent_mean, latent_std (diffusers'
+    DiagonalGaussianDistribution: std = exp(0.5 * logvar), logvar clamped to [-30, 20]); before
+    scaling_factor."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, sample):
+        dist = self.vae.encode(sample, return_dict=False)[0]
+        return dist.mean, dist.std
 
 
 # ---- sources and loaders ------------------------------------------------------------------------
@@ -96,6 +110,14 @@ def _load_vae(src: ExportInputs) -> nn.Module:
 
     vae = AutoencoderKL.from_pretrained(src.base / "vae", use_safetensors=True)
     vae.encoder = None  # only the decoder is exported; frees its memory
+    return vae
+
+
+def _load_vae_encoder(src: ExportInputs) -> nn.Module:
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(src.base / "vae", use_safetensors=True)
+    vae.decoder = None  # only the encoder is exported
     return vae
 
 
@@ -196,6 +218,14 @@ EXPORT_CONFIGS = {
         VaeDecoderWrapper,
         sources=lambda src: _weight_files(src.base / "vae"),
         loader=_load_vae,
+        cases=({"B": 2, "h": 8, "w": 16}, {"B": 1, "h": 16, "w": 8}),
+        **FP_TOLERANCE,
+    ),
+    "vae_encoder": NetworkExportConfig(
+        VAE_ENCODER,
+        VaeEncoderWrapper,
+        sources=lambda src: _weight_files(src.base / "vae"),
+        loader=_load_vae_encoder,
         cases=({"B": 2, "h": 8, "w": 16}, {"B": 1, "h": 16, "w": 8}),
         **FP_TOLERANCE,
     ),

@@ -53,7 +53,7 @@ from iap_rt.modeldir import (
     new_manifest,
     write_manifest,
 )
-from iap_rt.specs import NETWORKS, spec_hash
+from iap_rt.specs import CORE_NETWORKS, NETWORKS, OPTIONAL_NETWORKS, network_spec_hash, spec_hash
 
 log = logging.getLogger("iap_rt.export")
 
@@ -97,6 +97,7 @@ def network_key(
         "opset": cfg.opset,
         "spec_hash": spec_hash(),
         "dims": src.dims.to_dict(),
+        **({"network_spec_hash": network_spec_hash(name)} if name in OPTIONAL_NETWORKS else {}),
         "sources": hashes,
         "tools": {k: versions.get(k) for k in ("torch", "diffusers", "transformers", "onnx")},
     }
@@ -200,6 +201,8 @@ def export_network(
         "validation": report,
         **facts,
     }
+    if name in OPTIONAL_NETWORKS:  # checked by its own hash (iap_rt.specs.network_spec_hash)
+        entry["spec_hash"] = network_spec_hash(name)
     if len(files) > 1:
         entry.update(
             external_data=files[1].name,
@@ -343,11 +346,11 @@ def _run_export_locked(cfg: ExportConfig, out: Path, echo: Echo) -> Path:
             fix="free disk space or choose another --out; the previous model directory is "
             "untouched.",
         ) from e
-    missing = [n for n in NETWORKS if n not in manifest["networks"]]
+    missing = [n for n in CORE_NETWORKS if n not in manifest["networks"]]
     if missing:
         echo(
-            f"note: {out} has no {', '.join(missing)} yet; `iap-rt generate` needs all three "
-            "(run iap-rt export without --networks)"
+            f"note: {out} has no {', '.join(missing)} yet; `iap-rt generate` needs "
+            f"{', '.join(CORE_NETWORKS)} (run iap-rt export without --networks)"
         )
     echo(
         f"wrote {out} ("

@@ -36,7 +36,7 @@ from iap_rt.errors import (
     ConfigError,
 )
 from iap_rt.modeldir import ModelDir
-from iap_rt.specs import NETWORKS, spec_hash
+from iap_rt.specs import CORE_NETWORKS, NETWORKS, spec_hash
 
 log = logging.getLogger("iap_rt.enginedir")
 
@@ -351,7 +351,7 @@ def engines_usable(model, device: int = 0) -> bool:
                 log.info("TensorRT engines not usable: %s", reason)
                 continue
             version = trt_version(trt)
-            if all(_usable_any(d, n, model, flavour, version, gpu) for n in NETWORKS):
+            if all(_usable_any(d, n, model, flavour, version, gpu) for n in CORE_NETWORKS):
                 return True
     except Exception as e:  # auto-selection must never fail: fall back to ONNX Runtime
         log.info("TensorRT engines not usable: %s", e)

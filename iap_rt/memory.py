@@ -193,7 +193,8 @@ def estimate(model, backend: str, device: str, fused_unet: bool, call: Call) -> 
 
 
 def model_networks(model) -> list[str]:
-    return [n for n in ("text_encoder", "unet", "vae_decoder") if n in model.manifest["networks"]]
+    """The networks whose weights a loaded pipeline holds (every one the directory has)."""
+    return [n for n in model.networks if n in model.manifest["networks"]]
 
 
 def _network_bytes(model, network: str) -> int:

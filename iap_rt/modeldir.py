@@ -40,7 +40,16 @@ from pathlib import Path
 
 from iap_rt.errors import ArtifactError, ArtifactMismatchError, ArtifactNotFoundError, IapRtError
 from iap_rt.fileio import remove_leftovers, sha256_file, write_json_atomic
-from iap_rt.specs import NETWORKS, PRECISIONS, SPEC_VERSION, ModelDims, spec_hash
+from iap_rt.specs import (
+    CORE_NETWORKS,
+    NETWORKS,
+    OPTIONAL_NETWORKS,
+    PRECISIONS,
+    SPEC_VERSION,
+    ModelDims,
+    network_spec_hash,
+    spec_hash,
+)
 
 log = logging.getLogger("iap_rt.modeldir")
 
@@ -114,12 +123,13 @@ class ModelDir:
     def open(
         cls,
         path: str | os.PathLike,
-        networks=tuple(NETWORKS),
+        networks=None,
         verify: bool = True,
         clean: bool = True,
     ) -> ModelDir:
-        """Open ``path`` and check the manifest, spec hash and every network file (with
-        ``verify``: their bytes against the manifest's sha256, see :meth:`verify`). With
+        """Open ``path`` and check the manifest, spec hash and the files of ``networks`` (None:
+        every network the manifest lists, the core ones at least; with ``verify``: their bytes
+        against the manifest's sha256, see :meth:`verify`). With
         ``clean``, what a killed export left beside ``path`` is removed first (unless an export
         is running)."""
         path = Path(path)
@@ -150,6 +160,8 @@ class ModelDir:
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise ArtifactError(f"{mpath} is not an iap-rt manifest", fix=fix)
         md = cls(path, manifest)
+        if networks is None:
+            networks = md.networks if isinstance(manifest.get("networks"), dict) else CORE_NETWORKS
         md._check(networks)
         if verify:
             md.verify(networks)
@@ -177,7 +189,15 @@ class ModelDir:
             info = m["networks"].get(net)
             if info is None:
                 raise ArtifactNotFoundError(
-                    f"{self.path / MANIFEST} lists no '{net}' network", fix=fix
+                    f"{self.path / MANIFEST} lists no '{net}' network",
+                    fix=self.add_network_fix(net) if net in OPTIONAL_NETWORKS else fix,
+                )
+            if net in OPTIONAL_NETWORKS and info.get("spec_hash") != network_spec_hash(net):
+                raise ArtifactMismatchError(
+                    f"{self.path / MANIFEST}: its {net} was made for another shape contract "
+                    f"(spec_hash {str(info.get('spec_hash'))[:12]}…, this iap-rt has "
+                    f"{network_spec_hash(net)[:12]}…)",
+                    fix=self.add_network_fix(net),
                 )
             if info.get("precision") not in PRECISIONS:
                 raise ArtifactMismatchError(
@@ -203,11 +223,12 @@ class ModelDir:
             raise ArtifactNotFoundError(f"{tok} is missing", fix=fix)
 
     # ---- integrity ----------------------------------------------------------------
-    def recorded_hashes(self, networks=tuple(NETWORKS)) -> dict[str, tuple[str, str]]:
+    def recorded_hashes(self, networks=None) -> dict[str, tuple[str, str]]:
         """File name -> (network, sha256 the export recorded) for every file of ``networks``
-        that has one: the graph, its external data, the UNet's ONNX Runtime variant."""
+        (None: every network listed) that has one: the graph, its external data, the UNet's
+        ONNX Runtime variant."""
         out = {}
-        for net in networks:
+        for net in self.networks if networks is None else networks:
             info = self.manifest["networks"].get(net) or {}
             for rec in (info, _variant(info, ORT_VARIANT) or {}):
                 for name_key, hash_key in (("file", "sha256"), ("external_data", "data_sha256")):
@@ -215,7 +236,7 @@ class ModelDir:
                         out[rec[name_key]] = (net, rec[hash_key])
         return out
 
-    def verify(self, networks=tuple(NETWORKS)) -> list[str]:
+    def verify(self, networks=None) -> list[str]:
         """Refuse any network file whose bytes differ from the manifest's sha256
         (:class:`ArtifactMismatchError` naming the file and the re-export command).
 
@@ -252,6 +273,14 @@ class ModelDir:
             _write_record(record_path, self.path, record)
         return hashed
 
+    def add_network_fix(self, network: str) -> str:
+        """The command that adds ``network`` to this directory (the others are kept)."""
+        m = self.manifest
+        base = m.get("base_model") if os.path.isdir(str(m.get("base_model"))) else "SD_DIR"
+        enc = m.get("encoder") if os.path.isdir(str(m.get("encoder"))) else "ENCODER_DIR"
+        return (f"add it without re-exporting the rest: iap-rt export --base {base} --encoder "
+                f"{enc} --out {self.path} --networks {network}")  # fmt: skip
+
     def reexport_fix(self, networks: list[str]) -> str:
         """The command that rewrites ``networks`` of this directory."""
         m = self.manifest
@@ -266,6 +295,15 @@ class ModelDir:
         return REEXPORT.format(path=self.path)
 
     # ---- accessors ----------------------------------------------------------------
+    @property
+    def networks(self) -> tuple[str, ...]:
+        """The networks this directory has: the core ones and the optional ones it lists."""
+        listed = self.manifest.get("networks", {})
+        return tuple(n for n in NETWORKS if n in CORE_NETWORKS or n in listed)
+
+    def has(self, network: str) -> bool:
+        return network in self.manifest.get("networks", {})
+
     @property
     def dims(self) -> ModelDims:
         return ModelDims.from_dict(self.manifest["dims"])

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from iap_rt import memory
-from iap_rt.errors import ConfigError, InputError
+from iap_rt.errors import ArtifactNotFoundError, ConfigError, InputError
 from iap_rt.modeldir import ModelDir, default_model_dir
 from iap_rt.requests import PromptRequest, ResolvedRequest, resolve
 from iap_rt.schedulers import SchedulerConfig, make_scheduler
@@ -153,6 +153,25 @@ class Pipeline:
         if self._runners is None:
             self._runners = self.backend.load(self.model)
         return self._runners
+
+    def runner(self, name: str):
+        """The runner of ``name``, loading an optional network (the VAE encoder of image
+        editing) on first use; a model without it is refused with the command that adds it."""
+        runners = self.runners
+        if name not in runners:
+            if not self.model.has(name):
+                raise ArtifactNotFoundError(
+                    f"the model {self.model.path} has no {name} network (made before image "
+                    "editing, or exported without it)",
+                    fix=self.model.add_network_fix(name),
+                )
+            if self.backend.name == "trt":
+                raise ArtifactNotFoundError(
+                    f"no TensorRT engine for {name} in {self.model.path}",
+                    fix=f"iap-rt engines build --model {self.model.path} --networks {name}",
+                )
+            runners.update(self.backend.load(self.model, (name,)))
+        return runners[name]
 
     def estimate_memory(self, call: memory.Call) -> list[memory.Estimate]:
         """The estimated peak of ``call`` per memory pool on this model and backend."""

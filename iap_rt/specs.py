@@ -1,6 +1,7 @@
 """The one shape contract: every network iap-rt exports, builds and runs, declared once.
 
-Each network (``text_encoder``, ``unet``, ``vae_decoder``) is a :class:`NetworkSpec`: its
+Each network (``text_encoder``, ``unet``, ``vae_decoder``, and the optional ``vae_encoder`` of
+image editing) is a :class:`NetworkSpec`: its
 input/output names, dtypes and symbolic axes. Everything else is *derived* from these
 declarations, never written out a second time:
 
@@ -286,7 +287,25 @@ VAE_DECODER = NetworkSpec(
     doc="AutoencoderKL decoder; input is latents / scaling_factor, output in [-1, 1].",
 )
 
-NETWORKS: dict[str, NetworkSpec] = {n.name: n for n in (TEXT_ENCODER, UNET, VAE_DECODER)}
+VAE_ENCODER = NetworkSpec(
+    "vae_encoder",
+    inputs=(TensorSpec("sample", "float", ("B", "3", "H", "W")),),  # diffusers' name
+    outputs=(
+        TensorSpec("latent_mean", "float", ("B", "C", "h", "w")),
+        TensorSpec("latent_std", "float", ("B", "C", "h", "w")),
+    ),
+    doc="AutoencoderKL encoder; input in [-1, 1], outputs the latent distribution (mean, std) "
+    "before scaling_factor; image editing samples mean + std * noise from it.",
+)
+
+NETWORKS: dict[str, NetworkSpec] = {
+    n.name: n for n in (TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER)
+}
+# what every model directory has; the others are added to a directory with
+# `iap-rt export --networks NAME` and are checked by their own hash (network_spec_hash), so
+# adding one to the contract does not refuse the directories made before it
+CORE_NETWORKS = ("text_encoder", "unet", "vae_decoder")
+OPTIONAL_NETWORKS = tuple(n for n in NETWORKS if n not in CORE_NETWORKS)
 
 
 def get_network(name: str) -> NetworkSpec:
@@ -301,8 +320,18 @@ def get_network(name: str) -> NetworkSpec:
 
 
 def spec_hash() -> str:
-    """sha256 of the canonical JSON of every declaration (+ SPEC_VERSION)."""
-    payload = {"version": SPEC_VERSION, "networks": [n.to_dict() for n in NETWORKS.values()]}
+    """sha256 of the canonical JSON of the core networks' declarations (+ SPEC_VERSION): the
+    manifest's ``spec_hash``."""
+    payload = {"version": SPEC_VERSION,
+               "networks": [NETWORKS[n].to_dict() for n in CORE_NETWORKS]}  # fmt: skip
+    blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def network_spec_hash(name: str) -> str:
+    """sha256 of one optional network's declaration (+ SPEC_VERSION): its manifest record's
+    ``spec_hash``."""
+    payload = {"version": SPEC_VERSION, "network": NETWORKS[name].to_dict()}
     blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()
 

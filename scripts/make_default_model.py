@@ -58,14 +58,19 @@ def _copy(src: Path, dest: Path) -> None:
         swap_in(stage, dest)
 
 
-def _export(base: Path, encoder: Path) -> None:
+def _export(base: Path, encoder: Path, networks: tuple[str, ...] | None = None) -> None:
+    """Export into a temporary directory (for ``networks`` only: a copy of the embedded model,
+    whose other networks are kept as they are), name the sources, swap it into ``DEST``."""
     from iap_rt.export.stage import export_model_dir
     from iap_rt.modeldir import read_manifest, write_manifest
     from iap_rt.train.toy.captions import caption_world
 
     with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "model"
+        if networks:
+            shutil.copytree(DEST, out)
         # `iap-rt generate` with no options samples as the figures below were measured
-        out = export_model_dir(base, encoder, Path(tmp) / "model", model_id=MODEL_ID,
+        out = export_model_dir(base, encoder, out, model_id=MODEL_ID, networks=networks,
                                default_scheduler=EVAL_SCHEDULER,
                                default_guidance=FULL_EVAL["guidance"])  # fmt: skip
         man = read_manifest(out)
@@ -146,8 +151,18 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--base", type=Path, default=base_dest,
                     help=f"toy English base (iap-rt toy base --out) [{base_dest}]")  # fmt: skip
-    ap.add_argument("--encoder", required=True, type=Path, help="chinese_encoder/ of a pivot run")
+    ap.add_argument("--encoder", type=Path, help="chinese_encoder/ of a pivot run (required "
+                    "unless --add-network)")  # fmt: skip
+    ap.add_argument("--add-network", choices=("vae_encoder",),
+                    help="only export this network into the embedded model, from its shipped "
+                    "sources; the other networks (and every image) stay as they are")  # fmt: skip
     a = ap.parse_args()
+    if a.add_network:
+        _export(base_dest, encoder_dest, networks=(a.add_network,))
+        print(f"added {a.add_network} to {DEST}")
+        return 0
+    if a.encoder is None:
+        ap.error("--encoder is required (or --add-network)")
     _copy(a.base, base_dest)
     _copy(a.encoder, encoder_dest)  # the PyTorch encoder: the torch reference of `iap-rt bench`
     _export(base_dest, encoder_dest)

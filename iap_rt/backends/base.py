@@ -8,6 +8,7 @@ from typing import Protocol
 import numpy as np
 
 from iap_rt.modeldir import ModelDir
+from iap_rt.specs import CORE_NETWORKS
 
 
 class NetworkRunner(Protocol):
@@ -29,8 +30,9 @@ class Backend(ABC):
         """Where the networks run, e.g. ``cpu`` or ``cuda:0 (NVIDIA H100)``."""
 
     @abstractmethod
-    def load(self, model: ModelDir) -> dict[str, NetworkRunner]:
-        """Create one runner per network of ``model``."""
+    def load(self, model: ModelDir, networks=CORE_NETWORKS) -> dict[str, NetworkRunner]:
+        """Create one runner per network of ``networks`` of ``model`` (the core networks by
+        default; the optional ones on demand)."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release sessions / device memory."""

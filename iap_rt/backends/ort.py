@@ -18,7 +18,7 @@ from iap_rt.errors import (
 from iap_rt.modeldir import REEXPORT, ModelDir
 from iap_rt.onnxsig import read_inputs
 from iap_rt.ortinfo import GPU_INSTALL, available_providers, preload_cuda_libraries
-from iap_rt.specs import NETWORKS, ModelDims, NetworkSpec
+from iap_rt.specs import CORE_NETWORKS, NETWORKS, ModelDims, NetworkSpec
 
 
 class OrtRunner:
@@ -255,7 +255,9 @@ class OrtBackend(Backend):
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         return so
 
-    def load(self, model: ModelDir) -> dict[str, OrtRunner]:
+    def load(self, model: ModelDir, networks=CORE_NETWORKS) -> dict[str, OrtRunner]:
+        """Sessions of ``networks`` (the core ones by default: the optional networks of image
+        editing are loaded when a request first needs them, see ``Pipeline.runner``)."""
         return {
             name: OrtRunner(
                 NETWORKS[name],
@@ -270,5 +272,5 @@ class OrtBackend(Backend):
                 cuda_graph=self.cuda_graph,
                 device_id=self.device_id,
             )
-            for name in NETWORKS
+            for name in networks
         }

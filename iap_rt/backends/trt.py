@@ -39,7 +39,7 @@ from iap_rt.errors import (
 )
 from iap_rt.fileio import write_bytes_atomic
 from iap_rt.modeldir import ModelDir
-from iap_rt.specs import NETWORKS
+from iap_rt.specs import NETWORKS, OPTIONAL_NETWORKS
 
 log = logging.getLogger("iap_rt.trt")
 
@@ -164,7 +164,10 @@ class TensorRTBackend(Backend):
             " (or use --backend ort).",
         )
 
-    def load(self, model: ModelDir) -> dict[str, _Runner]:
+    def load(self, model: ModelDir, networks=None) -> dict[str, _Runner]:
+        """Every engine of the model's networks: the core ones required, an optional one when
+        its engine exists (the engines share one activation buffer, so they load together;
+        ``networks`` is not used)."""
         gpu = cudart.gpu_info(self.index)
         if gpu is None:
             raise BackendUnavailableError(
@@ -183,8 +186,11 @@ class TensorRTBackend(Backend):
             self._runtime_cache_path = ed.runtime_cache_path(edir, gpu)
         by_net: dict[str, list[_Engine]] = {}
         # 1. check every sidecar and engine file, then deserialize
-        for net in NETWORKS:
+        for net in model.networks:
             paths = ed.sidecars(edir, net)
+            if not paths and net in OPTIONAL_NETWORKS:  # editing without engines: not here
+                log.info("%s has no engine for %s; requests that need it are refused", edir, net)
+                continue
             if not paths:
                 raise ArtifactNotFoundError(
                     f"{edir} has no engine for network '{net}'",

@@ -33,6 +33,7 @@ STATIC = {
     "text_encoder": "text_encoder.N1-2.plan",
     "unet": "unet.N2_h8_w8.plan",
     "vae_decoder": "vae_decoder.B1_h8_w8.plan",
+    "vae_encoder": "vae_encoder.B1_h8_w8.plan",
 }
 
 
@@ -132,7 +133,7 @@ def test_fp32_engines_and_sidecars(fp32_model):
         assert ed.sidecar_problems(sc, md, flavour="tensorrt_rtx", version=trt.__version__,
                                    gpu=None) == []  # fmt: skip
     assert sidecar_of(paths[1])["profile"]["shapes"]["sample"] == [[2, 4, 8, 8]] * 3
-    assert sum("building" in m for m in msgs) == 3
+    assert sum("building" in m for m in msgs) == len(NETWORKS)
     assert not (model / "engines" / TAG / "timing.cache").exists()  # RTX does not time
 
 
@@ -164,7 +165,8 @@ def test_fp16_engines(fp16_export):
     model, _, _ = fp16_export
     paths = [model / "engines" / TAG / STATIC[n] for n in NETWORKS]
     precisions = {sidecar_of(p)["network"]: sidecar_of(p)["precision"] for p in paths}
-    assert precisions == {"text_encoder": "fp16", "unet": "fp16", "vae_decoder": "fp32"}
+    assert precisions == {"text_encoder": "fp16", "unet": "fp16", "vae_decoder": "fp32",
+                          "vae_encoder": "fp32"}  # fmt: skip
     _assert_io_matches_contract(model, paths)
     unet_io = {t["name"]: t["dtype"] for t in sidecar_of(paths[1])["io"]["inputs"]}
     assert unet_io == {"sample": "float16", "timestep": "float32",
@@ -178,11 +180,11 @@ def test_export_fp16_writes_engines_and_second_run_reuses_them(fp16_export):
     model, args, out = fp16_export
     if args is None:
         pytest.skip("iap-rt export has no --fp16/--engines yet (export issue)")
-    assert out.count(": building engines/") == 3, out
+    assert out.count(": building engines/") == len(NETWORKS), out
     plans = [model / "engines" / TAG / STATIC[n] for n in NETWORKS]
     before = [(p.stat().st_size, sidecar_of(p)["engine_sha256"]) for p in plans]
     again = _cli_output(args)
-    assert again.count("up to date, reusing") == 3, again
+    assert again.count("up to date, reusing") == len(NETWORKS), again
     assert "building" not in again
     assert [(p.stat().st_size, sidecar_of(p)["engine_sha256"]) for p in plans] == before
     assert all(r["problems"] == [] for r in check_engines(model))
@@ -194,7 +196,7 @@ def test_second_build_reuses_and_force_rebuilds(fp32_model):
     msgs = []
     again = build_engines(model, EngineConfig(), echo=msgs.append)
     assert again == paths
-    assert all("up to date, reusing" in m for m in msgs) and len(msgs) == 3
+    assert all("up to date, reusing" in m for m in msgs) and len(msgs) == len(NETWORKS)
     assert {p: (p.stat().st_mtime_ns, sidecar_of(p)["engine_sha256"]) for p in paths} == before
     # a runtime hint (not part of the engine) updates the sidecar without a rebuild
     msgs = []
@@ -434,7 +436,7 @@ def test_maybe_build_engines_modes(tiny_model_dir, tmp_path, monkeypatch):
     assert maybe_build_engines(model, "none") == []
     msgs = []
     paths = maybe_build_engines(model, "auto", echo=msgs.append)
-    assert len(paths) == 3 and all(p.is_file() for p in paths)
+    assert len(paths) == len(NETWORKS) and all(p.is_file() for p in paths)
     assert maybe_build_engines(model, "only", echo=msgs.append) == paths  # reused
     with pytest.raises(ConfigError, match="unknown"):
         maybe_build_engines(model, "always")

@@ -283,6 +283,7 @@ def test_fp16_precision_lives_in_the_graph(fp16_model_dir, tiny_model_dir):
         "text_encoder": "fp16",
         "unet": "fp16",
         "vae_decoder": "fp32",  # SD VAEs overflow in fp16: only --fp16-vae makes it fp16
+        "vae_encoder": "fp32",  # (the same rule)
     }
     unet = io_types(fp16_model_dir / "unet.onnx")
     assert unet["sample"][0] == "tensor(float16)"
@@ -339,8 +340,43 @@ def test_rerun_with_the_same_inputs_changes_nothing(scratch, tiny_sd_dir, tiny_e
     before = snapshot(scratch)
     lines = []
     export_model_dir(tiny_sd_dir, tiny_encoder_dir, scratch, model_id="tiny", echo=lines.append)
-    assert sum("unchanged since the last export, kept" in ln for ln in lines) == 3, lines
+    assert sum("unchanged since the last export, kept" in ln for ln in lines) == len(NETWORKS), (
+        lines
+    )
     assert snapshot(scratch) == before
+
+
+def test_a_model_made_before_the_vae_encoder_gets_it_without_re_exporting_the_rest(
+    scratch, tiny_sd_dir, tiny_encoder_dir
+):
+    """Image editing needs the VAE encoder: a directory made before it existed is told the
+    command that adds it, and that command exports it alone (the rest kept, hard-linked)."""
+    from iap_rt.errors import ArtifactNotFoundError
+    from iap_rt.pipeline import Pipeline
+
+    m = json.loads((scratch / "manifest.json").read_text())
+    del m["networks"]["vae_encoder"]
+    (scratch / "vae_encoder.onnx").unlink()
+    (scratch / "manifest.json").write_text(json.dumps(m))
+    pipe = Pipeline.from_dir(scratch, backend="ort", progress=False)
+    with pytest.raises(ArtifactNotFoundError) as e:
+        pipe.runner("vae_encoder")
+    assert "--networks vae_encoder" in e.value.fix
+    kept = {k: v for k, v in snapshot(scratch).items() if k.endswith(".onnx")}
+    lines = []
+    export_model_dir(tiny_sd_dir, tiny_encoder_dir, scratch, model_id="tiny",
+                     networks=("vae_encoder",), echo=lines.append)  # fmt: skip
+    after = snapshot(scratch)
+    assert {k: after[k] for k in kept} == kept  # the other networks: the very same files
+    md = ModelDir.open(scratch)
+    assert md.has("vae_encoder") and md.networks == tuple(NETWORKS)
+    assert any(ln.startswith("vae_encoder: ") for ln in lines)
+    out = (
+        Pipeline(md, pipe.backend, progress=False)
+        .runner("vae_encoder")
+        .run({"sample": np.zeros((1, 3, 64, 64), np.float32)})
+    )
+    assert out["latent_mean"].shape == (1, 4, 8, 8)
 
 
 def test_a_second_export_into_the_same_dir_is_refused_and_leftovers_go(
@@ -673,7 +709,8 @@ def test_ort_unet_variant_is_written_used_and_dropped(
     )  # fmt: skip
     unet = manifest(scratch)["networks"]["unet"]
     alt = unet["ort"]
-    assert sum("unchanged since the last export, kept" in ln for ln in lines) == 3  # no re-export
+    kept = sum("unchanged since the last export, kept" in ln for ln in lines)
+    assert kept == len(NETWORKS)  # no re-export
     assert alt["file"] == "unet.ort.onnx" and alt["unet_sha256"] == unet["sha256"]
     assert alt["attention_fused"] == unet["attention"]["fusable"] > 0
     assert alt["sha256"] == sha256_file(scratch / "unet.ort.onnx") and alt["max_abs_diff"] < 1e-4

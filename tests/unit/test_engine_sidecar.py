@@ -31,7 +31,8 @@ from iap_rt.specs import DERIVED_AXES, NETWORKS, spec_hash
 
 RTX_VERSION = "1.7.1.116"
 RTX_4090 = cudart.GpuInfo(0, "NVIDIA GeForce RTX 4090", (8, 9))
-LABELS = {"text_encoder": "N1-2", "unet": "N2_h64_w64", "vae_decoder": "B1_h64_w64"}
+LABELS = {"text_encoder": "N1-2", "unet": "N2_h64_w64", "vae_decoder": "B1_h64_w64",
+          "vae_encoder": "B1_h64_w64"}  # fmt: skip
 
 
 def write_engine(model_dir, network, tag="tensorrt_rtx-portable", payload=None, **fields):
@@ -333,8 +334,9 @@ AXES = {
     "text_encoder": {"N": [1, 2, 2]},
     "unet": {"N": [2, 2, 4], "h": [4, 8, 8], "w": [4, 8, 8]},
     "vae_decoder": {"B": [1, 1, 2], "h": [4, 8, 8], "w": [4, 8, 8]},
+    "vae_encoder": {"B": [1, 1, 2], "h": [4, 8, 8], "w": [4, 8, 8]},
 }
-DEVICE_MEMORY = {"text_encoder": 1000, "unet": 5000, "vae_decoder": 3000}
+DEVICE_MEMORY = {"text_encoder": 1000, "unet": 5000, "vae_decoder": 3000, "vae_encoder": 2000}
 
 
 class FakeCuda:

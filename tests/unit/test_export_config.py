@@ -15,14 +15,15 @@ def test_defaults_export_everything_at_opset_18_fp32():
     cfg = ExportConfig()
     assert cfg.opset == 18
     assert cfg.networks == tuple(NETWORKS)
-    assert [cfg.precision(n) for n in NETWORKS] == ["fp32", "fp32", "fp32"]
+    assert [cfg.precision(n) for n in NETWORKS] == ["fp32", "fp32", "fp32", "fp32"]
     assert cfg.engines == "auto"
 
 
 def test_fp16_keeps_the_vae_fp32_unless_forced():
     cfg = ExportConfig(fp16=True)
-    assert [cfg.precision(n) for n in NETWORKS] == ["fp16", "fp16", "fp32"]
-    assert ExportConfig(fp16=True, fp16_vae=True).precision("vae_decoder") == "fp16"
+    assert [cfg.precision(n) for n in NETWORKS] == ["fp16", "fp16", "fp32", "fp32"]
+    both = ExportConfig(fp16=True, fp16_vae=True)
+    assert both.precision("vae_decoder") == both.precision("vae_encoder") == "fp16"
 
 
 @pytest.mark.parametrize("opset", [17, 22, 23])

@@ -188,7 +188,7 @@ def test_info_is_a_summary_and_json_holds_the_manifest(run_cli):
         "model: toy2-zh-pivot",
         "native size: 32x32",
         "networks: text_encoder fp32",
-        "integrity: 3 network file(s) match",
+        "integrity: 4 network file(s) match",
         "engines: none",
         "sampling defaults: ddim, guidance 3, 25 steps",
         "knows: one or two coloured",

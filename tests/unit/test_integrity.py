@@ -61,11 +61,21 @@ def test_each_network_file_is_checked(model_copy):
 
 def test_verified_once_then_remembered_and_any_change_rehashes(model_copy):
     md = ModelDir.open(model_copy, verify=False)
-    assert sorted(md.verify()) == ["text_encoder.onnx", "unet.onnx", "vae_decoder.onnx"]
+    assert sorted(md.verify()) == [
+        "text_encoder.onnx",
+        "unet.onnx",
+        "vae_decoder.onnx",
+        "vae_encoder.onnx",
+    ]
     assert md.verify() == []  # stamps unchanged: nothing hashed
     record = json.loads(verified_record_path(model_copy).read_text())
     assert record["model"] == str(model_copy.resolve())
-    assert set(record["files"]) == {"text_encoder.onnx", "unet.onnx", "vae_decoder.onnx"}
+    assert set(record["files"]) == {
+        "text_encoder.onnx",
+        "unet.onnx",
+        "vae_decoder.onnx",
+        "vae_encoder.onnx",
+    }
 
     # restoring mtime after a write is not enough to skip the hash: ctime moves anyway
     unet = model_copy / "unet.onnx"
@@ -105,7 +115,7 @@ def test_an_unwritable_cache_only_costs_a_rehash(model_copy, tmp_path, monkeypat
     monkeypatch.setenv("IAP_RT_CACHE_DIR", str(blocker))
     md = ModelDir.open(model_copy)  # verified, but cannot remember it
     assert "cannot remember the verified model files" in caplog.text
-    assert len(md.verify()) == 3
+    assert len(md.verify()) == 4
 
 
 def test_the_embedded_model_verifies(tmp_path, monkeypatch):
@@ -124,9 +134,9 @@ def test_info_reports_a_damaged_file(run_cli, model_copy):
 
 def test_info_reports_integrity(run_cli, model_copy):
     r = run_cli("info", "--model", str(model_copy))
-    assert "integrity: 3 network file(s) match the manifest (hashed 3 now)" in r.out
+    assert "integrity: 4 network file(s) match the manifest (hashed 4 now)" in r.out
     r = run_cli("info", "--model", str(model_copy))
-    assert "integrity: 3 network file(s) match the manifest (unchanged since verified)" in r.out
+    assert "integrity: 4 network file(s) match the manifest (unchanged since verified)" in r.out
 
 
 def test_a_listed_external_data_file_that_is_missing_is_named(model_copy):

@@ -55,7 +55,8 @@ def test_bound_buffers_match_plain_run_and_are_not_aliased(model, name):
         np.testing.assert_array_equal(out_a[k], kept[k])  # ... without overwriting a result
         np.testing.assert_allclose(out_a[k], plain.run(a)[k], rtol=0, atol=1e-6)
         np.testing.assert_allclose(out_b[k], plain.run(b)[k], rtol=0, atol=1e-6)
-        assert not np.array_equal(out_a[k], out_b[k])
+        if not np.array_equal(plain.run(a)[k], plain.run(b)[k]):  # (the toy VAE's std is not)
+            assert not np.array_equal(out_a[k], out_b[k])
     assert bound._bound is first_binding
 
     # new shapes (batch 1, a larger image): re-bound, still the plain result
