@@ -20,6 +20,7 @@ anything a call's peak memory is estimated and a call above ``memory_limit`` is 
 from __future__ import annotations
 
 import os
+import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -69,6 +70,7 @@ class Timings:
         r = lambda x: round(x, 6)  # noqa: E731
         return {"load_s": r(self.load_s), "text_encoder_s": r(self.text_encoder_s),
                 "unet_steps": len(self.unet_s), "unet_s": r(sum(self.unet_s)),
+                "unet_step_median_s": r(statistics.median(self.unet_s)) if self.unet_s else None,
                 "loop_s": r(self.loop_s), "vae_decode_s": r(self.vae_decode_s),
                 "total_s": r(self.total_s)}  # fmt: skip
 
