@@ -237,8 +237,16 @@ class NumpyScheduler:
         raise NotImplementedError
 
     def timestep_input(self, timestep) -> float:
-        """The timestep value the UNet is conditioned on for schedule entry ``timestep``."""
+        """The timestep value the UNet is conditioned on for schedule entry ``timestep``.
+
+        (Image to image starts the loop at ``timesteps[k]``: the schedule's entries are
+        distinct, so every scheduler finds its place from the first timestep it is given.)"""
         return float(timestep)
+
+    def add_noise(self, original: np.ndarray, noise: np.ndarray, index: int) -> np.ndarray:
+        """``original`` noised to the level of ``timesteps[index]`` (diffusers' ``add_noise``
+        with ``set_begin_index(index)``): where image to image starts its loop."""
+        raise NotImplementedError
 
     # --- helpers for subclasses ---
 

@@ -78,3 +78,10 @@ class DDIMScheduler(NumpyScheduler):
         # 6. x_{t-1} without the "random noise" term of formula (12)
         prev_sample = alpha_prod_t_prev**0.5 * pred_original_sample + pred_sample_direction
         return prev_sample.astype(sample.dtype, copy=False)
+
+    def add_noise(self, original: np.ndarray, noise: np.ndarray, index: int) -> np.ndarray:
+        # q(x_t | x_0) = N(sqrt(alpha-bar_t) x_0, (1 - alpha-bar_t) I), float32 like diffusers
+        self._require_timesteps()
+        a = self.alphas_cumprod[int(self.timesteps[index])]
+        sqrt_a, sqrt_1ma = np.float32(a) ** np.float32(0.5), (np.float32(1) - a) ** np.float32(0.5)
+        return (sqrt_a * original + sqrt_1ma * noise).astype(np.float32)

@@ -124,3 +124,10 @@ class DPMSolverMultistepScheduler(NumpyScheduler):
             self.lower_order_nums += 1
         self._step_index = i + 1
         return prev_sample.astype(sample.dtype, copy=False)
+
+    def add_noise(self, original: np.ndarray, noise: np.ndarray, index: int) -> np.ndarray:
+        # x_t = alpha_t x_0 + sigma_t noise, from sigma = sigma_t / alpha_t (float32, as diffusers)
+        self._require_timesteps()
+        sigma = self.sigmas[index]
+        alpha_t = np.float32(1) / (sigma**2 + np.float32(1)) ** np.float32(0.5)
+        return (alpha_t * original + (sigma * alpha_t) * noise).astype(np.float32)

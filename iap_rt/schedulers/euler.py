@@ -100,3 +100,8 @@ class EulerDiscreteScheduler(NumpyScheduler):
 
         self._step_index = i + 1
         return prev_sample.astype(sample.dtype, copy=False)
+
+    def add_noise(self, original: np.ndarray, noise: np.ndarray, index: int) -> np.ndarray:
+        # x = x_0 + sigma_i * noise (the Karras parametrisation the loop runs in)
+        self._require_timesteps()
+        return (original + noise * self.sigmas[index]).astype(np.float32)

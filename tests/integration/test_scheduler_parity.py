@@ -207,3 +207,35 @@ def test_trailing_drops_diffusers_spurious_last_timestep(name):
     ref_ts = ref.timesteps.numpy()
     assert len(ref_ts) == 62 and ref_ts[-1] == -1
     np.testing.assert_array_equal(ours.timesteps, ref_ts[:61])
+
+
+@pytest.mark.parametrize("strength", [0.3, 0.8, 1.0])
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+@pytest.mark.parametrize("name", SCHEDULERS)
+def test_image_to_image_start_matches_diffusers(name, spacing, strength):
+    """Image to image as diffusers runs it: ``set_begin_index(k)``, ``add_noise`` at
+    ``timesteps[k]``, then the loop over ``timesteps[k:]`` (float32, stock diffusers)."""
+    cfg = SchedulerConfig(timestep_spacing=spacing)
+    steps = 20
+    ours, ref = make_scheduler(name, cfg), _reference(name, cfg)
+    ours.set_timesteps(steps)
+    ref.set_timesteps(steps)
+    k = steps - min(int(steps * strength), steps)  # diffusers' get_timesteps (order 1)
+    if hasattr(ref, "set_begin_index"):
+        ref.set_begin_index(k)
+    rng = np.random.default_rng(_seed(name, spacing, strength))
+    x0 = rng.standard_normal(SHAPE).astype(np.float32)
+    noise = rng.standard_normal(SHAPE).astype(np.float32)
+    t0 = ref.timesteps[k : k + 1]
+    x_ref = ref.add_noise(torch.from_numpy(x0), torch.from_numpy(noise), t0)
+    x_ours = ours.add_noise(x0, noise, k)
+    assert x_ours.dtype == np.float32
+    np.testing.assert_allclose(x_ours, x_ref.numpy(), rtol=0, atol=1e-5)
+    for t_ours, t_ref in zip(ours.timesteps[k:], ref.timesteps[k:]):
+        out = rng.standard_normal(SHAPE).astype(np.float32)
+        in_ours = ours.scale_model_input(x_ours, t_ours)
+        in_ref = ref.scale_model_input(x_ref, t_ref)
+        np.testing.assert_allclose(in_ours, in_ref.numpy(), rtol=0, atol=1e-4)
+        x_ours = ours.step(out, t_ours, x_ours)
+        x_ref = ref.step(torch.from_numpy(out), t_ref, x_ref).prev_sample
+        np.testing.assert_allclose(x_ours, x_ref.numpy(), rtol=0, atol=1e-4)
