@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from iap_rt import memory
+from iap_rt import editing, memory
 from iap_rt.errors import ArtifactNotFoundError, ConfigError, InputError
 from iap_rt.modeldir import ModelDir, default_model_dir
 from iap_rt.requests import PromptRequest, ResolvedRequest, resolve
@@ -54,6 +54,7 @@ class Timings:
     call of a pipeline), kept apart from the text encoder's own time."""
 
     load_s: float = 0.0
+    vae_encode_s: float = 0.0  # edits: the input images through the VAE encoder
     text_encoder_s: float = 0.0
     unet_s: list[float] = field(default_factory=list)  # per step (and chunk), network time only
     loop_s: float = 0.0  # whole denoising loop (network + scheduler + copies + Python)
@@ -95,10 +96,19 @@ class _Image:
     negative_prompt: str
     guidance: float
     noise: np.ndarray  # (C, h, w) float32, N(0, 1)
+    start: int = 0  # the schedule index it joins the loop at (edits: > 0 below strength 1)
+    init: np.ndarray | None = None  # (C, h, w) the edited image's latents, scaled
+    mask: np.ndarray | None = None  # (1, h, w) in {0, 1}: inpainting, 1 = repaint
 
     @property
     def guided(self) -> bool:
         return self.guidance > 1.0
+
+    @property
+    def from_noise(self) -> bool:
+        """Starts from pure noise: a generation, or inpainting at strength 1 (diffusers); image
+        to image always starts from its noised image."""
+        return self.init is None or (self.mask is not None and self.start == 0)
 
 
 class Pipeline:
@@ -284,7 +294,10 @@ class Pipeline:
         t_start = time.perf_counter()
         timings = Timings()
         shape = (self.dims.latent_channels, *_latent_hw(height, width, self.dims))
-        images = _flatten(todo, shape)
+        t0 = time.perf_counter()
+        edits = self._encode_edits(todo)  # request -> (init latents, latent mask)
+        timings.vae_encode_s = time.perf_counter() - t0
+        images = _flatten(todo, shape, edits, self.dims.vae_scale_factor)
         chunks = [images[i : i + self.chunk_size] for i in range(0, len(images), self.chunk_size)]
         bar = _progress(steps * len(chunks), self.progress, "denoising")
 
@@ -321,50 +334,117 @@ class Pipeline:
             end = start + r.batch_size
             params = r.params() | {"model_id": self.model.model_id, "backend": backend}
             seeds = [r.seed + i for i in range(r.batch_size)]
+            pixels = images_all[start:end]
+            if r.mask is not None:  # the kept pixels are the input's own
+                pixels = editing.composite(pixels, r.image, r.mask, r.mask_blur)
             results.append(
-                GenerationResult(
-                    images_all[start:end], latents_all[start:end], seeds, params, timings,
-                    notice=r.notice,
-                )
+                GenerationResult(pixels, latents_all[start:end], seeds, params, timings,
+                                 notice=r.notice)
             )  # fmt: skip
             start = end
         return results
 
+    def _encode_edits(self, requests) -> dict[int, tuple[np.ndarray, np.ndarray | None]]:
+        """Each edit request's init latents (n, C, h, w), sampled per image seed from the VAE
+        encoder's distribution and scaled, and its mask in latent space (or None)."""
+        out = {}
+        for k, r in enumerate(requests):
+            if not r.is_edit:
+                continue
+            runner = self.runner("vae_encoder")
+            dtype = np.float16 if self.model.precision("vae_encoder") == "fp16" else np.float32
+            dist = runner.run({"sample": editing.vae_input(r.image).astype(dtype)})
+            seeds = [r.seed + i for i in range(r.batch_size)]
+            init = editing.init_latents(dist["latent_mean"], dist["latent_std"], seeds,
+                                        self.model.vae_scaling_factor)  # fmt: skip
+            mask = None
+            if r.mask is not None:
+                mask = editing.latent_mask(r.mask, self.dims.vae_scale_factor)
+            out[k] = (init, mask)
+        return out
+
     def _denoise(self, chunk, steps, scheduler, timings, bar) -> np.ndarray:
-        """The denoising loop of one chunk of images -> their final latents (n, C, h, w)."""
+        """The denoising loop of one chunk of images -> their final latents (n, C, h, w).
+
+        Images that start later in the schedule (edits below strength 1) join the UNet batch
+        at their start step; each start has a scheduler of its own (a multistep scheduler's
+        history is per image), so every image is computed exactly as it would be alone. An
+        inpainted image's kept region is re-noised from its input after every step (latent
+        blending, as diffusers does with a 4-channel UNet)."""
         n, guided = len(chunk), [i for i, im in enumerate(chunk) if im.guided]
         unet_dtype = np.float16 if self.model.precision("unet") == "fp16" else np.float32
         texts = [chunk[i].negative_prompt for i in guided] + [im.prompt for im in chunk]
-        emb = self.encode(texts).astype(unet_dtype)  # (N, S, D): [uncond of guided] + [cond]
-        g = np.array([chunk[i].guidance for i in guided], np.float32).reshape(-1, 1, 1, 1)
-        every_image_guided = len(guided) == n
-        N = len(guided) + n  # the UNet batch
+        emb_all = self.encode(texts).astype(unet_dtype)  # (N, S, D): [uncond of guided] + [cond]
+        uncond_row = {j: p for p, j in enumerate(guided)}
 
-        sched = make_scheduler(scheduler, self.scheduler_config)
-        sched.set_timesteps(steps)
-        latents = np.stack([im.noise for im in chunk])  # (n, C, h, w)
-        latents = latents.astype(np.float32) * np.float32(sched.init_noise_sigma)
+        # 0. one scheduler per start index, and each image's latents at its start
+        cohorts: dict[int, list[int]] = {}
+        for j, im in enumerate(chunk):
+            cohorts.setdefault(im.start, []).append(j)
+        scheds, latents = {}, np.empty((n, *chunk[0].noise.shape), np.float32)
+        for k, idx in cohorts.items():
+            sched = scheds[k] = make_scheduler(scheduler, self.scheduler_config)
+            sched.set_timesteps(steps)
+            noise = np.stack([chunk[j].noise for j in idx])  # (n_k, C, h, w)
+            x = noise.astype(np.float32) * np.float32(sched.init_noise_sigma)
+            noised = [p for p, j in enumerate(idx) if not chunk[j].from_noise]
+            if noised:
+                init = np.stack([chunk[idx[p]].init for p in noised])
+                x[noised] = sched.add_noise(init, noise[noised], k)
+            latents[idx] = x
+        timesteps = scheds[min(scheds)].timesteps
 
         unet = self.runners["unet"]
         t_loop = time.perf_counter()
-        for t in sched.timesteps:
-            x = np.concatenate([latents[guided], latents]) if guided else latents  # (N, ...)
-            x = sched.scale_model_input(x, t).astype(unet_dtype, copy=False)
-            ts = np.full((N,), sched.timestep_input(t), dtype=np.float32)
+        for i, t in enumerate(timesteps):
+            active = [j for j in range(n) if chunk[j].start <= i]
+            if not active:  # only edits, not started yet
+                if bar is not None:
+                    bar.update(1)
+                continue
+            live = {k: idx for k, idx in cohorts.items() if k <= i}
+            act_guided = [j for j in active if chunk[j].guided]
+            scaled = np.empty_like(latents)
+            for k, idx in live.items():
+                scaled[idx] = scheds[k].scale_model_input(latents[idx], t)
+            x = (
+                np.concatenate([scaled[act_guided], scaled[active]])
+                if act_guided
+                else scaled[active]
+            )
+            x = x.astype(unet_dtype, copy=False)  # (N, C, h, w)
+            rows = [uncond_row[j] for j in act_guided] + [len(guided) + j for j in active]
+            emb = emb_all[rows]
+            N, na, ng = len(rows), len(active), len(act_guided)
+            ts = np.full((N,), scheds[min(live)].timestep_input(t), dtype=np.float32)
             t0 = time.perf_counter()
             out = unet.run({"sample": x, "timestep": ts, "encoder_hidden_states": emb})[
                 "noise_pred"
             ].astype(np.float32, copy=False)  # (N, C, h, w)
             timings.unet_s.append(time.perf_counter() - t0)
-            if not guided:
+            g = np.array([chunk[j].guidance for j in act_guided], np.float32).reshape(-1, 1, 1, 1)
+            if not act_guided:
                 noise = out
-            elif every_image_guided:
-                uncond, cond = out[:n], out[n:]
-                noise = uncond + g * (cond - uncond)  # (n, C, h, w)
+            elif ng == na:
+                uncond, cond = out[:na], out[na:]
+                noise = uncond + g * (cond - uncond)  # (na, C, h, w)
             else:
-                uncond, noise = out[: len(guided)], out[len(guided) :].copy()
-                noise[guided] = uncond + g * (noise[guided] - uncond)
-            latents = sched.step(noise, t, latents).astype(np.float32, copy=False)
+                pos = [active.index(j) for j in act_guided]
+                uncond, noise = out[:ng], out[ng:].copy()
+                noise[pos] = uncond + g * (noise[pos] - uncond)
+            for k, idx in live.items():
+                pos = [active.index(j) for j in idx]
+                latents[idx] = (
+                    scheds[k].step(noise[pos], t, latents[idx]).astype(np.float32, copy=False)
+                )
+                for j in idx:  # inpainting: the kept region back at the next step's level
+                    im = chunk[j]
+                    if im.mask is None:
+                        continue
+                    proper = im.init
+                    if i < len(timesteps) - 1:
+                        proper = scheds[k].add_noise(im.init[None], im.noise[None], i + 1)[0]
+                    latents[j] = (1 - im.mask) * proper + im.mask * latents[j]
             if bar is not None:
                 bar.update(1)
         timings.loop_s += time.perf_counter() - t_loop
@@ -386,13 +466,20 @@ def _latent_hw(height: int, width: int, dims) -> tuple[int, int]:
     return height // f, width // f
 
 
-def _flatten(requests: Sequence[ResolvedRequest], shape: tuple[int, ...]) -> list[_Image]:
-    """Every image of every request, in order, with its initial noise."""
+def _flatten(
+    requests: Sequence[ResolvedRequest], shape: tuple[int, ...], edits: dict, factor: int
+) -> list[_Image]:
+    """Every image of every request, in order, with its initial noise (and, for an edit, its
+    start index, init latents and latent mask from ``edits``)."""
     images = []
     for k, r in enumerate(requests):
         noise = r.latents if r.latents is not None else initial_noise(r.seed, r.batch_size, shape)
+        init, mask = edits.get(k, (None, None))
         for i in range(r.batch_size):
-            images.append(_Image(k, r.seed + i, r.prompt, r.negative_prompt, r.guidance, noise[i]))
+            images.append(_Image(
+                k, r.seed + i, r.prompt, r.negative_prompt, r.guidance, noise[i],
+                start=r.start_index(), init=None if init is None else init[i], mask=mask,
+            ))  # fmt: skip
     return images
 
 

@@ -32,6 +32,8 @@ from iap_rt.schedulers import SCHEDULERS
 LOG = logging.getLogger("iap_rt.requests")
 
 DEFAULT_STEPS = 25
+DEFAULT_STRENGTH = 0.8  # image to image, as diffusers
+DEFAULT_MASK_BLUR = 4  # pixels of feather inside the mask when the result is composited
 MAX_STEPS = 1000
 MAX_GUIDANCE = 100.0  # beyond this classifier-free guidance only saturates the image
 MAX_SEED = 2**63 - 1  # every image's seed (seed + i) must stay within this
@@ -51,7 +53,12 @@ class PromptRequest:
     """What a caller asks for: ``batch_size`` images of ``prompt`` with seeds ``seed, seed + 1,
     ...``. ``None`` = the model's default (guidance, steps, height, width, scheduler);
     guidance <= 1 turns classifier-free guidance off for these images. ``latents``: the
-    initial noise (batch_size, C, h, w) instead of noise from the seed."""
+    initial noise (batch_size, C, h, w) instead of noise from the seed.
+
+    Editing: ``image`` (H, W, 3 uint8) is noised to the step ``strength`` names (default 0.8)
+    and denoised from there (image to image); with ``mask`` (H, W; white / 1 = repaint, black
+    / 0 = keep) only the masked region is repainted (inpainting) and the kept pixels are the
+    image's own, feathered ``mask_blur`` pixels into the mask."""
 
     prompt: str
     negative_prompt: str = ""
@@ -63,6 +70,10 @@ class PromptRequest:
     height: int | None = None
     width: int | None = None
     scheduler: str | None = None
+    image: np.ndarray | None = None
+    mask: np.ndarray | None = None
+    strength: float | None = None
+    mask_blur: int | None = None
 
 
 @dataclass(frozen=True)
@@ -83,6 +94,21 @@ class ResolvedRequest:
     latents: np.ndarray | None = None
     notice: str | None = None
     model_key: str = ""
+    image: np.ndarray | None = None  # (H, W, 3) uint8: an edit
+    mask: np.ndarray | None = None  # (H, W) float32 in {0, 1}: 1 = repaint
+    strength: float | None = None  # edits only
+    mask_blur: int = 0
+
+    @property
+    def is_edit(self) -> bool:
+        return self.image is not None
+
+    def start_index(self) -> int:
+        """The schedule index the loop starts at: 0, or for an edit diffusers' ``get_timesteps``
+        (``steps - int(steps * strength)``)."""
+        if not self.is_edit:
+            return 0
+        return self.steps - min(int(self.steps * self.strength), self.steps)
 
     @property
     def call_key(self) -> tuple[int, str, int, int]:
@@ -104,7 +130,7 @@ class ResolvedRequest:
 
     def params(self) -> dict:
         """The settings every image of this request records (its PNG's parameters)."""
-        return {
+        out = {
             "prompt": self.prompt,
             "negative_prompt": self.negative_prompt,
             "steps": self.steps,
@@ -113,6 +139,11 @@ class ResolvedRequest:
             "height": self.height,
             "width": self.width,
         }
+        if self.is_edit:
+            out |= {"strength": float(self.strength), "inpaint": self.mask is not None}
+            if self.mask is not None:
+                out["mask_blur"] = self.mask_blur
+        return out
 
 
 def model_defaults(model) -> dict:
@@ -134,8 +165,18 @@ def resolve(model, request: PromptRequest) -> ResolvedRequest:
     r = request
     steps = DEFAULT_STEPS if r.steps is None else r.steps
     guidance = model.default_guidance if r.guidance is None else r.guidance
-    height = model.default_size if r.height is None else r.height
-    width = model.default_size if r.width is None else r.width
+    image = _check_image(r.image, model.dims) if r.image is not None else None
+    size = (None, None) if image is None else image.shape[:2]
+    height = (size[0] or model.default_size) if r.height is None else r.height
+    width = (size[1] or model.default_size) if r.width is None else r.width
+    if image is not None and (height, width) != size:
+        raise RequestError(
+            "height" if height != size[0] else "width",
+            f"the image is {size[1]}x{size[0]} pixels but {width}x{height} was asked",
+            fix="resize the image to the size you want (iap-rt generate --image resizes it "
+            "when you pass --height/--width), or leave the size out: an edit keeps the "
+            "image's.",
+        )
     scheduler = r.scheduler
     if scheduler is None or scheduler == "":  # "": unset, as on the Triton wire
         scheduler = model.default_scheduler
@@ -148,6 +189,7 @@ def resolve(model, request: PromptRequest) -> ResolvedRequest:
     _check_guidance(guidance)
     seed, batch_size = _check_seed(r.seed, r.batch_size)
     latents = _check_latents(r.latents, batch_size, model.dims, height, width)
+    strength, mask, mask_blur = _check_edit(r, image, int(steps))
     resolved = ResolvedRequest(
         prompt=r.prompt,
         negative_prompt=r.negative_prompt,
@@ -161,6 +203,10 @@ def resolve(model, request: PromptRequest) -> ResolvedRequest:
         latents=latents,
         notice=notice(model, r.prompt),
         model_key=model.fingerprint,
+        image=image,
+        mask=mask,
+        strength=strength,
+        mask_blur=mask_blur,
     )
     LOG.info("resolved request: %d image(s), %d steps, %s, %dx%d, guidance %g",
              batch_size, resolved.steps, scheduler, resolved.width, resolved.height,
@@ -263,6 +309,78 @@ def _check_seed(seed, batch_size) -> tuple[int, int]:
             fix=f"use a seed of at most {MAX_SEED - batch_size + 1}.",
         )
     return seed, batch_size
+
+
+def _check_image(image, dims) -> np.ndarray:
+    """An (H, W, 3) uint8 RGB array whose sides are multiples of the model's pixel
+    multiple; else the nearest sizes that are."""
+    if (
+        not isinstance(image, np.ndarray)
+        or image.dtype != np.uint8
+        or image.ndim != 3
+        or (image.shape[2] != 3)
+    ):
+        raise RequestError(
+            "image", "the image must be an (H, W, 3) uint8 RGB array, got "
+            f"{getattr(image, 'dtype', type(image).__name__)} {getattr(image, 'shape', '')}",
+            fix="load it with iap_rt.images.load_image (EXIF rotation, alpha, greyscale, 16 "
+            "bits handled).",
+        )  # fmt: skip
+    f = dims.pixel_multiple
+    h, w = image.shape[:2]
+    if h % f or w % f or not h or not w:
+        sizes = sorted({(max(f, (w // f) * f), max(f, (h // f) * f)),
+                        (-(-w // f) * f, -(-h // f) * f)})  # fmt: skip
+        raise RequestError(
+            "image", f"the image is {w}x{h} pixels; this model needs sides that are multiples "
+            f"of {f}",
+            fix="crop or resize it to " + " or ".join(f"{a}x{b}" for a, b in sizes)
+            + " (iap-rt generate --image resizes it when you pass --height/--width).",
+        )  # fmt: skip
+    return np.ascontiguousarray(image)
+
+
+def _check_edit(r, image, steps: int) -> tuple[float | None, np.ndarray | None, int]:
+    """(strength, mask in {0, 1} float32, mask_blur) of an edit; (None, None, 0) otherwise."""
+    if image is None:
+        for name, v in (("strength", r.strength), ("mask", r.mask)):
+            if v is not None:
+                raise RequestError(name, f"{name} edits an image, but no image was given",
+                                   fix="pass the image to edit (--image), or drop it.")  # fmt: skip
+        return None, None, 0
+    strength = DEFAULT_STRENGTH if r.strength is None else r.strength
+    if (
+        isinstance(strength, bool)
+        or not isinstance(strength, (int, float, np.integer, np.floating))
+        or not math.isfinite(strength)
+        or not 0 < strength <= 1
+    ):
+        raise RequestError("strength", f"strength must be a number in (0, 1], got {strength!r}",
+                           fix="use e.g. --strength 0.6 (1 = repaint entirely).")  # fmt: skip
+    if int(steps * strength) < 1:
+        raise RequestError(
+            "strength", f"strength {strength:g} with {steps} steps denoises no step "
+            f"(int({steps} x {strength:g}) = 0)",
+            fix=f"use a strength of at least {1 / steps:.3g}, or more steps.",
+        )  # fmt: skip
+    mask = None
+    if r.mask is not None:
+        m = np.asarray(r.mask)
+        if m.shape != image.shape[:2]:
+            raise RequestError("mask", f"the mask is {m.shape[1::-1] if m.ndim == 2 else m.shape} "
+                               f"but the image is {image.shape[1]}x{image.shape[0]}",
+                               fix="use a mask of the image's size.")  # fmt: skip
+        scale = 255.0 if m.dtype == np.uint8 else 1.0
+        mask = (m.astype(np.float32) / scale >= 0.5).astype(np.float32)  # diffusers binarises
+        if not mask.any():
+            raise RequestError("mask", "the mask selects nothing (no white pixel)",
+                               fix="paint the region to repaint white, or drop the mask to "
+                               "edit the whole image.")  # fmt: skip
+    blur = DEFAULT_MASK_BLUR if r.mask_blur is None else r.mask_blur
+    if not _is_int(blur) or not 0 <= blur <= 64:
+        raise RequestError("mask_blur", f"mask blur must be an integer from 0 to 64 pixels, got "
+                           f"{blur!r}")  # fmt: skip
+    return float(strength), mask, int(blur)
 
 
 def _check_latents(latents, batch_size: int, dims, height: int, width: int):
