@@ -36,6 +36,20 @@ def read_prompts_file(path: str) -> list[str]:
 @click.option(
     "--prompts-file", type=click.Path(), help="Generate for every line of this UTF-8 file."
 )
+@click.option(
+    "--image",
+    "image_path",
+    type=click.Path(),
+    help="Edit this image (PNG, JPEG, WebP) with the prompt instead of drawing from noise "
+    "(image to image; the output has its size, or --height/--width, to which it is resized).",
+)
+@click.option(
+    "--mask",
+    "mask_path",
+    type=click.Path(),
+    help="With --image: repaint only the white region of this mask (inpainting; black = "
+    "keep: those pixels stay the image's own).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON line per image.")
 @click.option(
     "--config", "config_path", type=click.Path(), help="Workspace TOML (default ./iap-rt.toml)."
@@ -46,7 +60,17 @@ def read_prompts_file(path: str) -> list[str]:
     help="Generate through a running `iap-rt serve` at this URL (e.g. http://127.0.0.1:8000): "
     "same flags, same PNGs. API key from $IAP_RT_API_KEY.",
 )
-def generate(prompt, as_json, config_path, prompts_file, no_progress, server, **options):
+def generate(
+    prompt,
+    as_json,
+    config_path,
+    prompts_file,
+    image_path,
+    mask_path,
+    no_progress,
+    server,
+    **options,
+):
     """Generate images for PROMPT (Chinese text) and write them.
 
     \b
@@ -55,6 +79,7 @@ def generate(prompt, as_json, config_path, prompts_file, no_progress, server, **
       iap-rt generate "左边有一个红色的圆" --steps 30 --seed 7 --out red.png
       iap-rt generate --prompts-file prompts.txt --batch-size 2 --out outputs/ --json
       iap-rt generate "山水画" --server http://127.0.0.1:8000
+      iap-rt generate "右边有一个蓝色的十字" --image scene.png --mask right.png --out edit.png
 
     Images carry their generation parameters: PNG in an iTXt chunk named "iap-rt", JPEG and
     WebP in an XMP packet. Each image is written as soon as its UNet batch is done.
@@ -81,7 +106,11 @@ def generate(prompt, as_json, config_path, prompts_file, no_progress, server, **
             fix='pass a prompt, e.g. iap-rt generate "山水画", or --prompts-file.',
         )
 
+    image, mask = _edit_inputs(image_path, mask_path, cfg)
     if server:  # the server's model and backend; same PNGs as a local run on them
+        if image is not None:
+            raise InputError("--image/--mask with --server is not supported yet",
+                             fix="edit locally (drop --server).")  # fmt: skip
         from iap_rt.client import generate_remote
 
         given = [f"--{k}" for k in ("model", "backend") if options.get(k) is not None]
@@ -105,7 +134,8 @@ def generate(prompt, as_json, config_path, prompts_file, no_progress, server, **
     # of one call and the destination checked before any work
     requests = [
         resolve(model, PromptRequest(p, cfg.negative, cfg.seed, cfg.guidance, cfg.batch_size,
-                                     None, cfg.steps, cfg.height, cfg.width, cfg.scheduler))
+                                     None, cfg.steps, cfg.height, cfg.width, cfg.scheduler,
+                                     image, mask, cfg.strength, cfg.mask_blur))
         for p in prompts
     ]  # fmt: skip
     pipe.check_memory(pipe.plan_call([requests[0].part(0, min(cfg.batch_size, pipe.chunk_size))]))
@@ -130,6 +160,31 @@ def generate(prompt, as_json, config_path, prompts_file, no_progress, server, **
                     click.echo(json.dumps(line, ensure_ascii=False))
                 else:
                     click.echo(f"wrote {path}")
+
+
+def _edit_inputs(image_path, mask_path, cfg):
+    """(image, mask) arrays of ``--image``/``--mask`` (None, None without), resized to
+    --height/--width where those are given."""
+    if mask_path and not image_path:
+        raise InputError("--mask needs --image", fix="pass the image the mask belongs to.")
+    if not image_path:
+        return None, None
+    from iap_rt.image_input import load_image, load_mask, resize
+
+    image = load_image(image_path)
+    mask = load_mask(mask_path) if mask_path else None
+    if mask is not None and mask.shape != image.shape[:2]:
+        raise InputError(
+            f"the mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but the image is "
+            f"{image.shape[1]}x{image.shape[0]}",
+            fix="use a mask of the image's size.",
+        )
+    if cfg.height is not None or cfg.width is not None:
+        h, w = cfg.height or image.shape[0], cfg.width or image.shape[1]
+        if (h, w) != image.shape[:2] and min(h, w) > 0:
+            image = resize(image, w, h)
+            mask = None if mask is None else resize(mask, w, h)
+    return image, mask
 
 
 @click.command("info")

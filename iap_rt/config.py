@@ -57,6 +57,14 @@ class GenerateConfig:
         'is available), a size like "12GB", or "off"',
     )  # fmt: skip
     scheduler: str | None = opt(None, "ddim, euler or dpm++; unset = the model's default")
+    strength: float | None = opt(
+        None, "editing (--image): how far the image is noised before it is denoised with the "
+        "prompt, (0, 1]; 1 repaints it entirely; unset = 0.8",
+    )  # fmt: skip
+    mask_blur: int | None = opt(
+        None, "inpainting (--mask): feather in pixels, inside the mask, where the result is "
+        "blended into the kept image; unset = 4",
+    )  # fmt: skip
     backend: str = opt("auto", "auto, ort or trt")
     out: str = opt(
         "outputs", "output file for one image (.png, .jpg, .jpeg or .webp) or a directory "

@@ -21,7 +21,7 @@ from iap_rt.train.config import TrainConfig  # noqa: E402
 # command path -> (config class, the options that are not fields of it)
 COMMANDS = {
     ("generate",): (GenerateConfig, {"prompt", "prompts_file", "as_json", "config_path",
-                                     "no_progress", "server"}),
+                                     "no_progress", "server", "image_path", "mask_path"}),
     ("serve",): (ServeConfig, {"config_path"}),
     ("export",): (ExportConfig, {"config_path"}),
     ("engines", "build"): (EngineConfig, {"model", "config_path", "force"}),
