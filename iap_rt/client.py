@@ -14,6 +14,7 @@ import json
 import os
 import urllib.error
 import urllib.request
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 from iap_rt.errors import InputError, ServerError
@@ -34,10 +35,18 @@ class Client:
         self.api_key = api_key if api_key is not None else os.environ.get(KEY_ENV) or None
         self.timeout_s = timeout_s
 
-    def _call(self, method: str, path: str, body: dict | None = None) -> dict:
-        data = None if body is None else json.dumps(body, ensure_ascii=False).encode("utf-8")
+    def _call(self, method: str, path: str, body: dict | None = None, files=None) -> dict:
+        if files:  # multipart/form-data: the edits endpoint
+            boundary = uuid.uuid4().hex
+            data, kind = (
+                _multipart(body or {}, files, boundary),
+                f"multipart/form-data; boundary={boundary}",
+            )
+        else:
+            data = None if body is None else json.dumps(body, ensure_ascii=False).encode("utf-8")
+            kind = "application/json"
         req = urllib.request.Request(self.url + path, data=data, method=method)
-        req.add_header("Content-Type", "application/json")
+        req.add_header("Content-Type", kind)
         if self.api_key:
             req.add_header("Authorization", f"Bearer {self.api_key}")
         try:
@@ -59,10 +68,48 @@ class Client:
         """``GET /v1/models`` (needs the API key where the server has one)."""
         return self._call("GET", "/v1/models")["data"]
 
-    def images(self, **body) -> dict:
-        """``POST /v1/images/generations``; the response (``data``, and ``warning`` where the
+    def images(self, files=None, **body) -> dict:
+        """``POST /v1/images/generations``, or with ``files`` (``image``, ``mask``: PNG
+        bytes) ``POST /v1/images/edits``; the response (``data``, and ``warning`` where the
         model has a word on the prompt)."""
+        if files:
+            return self._call("POST", "/v1/images/edits", body, files)
         return self._call("POST", "/v1/images/generations", body)
+
+
+def _multipart(fields: dict, files: dict, boundary: str) -> bytes:
+    """A multipart/form-data body: text ``fields`` and PNG ``files`` (name -> bytes)."""
+    out = []
+    for name, value in fields.items():
+        out.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'
+                   f"{value}\r\n".encode())  # fmt: skip
+    for name, data in files.items():
+        out.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; '
+                   f'filename="{name}.png"\r\nContent-Type: image/png\r\n\r\n'.encode())  # fmt: skip
+        out.append(data + b"\r\n")
+    out.append(f"--{boundary}--\r\n".encode())
+    return b"".join(out)
+
+
+def edit_files(image, mask) -> dict:
+    """The edits endpoint's uploads from arrays: the image as PNG, the mask (white = repaint)
+    as OpenAI's convention, an RGBA PNG fully transparent where the image is to be edited."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    def png(array, mode=None) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(array, mode).save(buf, format="PNG")
+        return buf.getvalue()
+
+    files = {"image": png(image)}
+    if mask is not None:
+        rgba = np.zeros((*mask.shape, 4), np.uint8)
+        rgba[..., 3] = np.where(mask >= 128, 0, 255)
+        files["mask"] = png(rgba, "RGBA")
+    return files
 
 
 def _server_error(status: int, raw: bytes) -> ServerError | InputError:
@@ -80,15 +127,18 @@ def _server_error(status: int, raw: bytes) -> ServerError | InputError:
                        fix="retry later, or check the server's log.")  # fmt: skip
 
 
-def generate_remote(url: str, prompts: list[str], cfg, as_json: bool, echo, warn) -> None:
+def generate_remote(url: str, prompts: list[str], cfg, as_json: bool, echo, warn,
+                    image=None, mask=None) -> None:  # fmt: skip
     """Generate ``cfg.batch_size`` images per prompt on the server and write them to the paths
-    ``cfg.out`` plans, as ``iap-rt generate`` would (``warn``: the model's notices)."""
+    ``cfg.out`` plans, as ``iap-rt generate`` would (``warn``: the model's notices); with
+    ``image`` (and ``mask``) through the edits endpoint."""
     from iap_rt.images import plan_outputs, save_png_bytes
 
     client = Client(url)
     client.models()  # a refused key fails here, before any file is planned
     size = "auto"  # the server's model decides what is left unset (iap_rt.requests)
-    if cfg.height is not None or cfg.width is not None:
+    files = edit_files(image, mask) if image is not None else None
+    if files is None and (cfg.height is not None or cfg.width is not None):
         d = client.info()["defaults"]
         size = f"{cfg.width or d['width']}x{cfg.height or d['height']}"
     jobs = []  # (prompt, seed, n) in output order
@@ -101,10 +151,11 @@ def generate_remote(url: str, prompts: list[str], cfg, as_json: bool, echo, warn
         prompt, seed, n = job
         body = dict(prompt=prompt, negative_prompt=cfg.negative, n=n, seed=seed, size=size)
         for key, value in (("steps", cfg.steps), ("guidance_scale", cfg.guidance),
-                           ("scheduler", cfg.scheduler)):  # fmt: skip
-            if value is not None:  # else the server's model default
-                body[key] = value
-        return client.images(**body)
+                           ("scheduler", cfg.scheduler), ("strength", cfg.strength),
+                           ("mask_blur", cfg.mask_blur)):  # fmt: skip
+            if value is not None and (files or key not in ("strength", "mask_blur")):
+                body[key] = value  # else the server's model default
+        return client.images(files=files, **body)
 
     warned = set()
     with ThreadPoolExecutor(CONCURRENCY) as pool:

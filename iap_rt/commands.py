@@ -108,9 +108,6 @@ def generate(
 
     image, mask = _edit_inputs(image_path, mask_path, cfg)
     if server:  # the server's model and backend; same PNGs as a local run on them
-        if image is not None:
-            raise InputError("--image/--mask with --server is not supported yet",
-                             fix="edit locally (drop --server).")  # fmt: skip
         from iap_rt.client import generate_remote
 
         given = [f"--{k}" for k in ("model", "backend") if options.get(k) is not None]
@@ -118,7 +115,14 @@ def generate(
             raise InputError(f"{' and '.join(given)} cannot be used with --server",
                              fix="the server chooses its model and backend; drop them.")  # fmt: skip
         return generate_remote(
-            server, prompts, cfg, as_json, click.echo, lambda m: click.echo(m, err=True)
+            server,
+            prompts,
+            cfg,
+            as_json,
+            click.echo,
+            lambda m: click.echo(m, err=True),
+            image,
+            mask,
         )
 
     t_open = time.perf_counter()

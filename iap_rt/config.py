@@ -96,6 +96,9 @@ class ServeConfig:
     max_queue: int = opt(64, "images queued or generating before requests get 429")
     timeout_s: float = opt(300.0, "seconds a request may take before it gets 504")
     max_body_bytes: int = opt(65536, "largest request body, bytes (413 above)")
+    max_upload_bytes: int = opt(
+        16 * 2**20, "largest image edit upload (/v1/images/edits: image + mask), bytes (413)"
+    )
     max_prompt_chars: int = opt(1000, "longest prompt / negative prompt, characters")
     max_n: int = opt(10, "most images per request (n), 1-10")
     max_steps: int = opt(150, "most denoising steps per request")

@@ -1,6 +1,7 @@
 """The HTTP gateway (FastAPI) in front of Triton.
 
-Routes: ``POST /v1/images/generations`` (OpenAI-compatible, see ``openai_api.py``), ``GET /v1/models``,
+Routes: ``POST /v1/images/generations`` and ``POST /v1/images/edits`` (multipart; OpenAI-
+compatible, see ``openai_api.py``), ``GET /v1/models``,
 ``GET /healthz`` (the process is alive), ``GET /readyz`` (a Triton in rotation has the model
 loaded; each upstream's state and the retries), ``GET /metrics`` (Prometheus text, the
 upstreams' states and retries included), ``GET /info`` (model and limits, for the web page) and
@@ -32,7 +33,7 @@ from starlette.exceptions import HTTPException
 from iap_rt.images import png_bytes
 from iap_rt.requests import model_defaults
 from iap_rt.serve.metrics import Metrics
-from iap_rt.serve.openai_api import ApiError, Limits, parse
+from iap_rt.serve.openai_api import ApiError, Limits, parse, parse_edit
 from iap_rt.serve.protocol import Row
 from iap_rt.serve.upstream import TritonPool, UpstreamError
 
@@ -117,8 +118,8 @@ def create_app(settings: GatewaySettings, pool: TritonPool, model):
                 code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"},
             )  # fmt: skip
 
-    async def read_body(request: Request) -> bytes:
-        cap = settings.limits.max_body_bytes
+    async def read_body(request: Request, cap: int | None = None) -> bytes:
+        cap = settings.limits.max_body_bytes if cap is None else cap
         too_big = ApiError(413, f"the request body is larger than {cap} bytes",
                            code="request_too_large")  # fmt: skip
         length = request.headers.get("content-length")
@@ -168,12 +169,40 @@ def create_app(settings: GatewaySettings, pool: TritonPool, model):
         name = model.model_id
         return {"object": "list", "data": [{"id": name, "object": "model", "owned_by": "iap-rt"}]}
 
+    async def edit_job(request: Request):
+        """A multipart edit, its whole body read within the upload cap before parsing."""
+        body = await read_body(request, settings.limits.max_upload_bytes)
+        kind = request.headers.get("content-type", "")
+        if not kind.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+            raise ApiError(400, "an edit is a multipart/form-data body (image, prompt, ...)",
+                           code="invalid_request")  # fmt: skip
+        request._body = body  # starlette's form parser reads the cached body
+        try:
+            form = await request.form(max_files=2, max_fields=32)
+        except Exception as e:  # noqa: BLE001 - a malformed multipart body
+            raise ApiError(400, f"the multipart body cannot be read: {e}",
+                           code="invalid_request") from None  # fmt: skip
+        try:
+            return await run_in_threadpool(parse_edit, form, settings.limits, model)
+        finally:
+            await form.close()
+
+    @app.post("/v1/images/edits")
+    async def edits(request: Request):
+        return await images(request, edit=True)
+
     @app.post("/v1/images/generations")
     async def generations(request: Request):
+        return await images(request, edit=False)
+
+    async def images(request: Request, edit: bool):
         t0 = time.perf_counter()
         try:
             check_key(request)
-            job = parse(await read_body(request), settings.limits, model)
+            if edit:
+                job = await edit_job(request)
+            else:
+                job = parse(await read_body(request), settings.limits, model)
             if state.queue_images + job.batch_size > settings.max_queue:
                 retry = max(1, math.ceil(state.latency_s))
                 raise ApiError(

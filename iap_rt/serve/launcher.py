@@ -26,7 +26,8 @@ LOG = logging.getLogger("iap_rt.serve")
 
 def check_config(cfg: ServeConfig) -> None:
     """Reject settings that cannot work, naming the option and the fix."""
-    positive = ("max_batch", "instances", "max_queue", "max_body_bytes", "max_prompt_chars",
+    positive = ("max_batch", "instances", "max_queue", "max_body_bytes", "max_upload_bytes",
+                "max_prompt_chars",
                 "max_steps", "max_pixels")  # fmt: skip
     for name in positive:
         if getattr(cfg, name) < 1:
@@ -139,7 +140,7 @@ def _run_gateway(cfg: ServeConfig, api_key: str | None, triton, stop: _Stop) -> 
     local = "127.0.0.1" if cfg.host in ("0.0.0.0", "") else cfg.host
     urls = list(cfg.triton_url) or [f"{local}:{cfg.triton_grpc_port}"]
     limits = Limits(cfg.max_body_bytes, cfg.max_prompt_chars, cfg.max_n, cfg.max_steps,
-                    cfg.max_pixels)  # fmt: skip
+                    cfg.max_pixels, cfg.max_upload_bytes)  # fmt: skip
     settings = GatewaySettings(limits, cfg.max_queue, cfg.timeout_s, api_key)
     app = create_app(settings, TritonPool(urls), model)
     verbose = logging.getLogger().level <= logging.INFO

@@ -18,10 +18,12 @@ import re
 import secrets
 from dataclasses import dataclass
 
+from iap_rt.errors import IapRtError
 from iap_rt.requests import PromptRequest, RequestError, ResolvedRequest, resolve
 
 OPENAI_FIELDS = ("prompt", "n", "size", "response_format", "model", "user")
 OUR_FIELDS = ("negative_prompt", "seed", "steps", "guidance_scale", "scheduler")
+EDIT_FIELDS = ("image", "mask", "strength", "mask_blur")  # /v1/images/edits (multipart)
 
 
 class ApiError(Exception):
@@ -53,6 +55,7 @@ class Limits:
     max_n: int = 10
     max_steps: int = 150
     max_pixels: int = 4 * 1024 * 1024  # height x width x n
+    max_upload_bytes: int = 16 * 2**20  # /v1/images/edits: the multipart body
 
 
 def _bad(param: str | None, message: str, code: str = "invalid_value") -> ApiError:
@@ -78,19 +81,91 @@ def _str(body: dict, name: str, default):
 
 
 # a request field (iap_rt.requests.RequestError.field) -> its name in this API
-_PARAM_OF = {"height": "size", "width": "size", "guidance": "guidance_scale", "batch_size": "n"}
+_PARAM_OF = {"height": "size", "width": "size", "guidance": "guidance_scale", "batch_size": "n",
+             "image": "image", "mask": "mask", "strength": "strength", "mask_blur": "mask_blur"}  # fmt: skip
 
 
 def parse(raw: bytes, limits: Limits, model) -> ResolvedRequest:
-    """Parse one request body and resolve it against ``model`` (a
-    :class:`~iap_rt.modeldir.ModelDir`); the server's limits on top."""
+    """Parse one JSON request body (``/v1/images/generations``) and resolve it against
+    ``model`` (a :class:`~iap_rt.modeldir.ModelDir`); the server's limits on top."""
     try:
         body = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise _bad(None, f"the request body is not valid JSON: {e}", "invalid_json") from None
     if not isinstance(body, dict):
         raise _bad(None, "the request body must be a JSON object", "invalid_json")
-    unknown = sorted(set(body) - set(OPENAI_FIELDS) - set(OUR_FIELDS))
+    return _parse_fields(body, limits, model, ())
+
+
+def parse_edit(form, limits: Limits, model) -> ResolvedRequest:
+    """Parse one multipart form (``/v1/images/edits``: OpenAI's ``image``, optional ``mask``
+    whose fully transparent pixels mark the region to edit, else the image's own transparent
+    pixels, else the whole image; plus our ``strength`` and ``mask_blur``); text fields are
+    typed as JSON would type them, then checked like a generation."""
+    from iap_rt.image_input import mask_from_alpha, open_image, resize, to_rgb
+
+    body: dict = {}
+    for key, value in form.multi_items():
+        key = key.removesuffix("[]")  # the OpenAI client may send image[]
+        if key in body:
+            raise _bad(key, f"'{key}' was given more than once", "invalid_value")
+        body[key] = value
+    if "image" not in body or isinstance(body["image"], str):
+        raise _bad("image", "'image' (a file) is required", "missing_required_parameter")
+    files = {}
+    for key in ("image", "mask"):
+        if key in body:
+            upload = body.pop(key)
+            if isinstance(upload, str):
+                raise _bad(key, f"'{key}' must be a file", "invalid_value")
+            files[key] = upload.file.read()
+    for key, value in list(body.items()):
+        body[key] = _typed(key, value)
+    try:
+        img = open_image(files["image"], "image", limits.max_pixels)
+        image = to_rgb(img)
+        if "mask" in files:
+            mimg = open_image(files["mask"], "mask", limits.max_pixels)
+            mask = mask_from_alpha(mimg)
+            if mask is None:
+                raise _bad("mask", "the mask has no transparent pixels to mark the region to "
+                           "edit (OpenAI's convention: fully transparent = edit)")  # fmt: skip
+        else:
+            mask = mask_from_alpha(img)
+    except IapRtError as e:
+        code = "too_many_pixels" if "pixels; at most" in e.message else "invalid_image"
+        param = "mask" if "mask" in e.message.split(" ")[:3] else "image"
+        raise _bad(param, e.message + (f" ({e.fix})" if e.fix else ""), code) from None
+    if mask is not None and mask.shape != image.shape[:2]:
+        raise _bad("mask", f"the mask is {mask.shape[1]}x{mask.shape[0]} but the image is "
+                   f"{image.shape[1]}x{image.shape[0]}; they must be the same size")  # fmt: skip
+    size = body.get("size", "auto")
+    if isinstance(size, str) and size != "auto":
+        h, w = _size(size)
+        if (h, w) != image.shape[:2]:
+            image = resize(image, w, h)
+            mask = None if mask is None else resize(mask, w, h)
+    return _parse_fields(body, limits, model, ("strength", "mask_blur"), image, mask)
+
+
+def _typed(key: str, value: str):
+    """A multipart text field as the JSON value it stands for (numbers, or the string)."""
+    if key in ("n", "seed", "steps", "mask_blur"):
+        try:
+            return int(value)
+        except ValueError:
+            return value  # _int names the field
+    if key in ("guidance_scale", "strength"):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _parse_fields(body: dict, limits: Limits, model, extra: tuple, image=None, mask=None):
+    """The checks and the resolve shared by generations and edits."""
+    unknown = sorted(set(body) - set(OPENAI_FIELDS) - set(OUR_FIELDS) - set(extra))
     if unknown:
         raise _bad(
             unknown[0], f"unrecognized request argument(s): {', '.join(unknown)}; valid: "
@@ -133,8 +208,15 @@ def parse(raw: bytes, limits: Limits, model) -> ResolvedRequest:
     if seed is None:
         seed = secrets.randbelow(2**31)
     height, width = _size(_str(body, "size", "auto"))
+    if image is not None:  # an edit: the image's size (resized to `size` above)
+        height, width = image.shape[:2]
+    strength = body.get("strength")
+    if strength is not None and (isinstance(strength, bool) or
+                                 not isinstance(strength, (int, float))):  # fmt: skip
+        raise _bad("strength", f"'strength' must be a number, got {json.dumps(strength)}")
+    blur = _int(body, "mask_blur", None)
     request = PromptRequest(prompt, negative, seed, guidance, n, None, steps, height, width,
-                            _str(body, "scheduler", "") or None)  # fmt: skip
+                            _str(body, "scheduler", "") or None, image, mask, strength, blur)  # fmt: skip
     try:
         resolved = resolve(model, request)
     except RequestError as e:
