@@ -13,7 +13,7 @@
 #     -> .gpucheck/call1, .gpucheck/call2 (.gpucheck/call3 only if the tree grows), and
 #        .gpucheck/PLAN.txt with the exact calls. Carried: diffusers + onnx-graphsurgeon wheels
 #        (cp312) and onnxruntime-gpu 1.31.1 slimmed to what an sm_90 GPU loads (no TensorRT
-#        provider, no C API library, the CUDA provider's fatbin cut to sm_90a: 57 MiB as tar.xz,
+#        provider, no C API library, the CUDA provider's fatbin cut to sm_90a: 58 MiB as tar.xz,
 #        was 194 MiB), split so that each call fills its 64 MiB beside the working tree.
 # There, with the current tree (24 MiB) the plan is two calls (PLAN.txt says if it became three):
 #   run(command="bash bench/gpu_check.sh call 1", carry=[".gpucheck/call1"], timeout_s=120)
@@ -162,7 +162,8 @@ install_site() {  # the carried wheels + the project, copied as pyproject lays i
   [[ -f $STATE/site ]] && return 0
   rm -rf "$SITE" && mkdir -p "$SITE"
   if compgen -G "$CARRY/call1/py/*.whl" >/dev/null; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$CARRY"/call1/py/*.whl
+    (cd "$WORK" && "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" \
+      "$CARRY"/call1/py/*.whl)
   fi
   python3 "$REPO/bench/gpu_carry.py" install "$REPO" "$SITE" >/dev/null
   touch "$STATE/site"
