@@ -147,3 +147,36 @@ def test_the_project_installs_as_pyproject_lays_it_out(tmp_path):
     assert (site / "iap_rt" / "data" / "default_model" / "manifest.json").is_file()
     assert "Name: iap-rt" in (site / "iap_rt-0.1.0.dist-info" / "METADATA").read_text()
     assert not list(site.rglob("__pycache__"))
+
+
+@pytest.mark.parametrize("archive_mib, calls", [(57.9, 2), (90, 3), (150, None)])
+def test_the_plan_fills_at_most_three_calls_beside_the_working_tree(tmp_path, archive_mib, calls):
+    """``gpu_check.sh resplit``: the parts, beside the tree as git sees it, fit each call's
+    64 MiB; more than three calls are refused with the loud line."""
+    repo = SCRIPT.parents[1]
+    prep = tmp_path / "root" / "prep"
+    (prep / "py").mkdir(parents=True)
+    with open(prep / "ort.tar.xz", "wb") as f:
+        f.truncate(int(archive_mib * 2**20))
+    (prep / "py" / "diffusers-0-py3-none-any.whl").write_bytes(os.urandom(6_415_245))
+    env = {**os.environ, "GPU_CHECK_ROOT": str(tmp_path / "root"),
+           "GPU_CHECK_CARRY": str(tmp_path / "carry")}  # fmt: skip
+    r = subprocess.run(["bash", str(repo / "bench" / "gpu_check.sh"), "resplit"], env=env,
+                       capture_output=True, text=True, cwd=repo)  # fmt: skip
+    if calls is None:
+        assert r.returncode == 3 and "GPU CHECK STOPPED: the carry" in r.stdout
+        assert "at most 3" in r.stdout
+        return
+    assert r.returncode == 0, r.stderr
+    runs = [ln for ln in r.stdout.splitlines() if ln.startswith("run(")]
+    assert len(runs) == calls and "timeout_s=600" in runs[-1]
+    tree = subprocess.run(
+        "git ls-files -co --exclude-standard -z | xargs -0 du -cb | tail -n 1 | cut -f1",
+        shell=True, cwd=repo, capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    for call in range(1, calls + 1):
+        folder = tmp_path / "carry" / f"call{call}"
+        carried = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+        assert carried + int(tree) <= 64 * 2**20 - 2**20, call  # 1 MiB margin
+        assert f'carry=[".gpucheck/call{call}"]' in runs[call - 1]
+    assert (tmp_path / "carry" / "call1" / "py" / "diffusers-0-py3-none-any.whl").is_file()
