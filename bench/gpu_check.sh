@@ -73,9 +73,9 @@ else
 fi
 
 log() { mkdir -p "$RESULTS" && echo "[gpu_check $(date +%T)] $*" | tee -a "$RESULTS/gpu_check.log" >&2; }
-stop() {  # the one loud line, then exit 3
+stop() {  # the one loud line (stderr: also from inside $(...)), then exit 3
   mkdir -p "$RESULTS" "$OUT"
-  echo "GPU CHECK STOPPED: $*" | tee -a "$RESULTS/gpu_check.log"
+  echo "GPU CHECK STOPPED: $*" | tee -a "$RESULTS/gpu_check.log" >&2
   cp "$RESULTS/gpu_check.log" "$OUT/" 2>/dev/null || true
   exit 3
 }

@@ -47,7 +47,7 @@ def test_gpu_check_dry_run_rehearses_every_stage(
     site = out.parent / "site"
     log = (out / "gpu_check.log").read_text()
     # the fresh machine: one loud line, nothing run
-    assert r.stdout.count("GPU CHECK STOPPED: call 2 found no state of call 1") == 1
+    assert r.stderr.count("GPU CHECK STOPPED: call 2 found no state of call 1") == 1
     assert "parts on this machine: ort.1 ort.2" in log and "onnxruntime-gpu unpacked" in log
     assert "project (copied, non-editable) and wheels installed" in log
     assert (site / "gpucheck_wheel" / "__init__.py").is_file()  # call 1's wheel, pip-installed

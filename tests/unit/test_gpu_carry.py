@@ -164,8 +164,8 @@ def test_the_plan_fills_at_most_three_calls_beside_the_working_tree(tmp_path, ar
     r = subprocess.run(["bash", str(repo / "bench" / "gpu_check.sh"), "resplit"], env=env,
                        capture_output=True, text=True, cwd=repo)  # fmt: skip
     if calls is None:
-        assert r.returncode == 3 and "GPU CHECK STOPPED: the carry" in r.stdout
-        assert "at most 3" in r.stdout
+        assert r.returncode == 3 and "GPU CHECK STOPPED: the carry" in r.stderr
+        assert "at most 3" in r.stderr
         return
     assert r.returncode == 0, r.stderr
     runs = [ln for ln in r.stdout.splitlines() if ln.startswith("run(")]
