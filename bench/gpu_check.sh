@@ -8,7 +8,8 @@
 # back to back, prepared beforehand, and every call first checks that the state of the calls
 # before it is there, stopping with one loud line ("GPU CHECK STOPPED: ...", exit 3) if not.
 #
-# Here, right before (minutes; needs the registry):
+# Here, right before, in the checkout the session was started in (the device tool sends that
+# one; .gpucheck/ is git-ignored and travels only as carried), ~3 minutes, needs the registry:
 #   bash bench/gpu_check.sh prepare
 #     -> .gpucheck/call1, .gpucheck/call2 (.gpucheck/call3 only if the tree grows), and
 #        .gpucheck/PLAN.txt with the exact calls. Carried: diffusers + onnx-graphsurgeon wheels
