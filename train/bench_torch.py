@@ -87,13 +87,14 @@ def load_torch(spec: WorkerSpec) -> LoadedBackend:
     else:
         device = f"cpu (fp32, eager{', torch.compile' if compiled else ''})"
 
-    args, kwargs = spec.pipeline_args()
     last = {}
 
-    def generate():
+    def generate(steps: int):
+        args, kwargs = spec.pipeline_args(steps)
         res = ref(*args, **kwargs)
         last["latents"] = res.latents
-        return RunTimes.from_timings(res.timings, res.timings.unet_cpu_s), res.latents
+        times = RunTimes.from_timings(res.timings, res.timings.unet_cpu_s)
+        return times, res.latents, res.images
 
     def peak_gpu_mb() -> float | None:
         return torch.cuda.max_memory_reserved() / 2**20 if cuda else None

@@ -30,6 +30,9 @@ class BenchConfig:
     height: int | None = opt(None, "image height; unset = tiny 64, sd15 512, else the model's")
     width: int | None = opt(None, "image width; unset = as height")
     steps: int = opt(25, "denoising steps per image")
+    also_steps: str | None = opt(None, "more step counts each worker measures after --steps with "
+                                 "the backend it has loaded, e.g. 50 or 30,50 (e2e and UNet "
+                                 "step per count: by_steps)")  # fmt: skip
     batch_size: int = opt(1, "images per prompt (the UNet batch is 2x this under guidance)")
     backends: tuple[str, ...] = opt(
         ("torch", "ort", "ort-graph", "trt"),
@@ -58,6 +61,29 @@ class BenchConfig:
         "killed: 600, or per backend torch=900,ort=300 (a bare number is the default for the "
         "rest); unset = no limit. The JSON (--out) is written after every backend",
     )  # fmt: skip
+
+    keep_outputs: str | None = opt(None, "keep each backend's final latents and images here "
+                                   "(BACKEND.latents.npy, BACKEND.images.npy); unset = a "
+                                   "temporary directory")  # fmt: skip
+    deadline: float | None = opt(None, "a wall-clock deadline (Unix time, seconds): each "
+                                 "backend's time limit is cut to what is left of it, and a "
+                                 "backend not started by then is skipped")  # fmt: skip
+
+    def more_steps(self) -> list[int]:
+        """The step counts of ``--also-steps`` (each >= 1), in order, without ``--steps``."""
+        out = []
+        for item in (self.also_steps or "").split(","):
+            item = item.strip()
+            if not item:
+                continue
+            if not item.isdigit() or int(item) < 1:
+                raise ConfigError(
+                    f"--also-steps item {item!r} is not a step count",
+                    fix="pass e.g. --also-steps 50 or --also-steps 30,50 (integers >= 1).",
+                )
+            if int(item) != self.steps and int(item) not in out:
+                out.append(int(item))
+        return out
 
     def timeout_for(self, backend: str) -> float | None:
         """The time limit of ``backend``'s worker (None: none)."""
@@ -111,6 +137,7 @@ class BenchConfig:
             )
         for backend in self.backends:
             self.timeout_for(backend)
+        self.more_steps()
         if self.threads is not None and self.threads < 1:
             raise ConfigError(
                 f"--threads must be >= 1, got {self.threads}",

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+import iap_rt
 from iap_rt.bench.config import NEGATIVE_PROMPT, PROMPT, TORCH_BACKENDS
 from iap_rt.bench.machine import loadavg, peak_rss_mb
 from iap_rt.errors import BackendUnavailableError, IapRtError
@@ -52,16 +53,19 @@ class WorkerSpec:
     warmup: int
     threads: int | None
     device: str
-    latents_out: str | None = None
+    latents_out: str | None = None  # final latents of the last measured run (.npy)
+    images_out: str | None = None  # its images, uint8 (B, H, W, 3) (.npy)
+    more_steps: list[int] = field(default_factory=list)  # step counts measured after ``steps``
     ort_unet: str = "fused"  # ort/ort-graph: unet.ort.onnx where exported, or "exported"
     prompt: str = PROMPT
     negative_prompt: str = NEGATIVE_PROMPT
 
-    def pipeline_args(self) -> tuple[tuple, dict]:
-        """``(args, kwargs)`` of the image every backend generates: the runtime's
-        :class:`~iap_rt.pipeline.Pipeline` and its torch twin take the same call."""
+    def pipeline_args(self, steps: int | None = None) -> tuple[tuple, dict]:
+        """``(args, kwargs)`` of the image every backend generates (at ``steps``, default the
+        spec's): the runtime's :class:`~iap_rt.pipeline.Pipeline` and its torch twin take the
+        same call."""
         kwargs = {
-            "steps": self.steps,
+            "steps": steps or self.steps,
             "guidance": self.guidance,
             "seed": self.seed,
             "height": self.height,
@@ -102,7 +106,8 @@ class RunTimes:
 class LoadedBackend:
     """A backend loaded in a worker, ready to generate the spec's image again and again."""
 
-    generate: Callable[[], tuple[RunTimes, np.ndarray]]  # one image -> (timings, final latents)
+    # one image at STEPS steps -> (timings, final latents, uint8 images)
+    generate: Callable[[int], tuple[RunTimes, np.ndarray, np.ndarray]]
     device: str  # what it runs on, in words (recorded in the result)
     load_start: float  # perf_counter() when loading began (after imports): cold start origin
     close: Callable[[], None] = lambda: None
@@ -111,29 +116,40 @@ class LoadedBackend:
 
 
 def measure(spec: WorkerSpec, load: Callable[[WorkerSpec], LoadedBackend]) -> dict:
-    """Measure one backend in this process: cold start, warm-up, ``repeat`` runs."""
+    """Measure one backend in this process: cold start, warm-up, ``repeat`` runs, then
+    ``repeat`` runs at each of ``more_steps`` with the same loaded backend."""
     load_before = loadavg()
     t_import = time.perf_counter()
     backend = load(spec)
     load_s = time.perf_counter() - backend.load_start
-    first, latents = backend.generate()
+    first, latents, images = backend.generate(spec.steps)
     cold_start_s = time.perf_counter() - backend.load_start
     for _ in range(spec.warmup - 1):
-        backend.generate()
+        backend.generate(spec.steps)
     runs = []
     for _ in range(spec.repeat):
-        times, latents = backend.generate()
+        times, latents, images = backend.generate(spec.steps)
         runs.append(times)
+    more = {
+        str(steps): [asdict(backend.generate(steps)[0]) for _ in range(spec.repeat)]
+        for steps in spec.more_steps
+    }
     if spec.latents_out:
         np.save(spec.latents_out, latents)
+    if spec.images_out:
+        np.save(spec.images_out, images)
     out = {
         "backend": spec.backend,
+        # where this worker imported iap_rt from (an install, or a checkout that shadows it)
+        "iap_rt": os.path.dirname(os.path.abspath(iap_rt.__file__)),
         "device": backend.device,
+        "steps": spec.steps,
         "import_s": backend.load_start - t_import,
         "load_s": load_s,
         "first_image_s": first.e2e_s,
         "cold_start_s": cold_start_s,
         "runs": [asdict(r) for r in runs],
+        "runs_by_steps": more,  # more_steps: {"50": [runs]}
         "peak_rss_mb": peak_rss_mb(),
         "peak_gpu_mb": backend.peak_gpu_mb(),
         "loadavg": [load_before, loadavg()],  # machine load before/after (shared machines)
@@ -186,12 +202,26 @@ def last_line(text: str) -> str:
     return lines[-1][:500] if lines else "(no output)"
 
 
+def tail(text: str | bytes | None, lines: int = 60) -> str:
+    """The last ``lines`` lines of a process's output (a whole traceback, usually)."""
+    if isinstance(text, bytes):
+        text = text.decode(errors="replace")
+    return "\n".join((text or "").rstrip().splitlines()[-lines:])
+
+
 def spawn_worker(
     spec: WorkerSpec, workdir: Path, threads: int | None, timeout: float | None = None
 ) -> dict:
-    """Run one worker subprocess; return its result or ``{"status": ..., "reason": ...}``.
+    """Run one worker subprocess in ``workdir``; return its result or ``{"status": ...,
+    "reason": ...}`` (a failed worker's result also carries its output's ``log`` tail).
     A worker still running after ``timeout`` seconds is killed (a hung CUDA call, a stuck
-    compile): ``{"status": "error", "reason": "timed out ...", "timed_out": True}``."""
+    compile): ``{"status": "error", "reason": "timed out ...", "timed_out": True}``.
+
+    The worker runs with ``workdir`` as its working directory: ``python -m`` puts the working
+    directory first on ``sys.path``, so a worker started from a source checkout's root would
+    import the checkout's ``iap_rt/`` (which has no ``train`` or ``export``: those live in
+    other folders and exist as ``iap_rt.*`` only in an install) instead of the installed one.
+    Every path in ``spec`` is absolute for that reason."""
     spec_file = workdir / f"{spec.backend}.spec.json"
     out_file = workdir / f"{spec.backend}.result.json"
     write_text_atomic(spec_file, json.dumps(asdict(spec), ensure_ascii=False))
@@ -199,21 +229,26 @@ def spawn_worker(
     cmd = [sys.executable, "-m", module, "worker", str(spec_file), str(out_file)]
     try:
         proc = subprocess.run(
-            cmd, env=child_env(threads), capture_output=True, text=True, timeout=timeout
-        )
+            cmd, env=child_env(threads), capture_output=True, text=True, timeout=timeout,
+            cwd=workdir,
+        )  # fmt: skip
     except subprocess.TimeoutExpired as e:  # run() has killed the worker
-        tail = last_line(e.stderr.decode() if isinstance(e.stderr, bytes) else e.stderr or "")
         return {
             "status": "error",
-            "reason": f"timed out after {timeout:g} s (killed; last output: {tail})",
+            "reason": f"timed out after {timeout:g} s (killed; last output: "
+            f"{last_line(tail(e.stderr, 1))})",
             "timed_out": True,
+            "log": tail(e.stderr),
         }
     if out_file.is_file():
-        return json.loads(out_file.read_text("utf-8"))
+        result = json.loads(out_file.read_text("utf-8"))
+        if result.get("status") == "error":
+            result["log"] = tail(proc.stderr)
+        return result
     if proc.returncode < 0:
         why = f"killed by signal {-proc.returncode}"
         if proc.returncode == -9:
             why += " (out of memory?)"
     else:
         why = f"exit code {proc.returncode}: {last_line(proc.stderr)}"
-    return {"status": "error", "reason": why}
+    return {"status": "error", "reason": why, "log": tail(proc.stderr)}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,7 @@ def run_bench(cfg: BenchConfig, command: str = "", log=print, out=None) -> dict:
         "height": height,
         "width": width,
         "steps": cfg.steps,
+        "also_steps": cfg.more_steps(),
         "batch_size": cfg.batch_size,
         "repeat": cfg.repeat,
         "warmup": cfg.warmup,
@@ -54,6 +56,7 @@ def run_bench(cfg: BenchConfig, command: str = "", log=print, out=None) -> dict:
         "device": cfg.device,
         "backends": list(cfg.backends),
         "timeout_s": {b: cfg.timeout_for(b) for b in cfg.backends},
+        "deadline": cfg.deadline,
         "model_id": model.model_id,
         "precision": {n: model.precision(n) for n in model.manifest["networks"]},
         "model_dir": str(sources.model_dir),
@@ -62,9 +65,9 @@ def run_bench(cfg: BenchConfig, command: str = "", log=print, out=None) -> dict:
         "negative_prompt": NEGATIVE_PROMPT,
     }
 
-    def document(results, skipped, latents, complete: bool) -> dict:
+    def document(results, skipped, outputs, complete: bool) -> dict:
         results = [dict(r) for r in results]  # ratios on copies: the runs go on
-        add_ratios(results, latents)
+        add_ratios(results, outputs["latents"], outputs["images"])
         machine["loadavg_end"] = loadavg()
         return {
             "machine": machine,
@@ -77,18 +80,30 @@ def run_bench(cfg: BenchConfig, command: str = "", log=print, out=None) -> dict:
             "units": UNITS,
         }
 
-    results, skipped, latents = [], [], {}
+    results, skipped, outputs = [], [], {"latents": {}, "images": {}}
     with tempfile.TemporaryDirectory(prefix="iap-rt-bench-") as tmp:
+        keep = Path(os.path.abspath(cfg.keep_outputs or tmp))
+        keep.mkdir(parents=True, exist_ok=True)
         for backend in dict.fromkeys(cfg.backends):
             if backend in TORCH_BACKENDS and sources.torch_unavailable:
                 skipped.append({"backend": backend, "reason": sources.torch_unavailable})
                 log(f"{backend}: skipped ({sources.torch_unavailable})")
                 continue
+            timeout = cfg.timeout_for(backend)
+            if cfg.deadline is not None:
+                left = cfg.deadline - time.time()
+                if left <= 0:
+                    reason = f"the bench's deadline passed {-left:.0f} s before it could start"
+                    skipped.append({"backend": backend, "reason": reason, "deadline": True})
+                    log(f"{backend}: skipped ({reason})")
+                    continue
+                timeout = left if timeout is None else min(timeout, left)
             spec = WorkerSpec(
                 backend=backend,
-                model_dir=str(sources.model_dir),
-                base_dir=str(sources.base_dir) if sources.base_dir else None,
-                encoder_dir=str(sources.encoder_dir) if sources.encoder_dir else None,
+                # absolute: the worker runs in the temporary directory (spawn_worker)
+                model_dir=os.path.abspath(sources.model_dir),
+                base_dir=os.path.abspath(sources.base_dir) if sources.base_dir else None,
+                encoder_dir=os.path.abspath(sources.encoder_dir) if sources.encoder_dir else None,
                 height=height,
                 width=width,
                 steps=cfg.steps,
@@ -100,25 +115,32 @@ def run_bench(cfg: BenchConfig, command: str = "", log=print, out=None) -> dict:
                 warmup=cfg.warmup,
                 threads=cfg.threads,
                 device=cfg.device,
-                latents_out=str(Path(tmp) / f"{backend}.latents.npy"),
+                latents_out=str(keep / f"{backend}.latents.npy"),
+                images_out=str(keep / f"{backend}.images.npy"),
+                more_steps=cfg.more_steps(),
                 ort_unet=cfg.ort_unet,
             )
+            for stale in (spec.latents_out, spec.images_out):  # never another run's outputs
+                Path(stale).unlink(missing_ok=True)
             log(f"{backend}: measuring ({cfg.warmup} warm-up + {cfg.repeat} runs) ...")
-            raw = spawn_worker(spec, Path(tmp), cfg.threads, cfg.timeout_for(backend))
+            raw = spawn_worker(spec, Path(tmp), cfg.threads, timeout)
             if raw.get("status") in ("unavailable", "error"):
                 skip = {"backend": backend, "reason": raw["reason"]}
                 skip["error"] = raw["status"] == "error"
                 if raw.get("timed_out"):
                     skip["timed_out"] = True
+                if raw.get("log"):
+                    skip["log"] = raw["log"]
                 skipped.append(skip)
                 log(f"{backend}: {raw['status']} ({raw['reason']})")
             else:
                 results.append(summarise(raw))
-                if Path(spec.latents_out).is_file():
-                    latents[backend] = np.load(spec.latents_out)
+                for kind, path in (("latents", spec.latents_out), ("images", spec.images_out)):
+                    if Path(path).is_file():
+                        outputs[kind][backend] = np.load(path)
             if out:
-                write_json_atomic(out, document(results, skipped, latents, complete=False))
-    doc = document(results, skipped, latents, complete=True)
+                write_json_atomic(out, document(results, skipped, outputs, complete=False))
+    doc = document(results, skipped, outputs, complete=True)
     if out:
         write_json_atomic(out, doc)
     return doc

@@ -14,6 +14,21 @@ def _median_spread(values: list[float]) -> tuple[float, list[float]]:
     return statistics.median(values), [min(values), max(values)]
 
 
+def by_steps(runs: list[RunTimes]) -> dict:
+    """One step count's runs -> e2e and UNet step: median, [min, max] and the 90th
+    percentile of the steps (the tail a median hides), with the sample counts."""
+    e2e = [r.e2e_s for r in runs]
+    steps = [s for r in runs for s in r.unet_s]
+    return {
+        "e2e_s": statistics.median(e2e),
+        "e2e_spread": [min(e2e), max(e2e)],
+        "unet_step_s": statistics.median(steps),
+        "unet_step_spread": [min(steps), max(steps)],
+        "unet_step_p90_s": float(np.percentile(steps, 90)),
+        "samples": {"e2e_s": len(e2e), "unet_step_s": len(steps)},
+    }
+
+
 def summarise(raw: dict) -> dict:
     """A worker's raw runs -> the result entry (medians + spreads)."""
     runs = [RunTimes(**r) for r in raw["runs"]]
@@ -52,13 +67,24 @@ def summarise(raw: dict) -> dict:
     for key in ("unet_graph", "cuda_graph", "precision", "vae_decode_by_precision"):
         if key in raw:
             entry[key] = raw[key]
+    # per step count: --steps and every --also-steps, each from the same loaded backend
+    more = {k: [RunTimes(**r) for r in v] for k, v in raw.get("runs_by_steps", {}).items()}
+    entry["by_steps"] = {str(raw.get("steps", len(runs[0].unet_s))): by_steps(runs)}
+    entry["by_steps"].update({k: by_steps(v) for k, v in more.items()})
+    entry["iap_rt"] = raw.get("iap_rt")  # where the worker imported iap_rt from
     entry["runs"] = raw["runs"]  # the raw per-run timings the figures above come from
+    if raw.get("runs_by_steps"):
+        entry["runs_by_steps"] = raw["runs_by_steps"]
     return entry
 
 
-def add_ratios(results: list[dict], latents: dict[str, np.ndarray]) -> None:
-    """Each backend's speed-up over ``torch`` (torch time / backend time; > 1 is faster) and
-    its final-latents max abs difference to ``torch``."""
+def add_ratios(
+    results: list[dict], latents: dict[str, np.ndarray], images: dict[str, np.ndarray] | None = None
+) -> None:
+    """Each backend's speed-up over ``torch`` (torch time / backend time; > 1 is faster), its
+    final-latents max abs difference to ``torch`` and its images' max and mean abs
+    difference to ``torch``'s (uint8 levels)."""
+    images = images or {}
     ref = next((r for r in results if r["backend"] == "torch"), None)
     for r in results:
         r["speedup_vs_torch"] = (
@@ -80,3 +106,15 @@ def add_ratios(results: list[dict], latents: dict[str, np.ndarray]) -> None:
             if a.shape == b.shape:
                 diff = float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max())
         r["latents_max_abs_diff_vs_torch"] = diff
+        pix = pixel_diff(images.get("torch"), images.get(r["backend"])) if r is not ref else None
+        r["pixels_max_abs_diff_vs_torch"] = pix and pix["max"]
+        r["pixels_mean_abs_diff_vs_torch"] = pix and pix["mean"]
+
+
+def pixel_diff(a: np.ndarray | None, b: np.ndarray | None) -> dict | None:
+    """Max and mean abs difference of two uint8 image batches, in levels (None: either is
+    missing or the shapes differ)."""
+    if a is None or b is None or a.shape != b.shape:
+        return None
+    d = np.abs(a.astype(np.int16) - b.astype(np.int16))
+    return {"max": int(d.max()), "mean": float(d.mean())}

@@ -48,7 +48,10 @@ def load_runtime(spec: WorkerSpec) -> LoadedBackend:
         )
     else:
         try:
-            backend = get_backend("trt", model)
+            # eager: TensorRT-RTX compiles the shape-specialised kernels before the first
+            # image; its default (lazy) runs the first images on fallback kernels while they
+            # compile in the background, so the measured runs would time a moving target
+            backend = get_backend("trt", model, kernel_specialization="eager")
         except ImportError as e:
             raise BackendUnavailableError(
                 f"the TensorRT runtime backend is not available ({e})",
@@ -69,15 +72,14 @@ def load_runtime(spec: WorkerSpec) -> LoadedBackend:
     runners = pipe.runners  # the pipeline looks its runners up in this dict every call
     runners["unet"] = CpuTimedRunner(runners["unet"], unet_cpu)
 
-    args, kwargs = spec.pipeline_args()
-
-    def generate():
+    def generate(steps: int):
+        args, kwargs = spec.pipeline_args(steps)
         # a fresh prompt encoding every image: the pipeline caches embeddings per prompt
         pipe.clear_cache()
         res = pipe(*args, **kwargs)
         times = RunTimes.from_timings(res.timings, list(unet_cpu))
         unet_cpu.clear()
-        return times, res.latents
+        return times, res.latents, res.images
 
     device = backend.device
     if spec.backend.startswith("ort") and device == "cuda":

@@ -1,6 +1,6 @@
 """TensorRT backend on a real GPU (marker ``gpu``; skipped without CUDA): engines from the
-embedded tiny model agree with ONNX Runtime, the CUDA-graph UNet step repeats exactly, a
-dynamic profile serves two sizes, and an fp16 attention became one fused kernel.
+embedded tiny model agree with ONNX Runtime, the CUDA-graph UNet step matches the plain context,
+a dynamic profile serves two sizes, and an fp16 attention became one fused kernel.
 
 Every size comes from the model's own dims (the embedded toy model has a VAE factor of 1,
 latents in multiples of 16 and 32-pixel images), never from SD's factor of 8.
@@ -103,14 +103,20 @@ def test_engines_match_onnx_runtime(model):
         backend.close()
 
 
-def test_cuda_graph_unet_step_repeats_exactly(model):
+def test_cuda_graph_unet_step_matches_the_plain_context(model):
+    """The captured UNet step (first call captures, the next ones replay) computes what the
+    plain context does. Two contexts are not bit-exact by contract (TensorRT may pick
+    kernels that reduce in another order per context), so the bar is a relative one."""
     plain = rt.TensorRTBackend(cuda_graph=False, kernel_specialization="eager")
     graphed = rt.TensorRTBackend(cuda_graph=True, kernel_specialization="eager")
     try:
         u0, u1 = plain.load(model)["unet"], graphed.load(model)["unet"]
-        for seed in range(3):  # first call captures, the next ones replay
+        for seed in range(3):
             feeds = _feeds(model, "unet", values(model)["unet"], seed=seed)
-            np.testing.assert_array_equal(u1.run(feeds)["noise_pred"], u0.run(feeds)["noise_pred"])
+            want = u0.run(feeds)["noise_pred"].astype(np.float32)
+            got = u1.run(feeds)["noise_pred"].astype(np.float32)
+            scale = float(np.abs(want).max()) or 1.0
+            assert float(np.abs(got - want).max()) / scale < 1e-3, seed
     finally:
         plain.close()
         graphed.close()
@@ -163,5 +169,7 @@ def test_fp16_attention_is_one_fused_kernel_on_this_gpu(attention_onnx):
     inspector = engine.create_engine_inspector()
     info = json.loads(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
     layers = inspector_layers(info)
-    assert all(ly.onnx_nodes for ly in layers if ly.name), "build was not DETAILED"
+    # a DETAILED build names the ONNX nodes of the layers that came from them; the layers
+    # TensorRT adds itself (reformats, copies) carry none, so not every layer has them
+    assert any(ly.onnx_nodes for ly in layers), "build was not DETAILED"
     check_fusion(fusion_report(layers, softmax_nodes(path)), path.name)
