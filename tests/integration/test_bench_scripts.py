@@ -95,3 +95,16 @@ def test_train_script_at_tiny_size(tmp_path):
     for r in doc["results"]:
         assert r["steps_timed"] == 1 and r["samples_per_s"] > 0 and r["cross_attention_layers"] > 0
     assert set(doc["ratios"]) == {"pivot_over_full_samples_per_s", "pivot_over_full_peak_rss"}
+
+
+def test_toy_edit_script_at_tiny_size(tmp_path):
+    """bench/toy_edit.py: both tasks scored by the checker, nothing outside the mask changed."""
+    out, grid = tmp_path / "e.json", tmp_path / "e.png"
+    run_script("toy_edit.py", "--cases", "2", "--steps", "6", "--out", str(out), "--grid",
+               str(grid), timeout=600)  # fmt: skip
+    doc = json.loads(out.read_text("utf-8"))
+    assert len(doc["cases"]["recolour"]) == len(doc["cases"]["repaint_half"]) == 2
+    assert doc["summary"]["repaint_half"]["max_change_outside_mask"] == 0
+    for task in ("recolour", "repaint_half"):
+        assert 0.0 <= doc["summary"][task]["both"] <= 1.0
+    assert grid.read_bytes()[:4] == b"\x89PNG"
