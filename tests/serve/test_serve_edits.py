@@ -150,3 +150,39 @@ def test_generate_server_edits_write_the_same_pngs(server, tmp_path, monkeypatch
     main([*args, "--server", server.url, "--out", str(tmp_path / "remote")])
     for name in ("00000.png", "00001.png"):
         assert (tmp_path / "remote" / name).read_bytes() == (tmp_path / "local" / name).read_bytes()
+
+
+def test_web_page_edit_mode_in_a_real_browser(server, tmp_path):
+    """Upload an image, paint the right half with the brush, set the strength, generate: the
+    result appears beside its input, inpainted (the unpainted left part is the input's own)."""
+    from .browser import chromium_page
+
+    Image.fromarray(_scene()).save(tmp_path / "scene.png")
+    with chromium_page() as page:
+        page.goto(server.url + "/")
+        page.fill("#api_key", KEY)
+        page.check("#mode_edit")
+        page.set_input_files("#edit_image", str(tmp_path / "scene.png"))
+        page.wait_for_function("document.querySelector('#mask_canvas').width === 32")
+        page.fill("#brush", "3")
+        box = page.query_selector("#mask_canvas").bounding_box()
+        scale = box["width"] / 32
+        page.mouse.move(box["x"] + 24 * scale, box["y"] + 2 * scale)
+        page.mouse.down()
+        for y in range(2, 32, 2):  # a vertical stroke at x = 24, radius 3: x 21..27
+            page.mouse.move(box["x"] + 24 * scale, box["y"] + y * scale)
+        page.mouse.up()
+        page.fill("#prompt", "右边有一个蓝色的十字")
+        page.fill("#steps", "4")
+        page.fill("#seed", "2")
+        page.fill("#strength", "0.9")
+        page.click("#generate")
+        page.wait_for_selector("#results figure img.result", timeout=240_000)
+        src = page.get_attribute("#results figure img.result", "src")
+        before = page.get_attribute("#results figure img.input", "src")
+        caption = page.inner_text("#results figure figcaption")
+    assert before.startswith("data:image/png") and "strength 0.9" in caption
+    assert "inpainted" in caption
+    out = np.asarray(Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))))
+    assert out.shape == (32, 32, 3)
+    assert np.array_equal(out[:, :16], _scene()[:, :16])  # never painted: the input's own
