@@ -30,7 +30,6 @@ from iap_rt.errors import (
 )
 from iap_rt.fileio import ensure_dir, sha256_file, write_bytes_atomic, write_json_atomic
 from iap_rt.modeldir import ModelDir
-from iap_rt.specs import NETWORKS, spec_hash
 
 log = logging.getLogger("iap_rt.engines")
 MODES = ("none", "auto", "only")
@@ -132,7 +131,7 @@ def build_engines(
     label = "TensorRT-RTX" if flavour == "tensorrt_rtx" else "TensorRT"
     paths = []
     for net in cfg.network_names(model.networks):
-        spec = NETWORKS[net]
+        spec = model.spec(net)
         profile = cfg.profile(spec, model.dims)
         stem = ed.engine_stem(net, profile.pop("label"))
         plan_path = out_dir / f"{stem}{ed.ENGINE_SUFFIX}"
@@ -144,7 +143,7 @@ def build_engines(
             "format_version": ed.SIDECAR_VERSION,
             "network": net,
             "engine_file": plan_path.name,
-            "spec_hash": spec_hash(),
+            "spec_hash": model.spec_hash,
             "precision": precision,
             "onnx_file": onnx_path.name,
             "onnx_sha256": sha256_file(onnx_path),

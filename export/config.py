@@ -33,7 +33,8 @@ class ExportConfig:
         default=None,
         metadata={
             "help": "a plug-in UNet instead of BASE/unet: a fine-tuned UNet folder (or pipeline "
-            "directory) of the same architecture, or a LoRA .safetensors (diffusers/PEFT) fused "
+            "directory) of the same architecture or its inpainting variant (9 input channels: "
+            "the model then inpaints with it), or a LoRA .safetensors (diffusers/PEFT) fused "
             "into BASE/unet",
             "path": True,  # relative to the config file
         },

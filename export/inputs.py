@@ -14,7 +14,7 @@ from pathlib import Path
 
 from iap_rt.basemodel import PICKLES, check_base_dir
 from iap_rt.errors import ArtifactError, ArtifactNotFoundError, ConfigError, OutputError
-from iap_rt.export.plugin import UNetSource, resolve_unet
+from iap_rt.export.plugin import UNetSource, resolve_unet, unet_architecture
 from iap_rt.memory import arch_from_configs
 from iap_rt.modeldir import MANIFEST, read_manifest
 from iap_rt.specs import ModelDims
@@ -59,6 +59,7 @@ class ExportInputs:
     vae_scaling_factor: float
     image_size: int  # the UNet's native sample_size in pixels (generate's default)
     arch: dict  # the manifest's `arch`: what the runtime's memory guard estimates from
+    architecture: str = "sd"  # the shape contract's architecture (iap_rt.specs): sd, sd-inpaint
 
 
 def read_inputs(
@@ -101,7 +102,7 @@ def read_inputs(
     dims = ModelDims(
         text_max_length=max_length,
         cross_attention_dim=d,
-        latent_channels=int(unet_cfg.get("in_channels", 4)),
+        latent_channels=int(unet_cfg.get("out_channels", 4)),
         vae_scale_factor=2 ** (len(vae_cfg.get("block_out_channels", (0,) * 4)) - 1),
         latent_multiple=2 ** (len(unet_cfg.get("block_out_channels", (0,) * 4)) - 1),
     )
@@ -115,6 +116,7 @@ def read_inputs(
         float(vae_cfg.get("scaling_factor", 0.18215)),
         int(unet_cfg.get("sample_size", 64)) * dims.vae_scale_factor,
         arch_from_configs(unet_cfg, vae_cfg),
+        unet_architecture(unet_cfg),
     )
 
 

@@ -18,7 +18,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from iap_rt.specs import TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER, ModelDims, NetworkSpec
+from iap_rt.specs import (
+    DEFAULT_ARCHITECTURE,
+    TEXT_ENCODER,
+    UNET,
+    VAE_DECODER,
+    VAE_ENCODER,
+    ModelDims,
+    NetworkSpec,
+    network_specs,
+)
 
 if TYPE_CHECKING:
     from iap_rt.export.inputs import ExportInputs
@@ -36,7 +45,8 @@ class TextEncoderWrapper(nn.Module):
 
 
 class UNetWrapper(nn.Module):
-    """sample, timestep (float32 in every precision), encoder_hidden_states -> noise_pred."""
+    """sample, timestep (float32 in every precision), encoder_hidden_states -> noise_pred (an
+    inpainting UNet's sample carries the mask and masked-image latents: one tensor still)."""
 
     def __init__(self, unet: nn.Module):
         super().__init__()
@@ -230,3 +240,11 @@ EXPORT_CONFIGS = {
         **FP_TOLERANCE,
     ),
 }
+
+
+def export_config(name: str, architecture: str = DEFAULT_ARCHITECTURE) -> NetworkExportConfig:
+    """The export config of ``name`` with ``architecture``'s declaration of it (an inpainting
+    UNet: the same loader and cases, a 9-channel ``sample``)."""
+    cfg = EXPORT_CONFIGS[name]
+    spec = network_specs(architecture)[name]
+    return cfg if spec == cfg.spec else dataclasses.replace(cfg, spec=spec)

@@ -29,7 +29,7 @@ from iap_rt.errors import ArtifactMismatchError
 from iap_rt.export.config import ExportConfig
 from iap_rt.fileio import sha256_file
 from iap_rt.modeldir import ORT_UNET_FILE, ORT_VARIANT, drop_legacy_variant_keys
-from iap_rt.specs import NETWORKS, ModelDims
+from iap_rt.specs import UNET, ModelDims, NetworkSpec
 
 
 def fuse_attention_for_ort(src: str | os.PathLike, dst: str | os.PathLike) -> int:
@@ -136,7 +136,9 @@ def ort_variant_settled(previous: dict, cfg: ExportConfig) -> bool:
     return unet is None or wants_ort_variant(cfg, unet) == (ORT_VARIANT in unet)
 
 
-def write_ort_variant(stage: Path, entry: dict, cfg: ExportConfig, dims: ModelDims, echo) -> None:
+def write_ort_variant(
+    stage: Path, entry: dict, cfg: ExportConfig, dims: ModelDims, echo, spec: NetworkSpec = UNET
+) -> None:
     """Write, keep or drop ``unet.ort.onnx`` in ``stage`` and ``entry["ort"]``.
 
     The variant is derived from ``unet.onnx`` alone (:func:`fuse_attention_for_ort`: the same
@@ -155,7 +157,7 @@ def write_ort_variant(stage: Path, entry: dict, cfg: ExportConfig, dims: ModelDi
     drop_legacy_variant_keys(entry, ORT_VARIANT)
     fused = fuse_attention_for_ort(stage / entry["file"], path)
     precision = entry["precision"]
-    diff, scale = _compare_in_ort(stage / entry["file"], path, dims, precision)
+    diff, scale = _compare_in_ort(stage / entry["file"], path, dims, precision, spec)
     if diff > ORT_VARIANT_TOLERANCE[precision] * max(1.0, scale):
         path.unlink(missing_ok=True)
         raise ArtifactMismatchError(
@@ -175,7 +177,9 @@ def write_ort_variant(stage: Path, entry: dict, cfg: ExportConfig, dims: ModelDi
     echo(f"unet: {ORT_UNET_FILE} with {fused} fused attentions (max diff {diff:.2g})")
 
 
-def _compare_in_ort(a: Path, b: Path, dims: ModelDims, precision: str) -> tuple[float, float]:
+def _compare_in_ort(
+    a: Path, b: Path, dims: ModelDims, precision: str, spec: NetworkSpec
+) -> tuple[float, float]:
     """Max |a - b| of the two UNet graphs on the contract's seeded dummy input (CPU, the
     validation session), and max |a|."""
     import numpy as np
@@ -183,7 +187,7 @@ def _compare_in_ort(a: Path, b: Path, dims: ModelDims, precision: str) -> tuple[
     from iap_rt.export.exporter import ort_session
 
     side = 2 * dims.latent_multiple  # the smallest size every level can take
-    feed = NETWORKS["unet"].dummy_inputs(dims, precision, {"N": 2, "h": side, "w": side})
+    feed = spec.dummy_inputs(dims, precision, {"N": 2, "h": side, "w": side})
     outs = []
     for path in (a, b):
         sess = ort_session(path)

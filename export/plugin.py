@@ -5,7 +5,10 @@ style LoRA of that UNet keeps its cross-attention interface, so the same encoder
 without retraining (the toy v2 plug-in experiment measures how well). ``iap-rt export --unet``:
 
 - a directory with ``config.json`` + safetensors weights (``unet/`` of a fine-tuned pipeline, or
-  the pipeline directory itself) replaces ``BASE/unet``; its architecture must match;
+  the pipeline directory itself) replaces ``BASE/unet``; its architecture must match, except
+  an *inpainting* UNet of the base (``2C + 1`` input channels: latents, mask, masked-image
+  latents; SD 1.5/2 inpainting), which makes the model directory's architecture
+  ``sd-inpaint`` (:func:`unet_architecture`);
 - a LoRA ``.safetensors`` file (or a directory holding ``pytorch_lora_weights.safetensors``)
   in the diffusers / PEFT format is fused into ``BASE/unet`` at export: for every adapted
   layer ``W += scale * alpha / r * B @ A``. Keys ``<module>.lora_A.weight`` / ``lora_B``
@@ -39,7 +42,7 @@ class UNetSource:
     """Where the exported UNet's weights come from."""
 
     folder: Path  # config.json + weights: BASE/unet or a fine-tuned UNet
-    kind: str = "base"  # base, finetuned or lora
+    kind: str = "base"  # base, finetuned, inpainting or lora
     lora: Path | None = None  # a LoRA file fused into ``folder``'s weights
     lora_scale: float = 1.0
 
@@ -61,7 +64,10 @@ def resolve_unet(base: Path, unet: str | Path | None, lora_scale: float = 1.0) -
         path = path / "unet"  # a whole fine-tuned pipeline directory
     if path.is_dir() and (path / "config.json").is_file():
         _check_arch(base / "unet" / "config.json", path / "config.json")
-        return UNetSource(path, "finetuned")
+        kind = (
+            "inpainting" if unet_architecture(_read(path / "config.json")) != "sd" else "finetuned"
+        )
+        return UNetSource(path, kind)
     if path.is_dir() and (path / LORA_FILE).is_file():
         path = path / LORA_FILE
     if path.is_file() and path.suffix == ".safetensors":
@@ -73,9 +79,21 @@ def resolve_unet(base: Path, unet: str | Path | None, lora_scale: float = 1.0) -
     )
 
 
+def _read(path: Path) -> dict:
+    return json.loads(path.read_text("utf-8"))
+
+
+def unet_architecture(cfg: dict) -> str:
+    """``sd-inpaint`` for an inpainting UNet config (``in_channels == 2 * out_channels + 1``),
+    else ``sd`` (the model directory's architecture, ``iap_rt.specs``)."""
+    cin, cout = int(cfg.get("in_channels", 4)), int(cfg.get("out_channels", 4))
+    return "sd-inpaint" if cin == 2 * cout + 1 else "sd"
+
+
 def _check_arch(base_cfg: Path, new_cfg: Path) -> None:
-    a, b = (json.loads(p.read_text("utf-8")) for p in (base_cfg, new_cfg))
-    diff = [k for k in ARCH_KEYS if k in a and a.get(k) != b.get(k)]
+    a, b = _read(base_cfg), _read(new_cfg)
+    skip = {"in_channels"} if unet_architecture(b) == "sd-inpaint" else set()
+    diff = [k for k in ARCH_KEYS if k in a and k not in skip and a.get(k) != b.get(k)]
     if diff:
         raise ConfigError(
             f"the UNet in {new_cfg.parent} is not a fine-tune of {base_cfg.parent}: "

@@ -53,7 +53,15 @@ from iap_rt.modeldir import (
     new_manifest,
     write_manifest,
 )
-from iap_rt.specs import CORE_NETWORKS, NETWORKS, OPTIONAL_NETWORKS, network_spec_hash, spec_hash
+from iap_rt.specs import (
+    DEFAULT_ARCHITECTURE,
+    NETWORKS,
+    OPTIONAL_NETWORKS,
+    REQUIRED_NETWORKS,
+    network_spec_hash,
+    network_specs,
+    spec_hash,
+)
 
 log = logging.getLogger("iap_rt.export")
 
@@ -95,7 +103,7 @@ def network_key(
         "network": name,
         "precision": cfg.precision(name),
         "opset": cfg.opset,
-        "spec_hash": spec_hash(),
+        "spec_hash": spec_hash(src.architecture),
         "dims": src.dims.to_dict(),
         **({"network_spec_hash": network_spec_hash(name)} if name in OPTIONAL_NETWORKS else {}),
         "sources": hashes,
@@ -131,7 +139,7 @@ class Plan:
 def plan_export(cfg: ExportConfig, src: ExportInputs, out: Path, previous: dict | None, echo: Echo):
     versions = _tool_versions()
     prev_nets = (previous or {}).get("networks", {}) if previous else {}
-    same_contract = bool(previous) and previous.get("spec_hash") == spec_hash()
+    same_contract = bool(previous) and previous.get("spec_hash") == spec_hash(src.architecture)
     plan = Plan()
     for name in NETWORKS:
         info = prev_nets.get(name) if same_contract else None
@@ -171,9 +179,9 @@ def export_network(
         reference_outputs,
         validate_onnx,
     )
-    from iap_rt.export.networks import EXPORT_CONFIGS
+    from iap_rt.export.networks import export_config
 
-    ncfg = EXPORT_CONFIGS[name].for_downsamples(src.dims.unet_downsamples)
+    ncfg = export_config(name, src.architecture).for_downsamples(src.dims.unet_downsamples)
     precision = cfg.precision(name)
     echo(f"{name}: exporting {precision}, opset {cfg.opset} ...")
     t0 = time.perf_counter()
@@ -317,6 +325,7 @@ def _run_export_locked(cfg: ExportConfig, out: Path, echo: Echo) -> Path:
             manifest = new_manifest(
                 cfg.model_id or (previous or {}).get("model_id") or out.name,
                 src.dims,
+                src.architecture,
                 base_model=cfg.base,
                 encoder=cfg.encoder,
                 vae={"scaling_factor": src.vae_scaling_factor},
@@ -335,7 +344,8 @@ def _run_export_locked(cfg: ExportConfig, out: Path, echo: Echo) -> Path:
                 if n in entries or n in plan.keep
             }
             if "unet" in manifest["networks"]:
-                write_ort_variant(stage, manifest["networks"]["unet"], cfg, src.dims, echo)
+                write_ort_variant(stage, manifest["networks"]["unet"], cfg, src.dims, echo,
+                                  network_specs(src.architecture)["unet"])  # fmt: skip
             _write_tokenizer(src.encoder, stage, src.dims.text_max_length)
             write_json_atomic(stage / SCHEDULER_FILE, src.scheduler)
             write_manifest(stage, manifest)  # last: no manifest, no model
@@ -346,11 +356,12 @@ def _run_export_locked(cfg: ExportConfig, out: Path, echo: Echo) -> Path:
             fix="free disk space or choose another --out; the previous model directory is "
             "untouched.",
         ) from e
-    missing = [n for n in CORE_NETWORKS if n not in manifest["networks"]]
+    needed = REQUIRED_NETWORKS[src.architecture]
+    missing = [n for n in needed if n not in manifest["networks"]]
     if missing:
         echo(
             f"note: {out} has no {', '.join(missing)} yet; `iap-rt generate` needs "
-            f"{', '.join(CORE_NETWORKS)} (run iap-rt export without --networks)"
+            f"{', '.join(needed)} (run iap-rt export without --networks)"
         )
     echo(
         f"wrote {out} ("
@@ -375,6 +386,7 @@ def _same_top_level(previous: dict, cfg: ExportConfig, src: ExportInputs, out: P
     defaults, model id, the UNet's source)."""
     return (
         previous.get("dims") == src.dims.to_dict()
+        and previous.get("architecture", DEFAULT_ARCHITECTURE) == src.architecture
         and previous.get("arch") == src.arch
         and previous.get("unet_source", {"kind": "base"}).get("kind") == src.unet.kind
         and previous.get("default_scheduler") == cfg.default_scheduler

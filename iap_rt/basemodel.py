@@ -8,7 +8,8 @@ fraction of a second, before either stage does any work:
 - it must be SD 1.x/2.x shaped: one CLIP text encoder and a ``UNet2DConditionModel`` with
   cross-attention and no added conditioning. SDXL (two text encoders,
   ``addition_embed_type: text_time``), SD3 / Flux / PixArt (a ``transformer/`` denoiser),
-  inpainting UNets and UNets with class, image or time-text conditioning are refused with what
+  inpainting UNets (they plug in with ``iap-rt export --unet``, see ``iap_rt.export.plugin``)
+  and UNets with class, image or time-text conditioning are refused with what
   is supported and what was found;
 - every component the stage will load is present, with safetensors weights (iap-rt never
   unpickles ``.bin``/``.ckpt``/``.pt`` files).
@@ -24,7 +25,8 @@ from iap_rt.errors import ArtifactError, ArtifactNotFoundError
 SUPPORTED = (
     "iap-rt supports Stable Diffusion 1.x/2.x-shaped diffusers pipelines: one CLIP text "
     "encoder and a UNet2DConditionModel with cross-attention and no added conditioning "
-    "(SDXL, SD3, Flux, inpainting and other conditioned UNets are not supported)"
+    "(SDXL, SD3, Flux and other conditioned UNets are not supported; an inpainting UNet plugs "
+    "into a model made with its plain base: iap-rt export --unet)"
 )
 WEIGHTS = "diffusion_pytorch_model.safetensors"  # what diffusers' from_pretrained reads
 PICKLES = ("*.bin", "*.ckpt", "*.pt", "*.pth")
@@ -84,7 +86,13 @@ def unsupported_features(base: Path) -> list[str]:
             found.append("no cross-attention layers (IAP aligns the cross-attention outputs)")
         cin, cout = cfg.get("in_channels", 4), cfg.get("out_channels", 4)
         if cin != cout:
-            found.append(f"{cin} input but {cout} output channels (an inpainting UNet)")
+            found.append(
+                f"{cin} input but {cout} output channels (an inpainting UNet: train and export "
+                "with its plain base, then plug it in with `iap-rt export --unet "
+                f"{base / 'unet'}`)"
+                if cin == 2 * cout + 1
+                else f"{cin} input but {cout} output channels"
+            )
     if isinstance(pipeline, str) and pipeline.startswith(OTHER_PIPELINES) and not found:
         found.append(f"a {pipeline} (model_index.json)")
     return found

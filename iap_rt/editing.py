@@ -1,12 +1,13 @@
 """Image editing's numerics (numpy): the image as the VAE encoder's input, the init latents
-sampled from its latent distribution, the mask in latent space, and the final composite that
-keeps the input's pixels outside the mask.
+sampled from its latent distribution, the mask in latent space, an inpainting UNet's extra
+input channels (mask + masked-image latents), and the final composite that keeps the input's
+pixels outside the mask.
 
 Each follows diffusers (``VaeImageProcessor``, ``StableDiffusionImg2ImgPipeline``,
 ``StableDiffusionInpaintPipeline``); the one deliberate difference is the sample from the
-latent distribution, drawn from the image's own seed (a numpy generator, second stream) so an
-edit is reproducible from its seed like a generation, and each image of a batch equals its
-seed alone.
+latent distribution, drawn from the image's own seed (a numpy generator: stream 1 for the
+image, stream 2 for the masked image) so an edit is reproducible from its seed like a
+generation, and each image of a batch equals its seed alone.
 """
 
 from __future__ import annotations
@@ -21,18 +22,38 @@ def vae_input(image: np.ndarray) -> np.ndarray:
     return (np.float32(2.0) * x - np.float32(1.0)).transpose(2, 0, 1)[None]
 
 
-def sample_noise(seed: int, shape: tuple[int, ...]) -> np.ndarray:
-    """The N(0, 1) draw that samples image ``seed``'s latent (a stream of its own, apart from
+IMAGE_STREAM, MASKED_STREAM = 1, 2  # the seed's streams that sample the two latents
+
+
+def sample_noise(seed: int, shape: tuple[int, ...], stream: int = IMAGE_STREAM) -> np.ndarray:
+    """The N(0, 1) draw that samples image ``seed``'s latent (streams of its own, apart from
     the initial noise ``iap_rt.pipeline.initial_noise`` draws from the same seed)."""
-    return np.random.default_rng([seed, 1]).standard_normal(shape, dtype=np.float32)
+    return np.random.default_rng([seed, stream]).standard_normal(shape, dtype=np.float32)
 
 
-def init_latents(mean: np.ndarray, std: np.ndarray, seeds: list[int], scaling: float):
+def init_latents(
+    mean: np.ndarray, std: np.ndarray, seeds: list[int], scaling: float, stream: int = IMAGE_STREAM
+):
     """(n, C, h, w) = scaling x (mean + std x noise(seed)) per seed, from one image's (1, C,
     h, w) latent distribution (diffusers' ``latent_dist.sample()`` then ``scaling_factor``)."""
     mean, std = mean.astype(np.float32), std.astype(np.float32)
-    out = [mean[0] + std[0] * sample_noise(s, mean.shape[1:]) for s in seeds]
+    out = [mean[0] + std[0] * sample_noise(s, mean.shape[1:], stream) for s in seeds]
     return np.float32(scaling) * np.stack(out)
+
+
+def masked_vae_input(image: np.ndarray | None, mask: np.ndarray, size: tuple[int, int]):
+    """An inpainting UNet's masked image as the VAE encoder's input (1, 3, H, W): the image
+    with the region to repaint set to 0 (diffusers: ``image * (mask < 0.5)`` in [-1, 1]); no
+    image (a generation): all 0, i.e. everything is to be painted."""
+    if image is None:
+        return np.zeros((1, 3, *size), np.float32)
+    return vae_input(image) * (mask < 0.5).astype(np.float32)[None, None]
+
+
+def unet_condition(mask: np.ndarray, masked_latents: np.ndarray) -> np.ndarray:
+    """(C + 1, h, w): the channels an inpainting UNet reads after the latents, in diffusers'
+    order (``cat([latents, mask, masked_image_latents], dim=1)``); ``mask`` (1, h, w)."""
+    return np.concatenate([mask, masked_latents]).astype(np.float32)
 
 
 def latent_mask(mask: np.ndarray, factor: int) -> np.ndarray:

@@ -36,7 +36,7 @@ from iap_rt.errors import (
     ConfigError,
 )
 from iap_rt.modeldir import ModelDir
-from iap_rt.specs import CORE_NETWORKS, NETWORKS, spec_hash
+from iap_rt.specs import CORE_NETWORKS, NETWORKS
 
 log = logging.getLogger("iap_rt.enginedir")
 
@@ -221,7 +221,7 @@ def sidecar_problems(
     if net not in NETWORKS:
         out.append(f"network: {net!r} is not one of {list(NETWORKS)}")
         return out
-    differ("spec_hash", sc.get("spec_hash"), spec_hash(), " (this iap-rt's shape contract)")
+    differ("spec_hash", sc.get("spec_hash"), model.spec_hash, " (this iap-rt's shape contract)")
     info = model.manifest.get("networks", {}).get(net, {})
     differ("precision", sc.get("precision"), info.get("precision"), " (the model's manifest)")
     if info.get("sha256"):

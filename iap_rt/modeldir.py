@@ -41,13 +41,18 @@ from pathlib import Path
 from iap_rt.errors import ArtifactError, ArtifactMismatchError, ArtifactNotFoundError, IapRtError
 from iap_rt.fileio import remove_leftovers, sha256_file, write_json_atomic
 from iap_rt.specs import (
+    ARCHITECTURES,
     CORE_NETWORKS,
+    DEFAULT_ARCHITECTURE,
     NETWORKS,
     OPTIONAL_NETWORKS,
     PRECISIONS,
+    REQUIRED_NETWORKS,
     SPEC_VERSION,
     ModelDims,
+    NetworkSpec,
     network_spec_hash,
+    network_specs,
     spec_hash,
 )
 
@@ -162,6 +167,8 @@ class ModelDir:
         md = cls(path, manifest)
         if networks is None:
             networks = md.networks if isinstance(manifest.get("networks"), dict) else CORE_NETWORKS
+        arch = manifest.get("architecture", DEFAULT_ARCHITECTURE)
+        networks = (*networks, *(n for n in REQUIRED_NETWORKS.get(arch, ()) if n not in networks))
         md._check(networks)
         if verify:
             md.verify(networks)
@@ -175,11 +182,18 @@ class ModelDir:
                 f"this iap-rt reads {FORMAT_VERSION}",
                 fix=fix,
             )
-        if m.get("spec_hash") != spec_hash():
+        arch = m.get("architecture", DEFAULT_ARCHITECTURE)
+        if arch not in ARCHITECTURES:
+            raise ArtifactMismatchError(
+                f"{self.path / MANIFEST}: architecture {arch!r}, this iap-rt runs "
+                f"{', '.join(ARCHITECTURES)} (a newer iap-rt made it?)",
+                fix="upgrade iap-rt (pip install -U iap-rt), or " + fix,
+            )
+        if m.get("spec_hash") != spec_hash(arch):
             raise ArtifactMismatchError(
                 f"{self.path / MANIFEST} was made for another shape contract "
                 f"(spec_hash {str(m.get('spec_hash'))[:12]}…, spec v{m.get('spec_version')}; "
-                f"this iap-rt has {spec_hash()[:12]}…, spec v{SPEC_VERSION})",
+                f"this iap-rt has {spec_hash(arch)[:12]}… for {arch}, spec v{SPEC_VERSION})",
                 fix=fix,
             )
         for key in ("dims", "networks", "model_id"):
@@ -305,6 +319,26 @@ class ModelDir:
         return network in self.manifest.get("networks", {})
 
     @property
+    def architecture(self) -> str:
+        """``sd`` (SD 1.x/2.x) or ``sd-inpaint`` (its inpainting UNet): which declarations of
+        ``iap_rt.specs`` the networks follow (manifest ``architecture``; ``sd`` where none)."""
+        return str(self.manifest.get("architecture", DEFAULT_ARCHITECTURE))
+
+    @property
+    def inpainting_unet(self) -> bool:
+        """The UNet reads the mask and the masked image's latents beside the latents."""
+        return self.architecture == "sd-inpaint"
+
+    def spec(self, network: str) -> NetworkSpec:
+        """The shape contract of ``network`` in this model's architecture."""
+        return network_specs(self.architecture)[network]
+
+    @property
+    def spec_hash(self) -> str:
+        """The shape contract's hash of this model's architecture (engine sidecars carry it)."""
+        return spec_hash(self.architecture)
+
+    @property
     def dims(self) -> ModelDims:
         return ModelDims.from_dict(self.manifest["dims"])
 
@@ -422,14 +456,19 @@ def _write_record(path: Path, model: Path, files: dict) -> None:
 DEFAULT_GUIDANCE = 7.5  # classifier-free guidance scale SD 1.x / 2.x pipelines default to
 
 
-def new_manifest(model_id: str, dims: ModelDims, **extra) -> dict:
-    """A manifest skeleton with the current spec hash (networks are added by export)."""
+def new_manifest(
+    model_id: str, dims: ModelDims, architecture: str = DEFAULT_ARCHITECTURE, **extra
+) -> dict:
+    """A manifest skeleton with the current spec hash of ``architecture`` (networks are added
+    by export; ``sd`` manifests name no architecture, as before there were others)."""
+    arch = {} if architecture == DEFAULT_ARCHITECTURE else {"architecture": architecture}
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "model_id": model_id,
+        **arch,
         "spec_version": SPEC_VERSION,
-        "spec_hash": spec_hash(),
+        "spec_hash": spec_hash(architecture),
         "dims": dims.to_dict(),
         "networks": {},
         **extra,

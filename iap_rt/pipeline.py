@@ -99,7 +99,8 @@ class _Image:
     noise: np.ndarray  # (C, h, w) float32, N(0, 1)
     start: int = 0  # the schedule index it joins the loop at (edits: > 0 below strength 1)
     init: np.ndarray | None = None  # (C, h, w) the edited image's latents, scaled
-    mask: np.ndarray | None = None  # (1, h, w) in {0, 1}: inpainting, 1 = repaint
+    mask: np.ndarray | None = None  # (1, h, w) in {0, 1}: latent blending, 1 = repaint
+    cond: np.ndarray | None = None  # (C + 1, h, w): an inpainting UNet's mask + masked latents
 
     @property
     def guided(self) -> bool:
@@ -108,8 +109,18 @@ class _Image:
     @property
     def from_noise(self) -> bool:
         """Starts from pure noise: a generation, or inpainting at strength 1 (diffusers); image
-        to image always starts from its noised image."""
-        return self.init is None or (self.mask is not None and self.start == 0)
+        to image always starts from its noised image (an inpainting UNet inpaints every edit)."""
+        inpaint = self.mask is not None or self.cond is not None
+        return self.init is None or (inpaint and self.start == 0)
+
+
+@dataclass
+class _Edit:
+    """What the VAE encoder made of one request, per image of it."""
+
+    init: np.ndarray | None = None  # (n, C, h, w) the image's latents, scaled (edits)
+    mask: np.ndarray | None = None  # (1, h, w) latent blending's mask (4-channel UNets)
+    cond: np.ndarray | None = None  # (n, C + 1, h, w) an inpainting UNet's extra channels
 
 
 class Pipeline:
@@ -302,9 +313,9 @@ class Pipeline:
             self.runners  # noqa: B018
             timings.load_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        edits = self._encode_edits(todo)  # request -> (init latents, latent mask)
+        edits = self._encode_edits(todo)  # request -> _Edit
         timings.vae_encode_s = time.perf_counter() - t0
-        images = _flatten(todo, shape, edits, self.dims.vae_scale_factor)
+        images = _flatten(todo, shape, edits)
         chunks = [images[i : i + self.chunk_size] for i in range(0, len(images), self.chunk_size)]
         bar = _progress(steps * len(chunks), self.progress, "denoising")
 
@@ -345,24 +356,38 @@ class Pipeline:
             start = end
         return results
 
-    def _encode_edits(self, requests) -> dict[int, tuple[np.ndarray, np.ndarray | None]]:
+    def _encode_edits(self, requests) -> dict[int, _Edit]:
         """Each edit request's init latents (n, C, h, w), sampled per image seed from the VAE
-        encoder's distribution and scaled, and its mask in latent space (or None)."""
+        encoder's distribution and scaled, and its mask in latent space; with an inpainting
+        UNet, every request's extra UNet channels (mask + masked-image latents: a generation
+        is an inpainting of everything), and no latent blending."""
         out = {}
+        inpainting_unet = self.model.inpainting_unet
+        scaling, factor = self.model.vae_scaling_factor, self.dims.vae_scale_factor
         for k, r in enumerate(requests):
-            if not r.is_edit:
+            if not (r.is_edit or inpainting_unet):
                 continue
-            runner = self.runner("vae_encoder")
-            dtype = np.float16 if self.model.precision("vae_encoder") == "fp16" else np.float32
-            dist = runner.run({"sample": editing.vae_input(r.image).astype(dtype)})
             seeds = [r.seed + i for i in range(r.batch_size)]
-            init = editing.init_latents(dist["latent_mean"], dist["latent_std"], seeds,
-                                        self.model.vae_scaling_factor)  # fmt: skip
-            mask = None
-            if r.mask is not None:
-                mask = editing.latent_mask(r.mask, self.dims.vae_scale_factor)
-            out[k] = (init, mask)
+            edit = out[k] = _Edit()
+            if r.is_edit:
+                dist = self._vae_encode(editing.vae_input(r.image))
+                edit.init = editing.init_latents(*dist, seeds, scaling)
+            if not inpainting_unet:
+                if r.mask is not None:
+                    edit.mask = editing.latent_mask(r.mask, factor)
+                continue
+            px = r.mask if r.mask is not None else np.ones((r.height, r.width), np.float32)
+            dist = self._vae_encode(editing.masked_vae_input(r.image, px, px.shape))
+            masked = editing.init_latents(*dist, seeds, scaling, editing.MASKED_STREAM)
+            lmask = editing.latent_mask(px, factor)
+            edit.cond = np.stack([editing.unet_condition(lmask, m) for m in masked])
         return out
+
+    def _vae_encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(1, 3, H, W) in [-1, 1] -> the latent distribution's (mean, std)."""
+        dtype = np.float16 if self.model.precision("vae_encoder") == "fp16" else np.float32
+        dist = self.runner("vae_encoder").run({"sample": x.astype(dtype)})
+        return dist["latent_mean"], dist["latent_std"]
 
     def _denoise(self, chunk, steps, scheduler, timings, bar) -> np.ndarray:
         """The denoising loop of one chunk of images -> their final latents (n, C, h, w).
@@ -413,6 +438,9 @@ class Pipeline:
                 if act_guided
                 else scaled[active]
             )
+            if chunk[0].cond is not None:  # an inpainting UNet: (N, 2C + 1, h, w)
+                cond = np.stack([chunk[j].cond for j in act_guided + active])
+                x = np.concatenate([x, cond], axis=1)
             x = x.astype(unet_dtype, copy=False)  # (N, C, h, w)
             rows = [uncond_row[j] for j in act_guided] + [len(guided) + j for j in active]
             emb = emb_all[rows]
@@ -468,18 +496,20 @@ def _latent_hw(height: int, width: int, dims) -> tuple[int, int]:
 
 
 def _flatten(
-    requests: Sequence[ResolvedRequest], shape: tuple[int, ...], edits: dict, factor: int
+    requests: Sequence[ResolvedRequest], shape: tuple[int, ...], edits: dict[int, _Edit]
 ) -> list[_Image]:
     """Every image of every request, in order, with its initial noise (and, for an edit, its
-    start index, init latents and latent mask from ``edits``)."""
+    start index, init latents and latent mask from ``edits``; an inpainting UNet's extra
+    channels)."""
     images = []
     for k, r in enumerate(requests):
         noise = r.latents if r.latents is not None else initial_noise(r.seed, r.batch_size, shape)
-        init, mask = edits.get(k, (None, None))
+        e = edits.get(k, _Edit())
         for i in range(r.batch_size):
             images.append(_Image(
                 k, r.seed + i, r.prompt, r.negative_prompt, r.guidance, noise[i],
-                start=r.start_index(), init=None if init is None else init[i], mask=mask,
+                start=r.start_index(), init=None if e.init is None else e.init[i], mask=e.mask,
+                cond=None if e.cond is None else e.cond[i],
             ))  # fmt: skip
     return images
 

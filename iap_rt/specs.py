@@ -24,8 +24,16 @@ Axis symbols:
 ``S``  text sequence length (the Chinese tokenizer's max length)              static
 ``D``  ``cross_attention_dim`` of the UNet (= projected encoder width)        static
 ``C``  latent channels                                                        static
+``I``  an inpainting UNet's input channels: latents, mask, masked-image        static
+       latents (``2C + 1``; architecture ``sd-inpaint``)
 ``3``  image channels (RGB)                                                   static
 =====  =====================================================================  =========
+
+Architectures: a model directory's manifest names one (``architecture``; ``sd`` where it
+names none); :func:`network_specs` gives its declarations and :func:`spec_hash` its hash.
+``sd`` is SD 1.x/2.x; ``sd-inpaint`` is the same with an inpainting UNet (9 input channels for
+SD's 4-channel latents: the Chinese encoder trained on the plain base drives it unchanged, and
+every request also needs the VAE encoder for the masked-image latents).
 
 Dtype ``"float"`` means the network's floating precision (fp32 or fp16 per the manifest);
 ``timestep`` is float32 in every precision (fractional Euler timesteps stay exact).
@@ -45,7 +53,7 @@ from iap_rt.errors import ShapeContractError
 SPEC_VERSION = 1
 
 DYNAMIC_AXES = ("N", "B", "h", "w")
-STATIC_AXES = ("S", "D", "C", "3")
+STATIC_AXES = ("S", "D", "C", "I", "3")
 DERIVED_AXES = {"H": "h", "W": "w"}
 
 PRECISIONS = ("fp32", "fp16")
@@ -79,6 +87,7 @@ class ModelDims:
             "S": self.text_max_length,
             "D": self.cross_attention_dim,
             "C": self.latent_channels,
+            "I": 2 * self.latent_channels + 1,
             "3": 3,
         }
 
@@ -307,10 +316,49 @@ NETWORKS: dict[str, NetworkSpec] = {
 CORE_NETWORKS = ("text_encoder", "unet", "vae_decoder")
 OPTIONAL_NETWORKS = tuple(n for n in NETWORKS if n not in CORE_NETWORKS)
 
+UNET_INPAINT = NetworkSpec(
+    "unet",
+    inputs=(
+        TensorSpec("sample", "float", ("N", "I", "h", "w")),
+        TensorSpec("timestep", "float32", ("N",)),
+        TensorSpec("encoder_hidden_states", "float", ("N", "S", "D")),
+    ),
+    outputs=(TensorSpec("noise_pred", "float", ("N", "C", "h", "w")),),
+    doc="SD inpainting UNet2DConditionModel: sample = (scaled latents, mask, masked-image "
+    "latents) concatenated on the channel axis, as diffusers' StableDiffusionInpaintPipeline.",
+)
 
-def get_network(name: str) -> NetworkSpec:
+DEFAULT_ARCHITECTURE = "sd"
+# architecture -> its declarations (the names are the same in every one)
+ARCHITECTURES: dict[str, dict[str, NetworkSpec]] = {
+    "sd": NETWORKS,
+    "sd-inpaint": {**NETWORKS, "unet": UNET_INPAINT},
+}
+# networks an architecture needs beyond the core ones (the inpainting UNet reads the
+# masked image's latents on every request)
+REQUIRED_NETWORKS = {"sd": CORE_NETWORKS, "sd-inpaint": (*CORE_NETWORKS, "vae_encoder")}
+
+
+def _architecture(architecture: str) -> dict[str, NetworkSpec]:
     try:
-        return NETWORKS[name]
+        return ARCHITECTURES[architecture]
+    except KeyError:
+        from iap_rt.errors import ShapeContractError
+
+        raise ShapeContractError(
+            f"unknown architecture {architecture!r} (this iap-rt knows {', '.join(ARCHITECTURES)})",
+            fix="use the iap-rt version that made the model directory, or re-export it.",
+        ) from None
+
+
+def network_specs(architecture: str = DEFAULT_ARCHITECTURE) -> dict[str, NetworkSpec]:
+    """Every network's declaration in ``architecture``."""
+    return _architecture(architecture)
+
+
+def get_network(name: str, architecture: str = DEFAULT_ARCHITECTURE) -> NetworkSpec:
+    try:
+        return _architecture(architecture)[name]
     except KeyError:
         from iap_rt.errors import ConfigError
 
@@ -319,11 +367,15 @@ def get_network(name: str) -> NetworkSpec:
         ) from None
 
 
-def spec_hash() -> str:
-    """sha256 of the canonical JSON of the core networks' declarations (+ SPEC_VERSION): the
-    manifest's ``spec_hash``."""
+def spec_hash(architecture: str = DEFAULT_ARCHITECTURE) -> str:
+    """sha256 of the canonical JSON of the core networks' declarations (+ SPEC_VERSION, + the
+    architecture where it is not ``sd``, so SD directories keep their hash): the manifest's
+    ``spec_hash``."""
+    nets = _architecture(architecture)
     payload = {"version": SPEC_VERSION,
-               "networks": [NETWORKS[n].to_dict() for n in CORE_NETWORKS]}  # fmt: skip
+               "networks": [nets[n].to_dict() for n in CORE_NETWORKS]}  # fmt: skip
+    if architecture != DEFAULT_ARCHITECTURE:
+        payload["architecture"] = architecture
     blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()
 

@@ -96,8 +96,10 @@ def summary_lines(doc: dict) -> list[str]:
     dims, d = m.get("dims", {}), info["defaults"]
     unet = m.get("arch", {}).get("unet", {})
     arch = f"UNet channels {'/'.join(map(str, unet['channels']))}, " if unet.get("channels") else ""
+    kind = m.get("architecture", "sd")
+    kind = f"{kind} (inpainting UNet), " if kind == "sd-inpaint" else ""
     out.append(
-        f"  architecture: {arch}cross-attention {dims.get('cross_attention_dim')}, "
+        f"  architecture: {kind}{arch}cross-attention {dims.get('cross_attention_dim')}, "
         f"{dims.get('latent_channels')} latent channels, VAE x{dims.get('vae_scale_factor')}, "
         f"text {dims.get('text_max_length')} tokens"
     )

@@ -168,6 +168,18 @@ def make_tiny_sd(out: str | os.PathLike, seed: int = 0, unet: dict | None = None
     return write_sd_dir(out, seed, unet or TINY_UNET, TINY_VAE, TINY_CLIP)
 
 
+def make_tiny_inpaint_unet(out: str | os.PathLike, seed: int = 3) -> Path:
+    """Write a tiny *inpainting* UNet folder (config.json + safetensors) of the tiny SD: the
+    same architecture with 9 input channels (latents, mask, masked-image latents), what
+    ``iap-rt export --unet`` plugs into a model made with the plain base."""
+    from diffusers import UNet2DConditionModel
+
+    out = ensure_dir(out)
+    torch.manual_seed(seed)
+    UNet2DConditionModel(**{**TINY_UNET, "in_channels": 9}).save_pretrained(out)
+    return out
+
+
 def make_tiny_encoder(
     out: str | os.PathLike,
     seed: int = 0,

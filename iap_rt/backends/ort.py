@@ -18,7 +18,7 @@ from iap_rt.errors import (
 from iap_rt.modeldir import REEXPORT, ModelDir
 from iap_rt.onnxsig import read_inputs
 from iap_rt.ortinfo import GPU_INSTALL, available_providers, preload_cuda_libraries
-from iap_rt.specs import CORE_NETWORKS, NETWORKS, ModelDims, NetworkSpec
+from iap_rt.specs import CORE_NETWORKS, ModelDims, NetworkSpec
 
 
 class OrtRunner:
@@ -260,7 +260,7 @@ class OrtBackend(Backend):
         editing are loaded when a request first needs them, see ``Pipeline.runner``)."""
         return {
             name: OrtRunner(
-                NETWORKS[name],
+                model.spec(name),
                 # the UNet graph with ONNX Runtime's fused attention where the export wrote
                 # one (big models; CPU at SD 1.5: 2.2 GB less peak memory, bench/README.md)
                 model.network_path(name, "ort" if self.fused_unet else None),

@@ -39,7 +39,7 @@ from iap_rt.errors import (
 )
 from iap_rt.fileio import write_bytes_atomic
 from iap_rt.modeldir import ModelDir
-from iap_rt.specs import NETWORKS, OPTIONAL_NETWORKS
+from iap_rt.specs import OPTIONAL_NETWORKS
 
 log = logging.getLogger("iap_rt.trt")
 
@@ -232,7 +232,7 @@ class TensorRTBackend(Backend):
             self._allocate(trt, e)
         log.info("TensorRT %s: %d engines from %s", version, len(self._engines), edir)
         return {
-            net: _Runner(net, model.dims, model.precision(net), engines, self)
+            net: _Runner(model.spec(net), model.dims, model.precision(net), engines, self)
             for net, engines in by_net.items()
         }
 
@@ -351,10 +351,9 @@ def _device_memory_size(engine) -> int:
 class _Runner:
     """One network: picks the engine whose profile covers the feeds, numpy in and out."""
 
-    def __init__(self, name, dims, precision, engines: list[_Engine], backend: TensorRTBackend):
-        self.name, self.dims, self.precision = name, dims, precision
+    def __init__(self, spec, dims, precision, engines: list[_Engine], backend: TensorRTBackend):
+        self.name, self.spec, self.dims, self.precision = spec.name, spec, dims, precision
         self.engines, self.backend = engines, backend
-        self.spec = NETWORKS[name]
 
     def _engine_for(self, values: dict) -> _Engine:
         for e in self.engines:

@@ -65,7 +65,7 @@ def test_image_to_image_matches_diffusers(pipe, tiny_sd_dir, scheduler, strength
     req = pipe.resolve(PromptRequest(PROMPT, NEGATIVE, seed=5, guidance=7.5, steps=10,
                                      scheduler=scheduler, image=_image(), strength=strength))  # fmt: skip
     got = pipe.generate([req])[0]
-    init, _ = pipe._encode_edits([req])[0]
+    init = pipe._encode_edits([req])[0].init
     noise = initial_noise(5, 1, init.shape[1:])
     ref, cond, uncond = _reference(diffusers.StableDiffusionImg2ImgPipeline, pipe, tiny_sd_dir,
                                    scheduler, monkeypatch, mod, noise)  # fmt: skip
@@ -90,7 +90,7 @@ def test_inpainting_with_a_4_channel_unet_matches_diffusers(pipe, tiny_sd_dir, s
                                      scheduler=scheduler, image=image, mask=mask,
                                      strength=strength, mask_blur=0))  # fmt: skip
     got = pipe.generate([req])[0]
-    init, _ = pipe._encode_edits([req])[0]
+    init = pipe._encode_edits([req])[0].init
     noise = initial_noise(9, 1, init.shape[1:])
     ref, cond, uncond = _reference(diffusers.StableDiffusionInpaintPipeline, pipe, tiny_sd_dir,
                                    scheduler, monkeypatch, mod, noise)  # fmt: skip

@@ -67,7 +67,13 @@ def test_sdxl_is_refused_with_what_is_supported_and_what_was_found(tmp_path):
     [
         ({"class_embed_type": "timestep"}, "class conditioning"),
         ({"encoder_hid_dim": 1024}, "encoder_hid_dim projection"),
-        ({"in_channels": 9}, "9 input but 4 output channels (an inpainting UNet)"),
+        (
+            {"in_channels": 9},
+            "9 input but 4 output channels (an inpainting UNet: train and "
+            "export with its plain base, then plug it in with `iap-rt export "
+            "--unet",
+        ),  # fmt: skip
+        ({"in_channels": 8}, "8 input but 4 output channels"),
         (
             {"down_block_types": ["DownBlock2D"] * 4, "mid_block_type": "UNetMidBlock2D"},
             "no cross-attention layers",

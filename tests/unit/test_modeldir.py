@@ -80,3 +80,12 @@ def test_unknown_precision(model_copy):
     _edit_manifest(model_copy, lambda m: m["networks"]["unet"].update(precision="int3"))
     with pytest.raises(ArtifactMismatchError, match="precision 'int3'"):
         ModelDir.open(model_copy)
+
+
+def test_an_architecture_this_iap_rt_does_not_know_is_refused_with_the_upgrade(model_copy):
+    m = json.loads((model_copy / "manifest.json").read_text("utf-8"))
+    m["architecture"] = "sd-future"
+    (model_copy / "manifest.json").write_text(json.dumps(m), "utf-8")
+    with pytest.raises(ArtifactMismatchError, match="architecture 'sd-future'") as e:
+        ModelDir.open(model_copy)
+    assert "pip install -U iap-rt" in e.value.fix

@@ -75,3 +75,22 @@ def test_spec_hash_is_stable_and_sensitive(monkeypatch):
 
     monkeypatch.setattr(specs, "SPEC_VERSION", specs.SPEC_VERSION + 1)
     assert specs.spec_hash() != h
+
+
+def test_the_inpainting_architecture_declares_a_9_channel_unet_and_its_own_hash():
+    from iap_rt.specs import UNET_INPAINT, network_specs
+
+    nets = network_specs("sd-inpaint")
+    assert nets["unet"] is UNET_INPAINT and nets["text_encoder"] is TEXT_ENCODER
+    assert network_specs() is NETWORKS
+    f = UNET_INPAINT.dummy_inputs(DIMS, "fp32", {"N": 2, "h": 8, "w": 8})
+    assert f["sample"].shape == (2, 9, 8, 8)  # latents, mask, masked-image latents
+    assert UNET_INPAINT.shapes(DIMS, {"N": 2, "h": 8, "w": 8})["noise_pred"] == (2, 4, 8, 8)
+    UNET_INPAINT.check_feeds(f, DIMS, "fp32")
+    with pytest.raises(ShapeContractError, match="axis I=4, expected 9"):
+        UNET_INPAINT.check_feeds(UNET.dummy_inputs(DIMS, "fp32", {"N": 2, "h": 8, "w": 8}),
+                                 DIMS, "fp32")  # fmt: skip
+    # SD keeps the hash it had before there were architectures; sd-inpaint has its own
+    assert spec_hash() == spec_hash("sd") != spec_hash("sd-inpaint")
+    with pytest.raises(ShapeContractError, match="unknown architecture 'sdxl'"):
+        spec_hash("sdxl")
