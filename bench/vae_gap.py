@@ -11,7 +11,7 @@ process's RSS / peak RSS (VmRSS / VmHWM) after it. A config is ``GRAPH:OPTIONS[+
 - GRAPH: ``iaprt`` (the iap-rt export's ``vae_decoder.onnx``) or ``optimum`` (optimum's
   ``vae_decoder/model.onnx``), both from ``bench/peers.py``'s cache.
 - OPTIONS: ``runtime``: the SessionOptions iap-rt's runtime creates
-  (``iap_rt.backends.ort.OrtBackend(device="cpu", threads=N).session_options()``);
+  (``iap_rt.backends.ort.OrtBackend(device="cpu", threads=N).session_options("vae_decoder")``);
   ``peers``: what ``bench/peers.py`` gives optimum (ONNX Runtime's defaults +
   ``intra_op_num_threads = N``); ``default``: a bare ``ort.SessionOptions()``; ``backend``
   (iaprt only): the runtime's whole backend loaded as ``iap-rt generate`` loads it (text
@@ -20,7 +20,11 @@ process's RSS / peak RSS (VmRSS / VmHWM) after it. A config is ``GRAPH:OPTIONS[+
   steps (text encoder, UNet loop, VAE decode: the decode times are the pipeline's own).
 - overrides, applied on top: ``spin=0|1`` (``session.intra_op.allow_spinning``), ``arena=0|1``
   (``enable_cpu_mem_arena``), ``mempattern=0|1`` (``enable_mem_pattern``), ``opt=disable|basic|
-  extended|layout|all`` (graph optimisation level), ``threads=N`` (intra-op), ``inter=N``.
+  extended|layout|all`` (graph optimisation level), ``threads=N`` (intra-op), ``inter=N``,
+  ``shared=0|1`` (``session.use_env_allocators``: one CPU arena shared by the process's
+  sessions, ``iap_rt.backends.ort.register_shared_cpu_arena``; the runtime's default since
+  issue 31). ``vae`` + a key (``vaemempattern=1``): that override on the VAE decoder's
+  session only (``backend``/``pipeline``; the others: every session).
 
 The default configs cross graph x options (is it the graph or the options?), then put each
 option iap-rt changes back to ONNX Runtime's default one at a time (which one?), then add the
@@ -61,8 +65,10 @@ OPTIONS = ("runtime", "peers", "default", "backend", "pipeline")
 LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
           "extended": "ORT_ENABLE_EXTENDED", "layout": "ORT_ENABLE_LAYOUT",
           "all": "ORT_ENABLE_ALL"}  # fmt: skip
-OVERRIDES = ("spin", "arena", "mempattern", "opt", "threads", "inter")
+OVERRIDES = ("spin", "arena", "mempattern", "opt", "threads", "inter", "shared")
+OVERRIDES += tuple("vae" + k for k in OVERRIDES)  # the VAE decoder's session only
 SPIN = "session.intra_op.allow_spinning"
+SHARED = "session.use_env_allocators"
 
 
 def parse_config(text: str) -> dict:
@@ -93,10 +99,13 @@ def memory_mb() -> dict:
     return out
 
 
-def apply_overrides(so, overrides: dict):
+def apply_overrides(so, overrides: dict, network: str | None = None):
     import onnxruntime as ort
 
     for key, value in overrides.items():
+        if key.startswith("vae") and network not in (None, "vae_decoder"):
+            continue  # vae...: the VAE decoder's session only
+        key = key.removeprefix("vae")
         if key == "spin":
             so.add_session_config_entry(SPIN, str(int(value)))
         elif key == "arena":
@@ -109,6 +118,12 @@ def apply_overrides(so, overrides: dict):
             so.intra_op_num_threads = int(value)
         elif key == "inter":
             so.inter_op_num_threads = int(value)
+        elif key == "shared":  # the process's one CPU arena for every session
+            if int(value):
+                from iap_rt.backends.ort import register_shared_cpu_arena
+
+                register_shared_cpu_arena()
+            so.add_session_config_entry(SHARED, str(int(value)))
     return so
 
 
@@ -119,12 +134,12 @@ def make_options(cfg: dict, threads: int):
     from iap_rt.backends.ort import OrtBackend
 
     if cfg["options"] in ("runtime", "backend", "pipeline"):
-        so = OrtBackend(device="cpu", threads=threads).session_options()
+        so = OrtBackend(device="cpu", threads=threads).session_options("vae_decoder")
     else:
         so = ort.SessionOptions()
         if cfg["options"] == "peers":
             so.intra_op_num_threads = threads
-    return apply_overrides(so, cfg["overrides"])
+    return apply_overrides(so, cfg["overrides"], "vae_decoder")
 
 
 def describe(session) -> dict:
@@ -134,6 +149,10 @@ def describe(session) -> dict:
         spin = so.get_session_config_entry(SPIN)
     except RuntimeError:  # not set: ONNX Runtime's default (spinning on)
         spin = "unset (default: 1)"
+    try:
+        shared = so.get_session_config_entry(SHARED)
+    except RuntimeError:  # not set: each session grows its own arena
+        shared = "unset (default: 0)"
     return {
         "graph_optimization_level": str(so.graph_optimization_level).rsplit(".", 1)[-1],
         "intra_op_num_threads": so.intra_op_num_threads,
@@ -143,6 +162,7 @@ def describe(session) -> dict:
         "enable_mem_pattern": so.enable_mem_pattern,
         "enable_mem_reuse": so.enable_mem_reuse,
         "allow_spinning": spin,
+        "use_env_allocators": shared,
         "log_severity_level": so.log_severity_level,
     }
 
@@ -166,7 +186,9 @@ def worker(spec: dict) -> int:
 
         backend = OrtBackend(device="cpu", threads=threads)
         base = backend.session_options
-        backend.session_options = lambda: apply_overrides(base(), cfg["overrides"])
+        backend.session_options = lambda network=None: apply_overrides(
+            base(network), cfg["overrides"], network
+        )
         model = ModelDir.open(spec["iaprt_model"])
         pipe = Pipeline(model, backend, progress=False, memory_limit="off")
         runners = pipe.runners

@@ -115,6 +115,25 @@ def test_ort_opens_one_session_per_network(model, sessions):
     assert all(r.sessions_opened == 1 for r in pipe.runners.values())
 
 
+def test_cpu_sessions_share_one_arena_and_the_vae_keeps_no_memory_pattern(model, sessions):
+    """The runtime's CPU rules (bench/results/vae_gap_sd15_cpu.json): one arena for every
+    session of the process, and no memory pattern for the networks run once per image."""
+    pipe = Pipeline(model, OrtBackend("cpu", threads=1), progress=False)
+    opts = {n: r.session.get_session_options() for n, r in pipe.runners.items()}
+    assert all(o.get_session_config_entry("session.use_env_allocators") == "1"
+               for o in opts.values())  # fmt: skip
+    assert not opts["vae_decoder"].enable_mem_pattern
+    assert opts["unet"].enable_mem_pattern and opts["text_encoder"].enable_mem_pattern
+    alone = Pipeline(model, OrtBackend("cpu", threads=1, shared_arena=False), progress=False)
+    shared = pipe("左边有一个红色的圆", steps=2, seed=3, height=32, width=32).images
+    own = alone("左边有一个红色的圆", steps=2, seed=3, height=32, width=32).images
+    assert np.array_equal(shared, own)  # where the memory comes from changes no result
+    with pytest.raises(RuntimeError):  # the opt-out sets nothing
+        alone.runners["unet"].session.get_session_options().get_session_config_entry(
+            "session.use_env_allocators"
+        )
+
+
 class _FakeCudaSession:
     """A session that claims the CUDA provider (on a real CPU session underneath is not
     needed: IO binding is faked) and optionally refuses the graph capture at run time."""
