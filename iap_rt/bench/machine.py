@@ -36,11 +36,16 @@ def machine_info() -> dict:
     import importlib.metadata
 
     cpu = platform.processor() or platform.machine()
-    mem_gb = None
+    mem_gb, cpu_id = None, {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
+            key, _, value = (p.strip() for p in line.partition(":"))
+            if key == "model name":
+                cpu = value
+            elif key in ("cpu family", "model", "stepping") and key not in cpu_id:
+                cpu_id[key.replace("cpu ", "")] = int(value) if value.isdigit() else value
+            elif key == "flags":  # a virtual CPU's name can be just "AMD EPYC": say which
+                cpu_id["avx512"] = "avx512f" in value.split()
                 break
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemTotal:"):
@@ -73,6 +78,7 @@ def machine_info() -> dict:
         providers = []
     return {
         "cpu": cpu,
+        "cpu_id": cpu_id or None,  # family/model/stepping + AVX-512: which generation
         "cores": os.cpu_count(),
         "cores_usable": usable,
         "memory_gb": mem_gb,
