@@ -58,11 +58,36 @@ def _read_json(path: Path) -> dict:
     return data
 
 
+def sdxl_family(base: Path, index: dict, unet: dict) -> str | None:
+    """What an SDXL-class base is, named (None: not SDXL-class), from its configs: a base
+    (two text encoders, the pooled vector and size/crop time ids through ``add_embedding``),
+    a refiner (one text encoder, aesthetic-score time ids) or a Kolors-shaped base (a
+    ChatGLM-class encoder through the UNet's ``encoder_hid_proj``)."""
+    pipeline = str(index.get("_class_name") or "")
+    text_time = unet.get("addition_embed_type") == "text_time"
+    if pipeline.startswith("Kolors") or (text_time and unet.get("encoder_hid_dim_type")):
+        return ("a Kolors-shaped base (a ChatGLM-class text encoder read through the UNet's "
+                "encoder_hid_proj)")  # fmt: skip
+    two = (base / "text_encoder_2").is_dir() or (base / "tokenizer_2").is_dir()
+    if not (text_time or two):
+        return None
+    one_encoder = two and not (base / "text_encoder").is_dir()
+    per_id, pooled = unet.get("addition_time_embed_dim"), 1280
+    aesthetic = isinstance(per_id, int) and unet.get("projection_class_embeddings_input_dim") == (
+        5 * per_id + pooled
+    )  # 5 time ids (sizes, crop, aesthetic score) instead of the base's 6
+    if index.get("requires_aesthetics_score") or one_encoder or aesthetic:
+        return "an SDXL refiner (one text encoder, aesthetic-score time ids)"
+    return "an SDXL base (two text encoders; pooled-text and size time-id conditioning)"
+
+
 def unsupported_features(base: Path) -> list[str]:
-    """What makes ``base`` unsupported (empty: SD 1.x/2.x shaped), from configs only."""
+    """What makes ``base`` unsupported (empty: SD 1.x/2.x shaped), from configs only; an
+    SDXL-class base is named first (:func:`sdxl_family`)."""
     found = []
     index = base / "model_index.json"
-    pipeline = _read_json(index).get("_class_name") if index.is_file() else None
+    index_cfg = _read_json(index) if index.is_file() else {}
+    pipeline = index_cfg.get("_class_name")
     if (base / "text_encoder_2").is_dir() or (base / "tokenizer_2").is_dir():
         found.append("a second text encoder (text_encoder_2/: SDXL)")
     if (base / "transformer").is_dir() and not (base / "unet").is_dir():
@@ -95,7 +120,9 @@ def unsupported_features(base: Path) -> list[str]:
             )
     if isinstance(pipeline, str) and pipeline.startswith(OTHER_PIPELINES) and not found:
         found.append(f"a {pipeline} (model_index.json)")
-    return found
+    unet = _read_json(cfg_path) if cfg_path.is_file() else {}
+    family = sdxl_family(base, index_cfg, unet)
+    return [family, *found] if family else found
 
 
 def check_base_dir(base: str | Path, components: tuple[str, ...], flag: str = "--base") -> None:

@@ -62,6 +62,49 @@ def test_sdxl_is_refused_with_what_is_supported_and_what_was_found(tmp_path):
     assert e.value.fix == SUPPORTED + "."
 
 
+XL_UNET = {
+    **SD_UNET,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    "cross_attention_dim": 2048,
+    "projection_class_embeddings_input_dim": 2816,
+}
+REFINER_UNET = {
+    **XL_UNET,
+    "cross_attention_dim": 1280,
+    "projection_class_embeddings_input_dim": 2560,
+}  # 5 time ids
+KOLORS_UNET = {**XL_UNET, "encoder_hid_dim": 4096, "encoder_hid_dim_type": "text_proj",
+               "projection_class_embeddings_input_dim": 5632}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("pipeline", "unet", "encoders", "name"),
+    [
+        ("StableDiffusionXLPipeline", XL_UNET, ("text_encoder", "text_encoder_2"),
+         "an SDXL base (two text encoders"),
+        ("StableDiffusionXLImg2ImgPipeline", REFINER_UNET, ("text_encoder_2",),
+         "an SDXL refiner (one text encoder, aesthetic-score time ids)"),
+        (None, REFINER_UNET, ("text_encoder", "text_encoder_2"),  # its UNet alone says so
+         "an SDXL refiner"),
+        ("KolorsPipeline", KOLORS_UNET, ("text_encoder",), "a Kolors-shaped base (a ChatGLM"),
+        (None, KOLORS_UNET, ("text_encoder",), "a Kolors-shaped base"),
+    ],
+)  # fmt: skip
+def test_sdxl_class_bases_are_named_first(tmp_path, pipeline, unet, encoders, name):
+    base = make_base(tmp_path / "b", unet)
+    shutil.rmtree(base / "text_encoder")
+    for enc in encoders:
+        (base / enc).mkdir()
+    index = {"_class_name": pipeline} if pipeline else {}
+    if "Img2Img" in str(pipeline):
+        index["requires_aesthetics_score"] = True
+    (base / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ArtifactError) as e:
+        check_base_dir(base, PARTS)
+    assert f"is not a supported base model: it has {name}" in str(e.value)
+
+
 @pytest.mark.parametrize(
     ("change", "found"),
     [
