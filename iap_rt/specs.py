@@ -318,12 +318,8 @@ OPTIONAL_NETWORKS = tuple(n for n in NETWORKS if n not in CORE_NETWORKS)
 
 UNET_INPAINT = NetworkSpec(
     "unet",
-    inputs=(
-        TensorSpec("sample", "float", ("N", "I", "h", "w")),
-        TensorSpec("timestep", "float32", ("N",)),
-        TensorSpec("encoder_hidden_states", "float", ("N", "S", "D")),
-    ),
-    outputs=(TensorSpec("noise_pred", "float", ("N", "C", "h", "w")),),
+    inputs=(TensorSpec("sample", "float", ("N", "I", "h", "w")), *UNET.inputs[1:]),
+    outputs=UNET.outputs,
     doc="SD inpainting UNet2DConditionModel: sample = (scaled latents, mask, masked-image "
     "latents) concatenated on the channel axis, as diffusers' StableDiffusionInpaintPipeline.",
 )
