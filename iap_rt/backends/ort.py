@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from collections.abc import Callable
 
@@ -21,11 +22,13 @@ from iap_rt.onnxsig import read_inputs
 from iap_rt.ortinfo import GPU_INSTALL, available_providers, preload_cuda_libraries
 from iap_rt.specs import CORE_NETWORKS, ModelDims, NetworkSpec
 
+log = logging.getLogger("iap_rt.backends.ort")
+
 _SHARED_ARENA: list = []  # the process's shared CPU arena, once registered
 ONE_SHOT_NETWORKS = ("vae_decoder", "vae_encoder")  # one call per image, not per step
 
 
-def register_shared_cpu_arena() -> None:
+def register_shared_cpu_arena() -> bool:
     """Register one CPU arena in ONNX Runtime's environment (once per process), for every
     session created with ``session.use_env_allocators``.
 
@@ -33,15 +36,21 @@ def register_shared_cpu_arena() -> None:
     the UNet's activation memory sits idle while the VAE decoder's first call grows a second
     arena (fresh pages, first-touch faults) and its second call a third block for its memory
     pattern. Sharing one arena, the decoder reuses what the UNet freed (measured in
-    ``bench/results/vae_gap_sd15_cpu.json``)."""
+    ``bench/results/vae_gap_sd15_cpu.json``). Returns whether the process has it: an ONNX
+    Runtime that cannot register one keeps per-session arenas (logged once)."""
     if _SHARED_ARENA:
-        return
+        return _SHARED_ARENA[0] is not None
     import onnxruntime as ort
 
-    info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0,
-                             ort.OrtMemType.DEFAULT)  # fmt: skip
-    ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, -1, -1, -1))  # ORT's defaults
+    try:
+        info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0,
+                                 ort.OrtMemType.DEFAULT)  # fmt: skip
+        ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, -1, -1, -1))  # ORT defaults
+    except (AttributeError, RuntimeError, TypeError) as e:  # an older or unusual build
+        log.warning("ONNX Runtime cannot share one CPU arena (%s); each session keeps its own", e)
+        info = None
     _SHARED_ARENA.append(info)
+    return info is not None
 
 
 class OrtRunner:
@@ -280,8 +289,7 @@ class OrtBackend(Backend):
             # tiny networks, and ~2% on a quiet one at SD 1.5 size. The CPU memory arena stays
             # on: without it the SD 1.5 UNet step was 17% slower (5.0 vs 4.2 s) for 1.25 GB less.
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            if self.shared_arena:
-                register_shared_cpu_arena()
+            if self.shared_arena and register_shared_cpu_arena():
                 so.add_session_config_entry("session.use_env_allocators", "1")
             if network in ONE_SHOT_NETWORKS:
                 # run once per image: a memory pattern pays off from a session's third call

@@ -134,6 +134,24 @@ def test_cpu_sessions_share_one_arena_and_the_vae_keeps_no_memory_pattern(model,
         )
 
 
+def test_an_ort_that_cannot_share_an_arena_keeps_one_per_session(model, monkeypatch, caplog):
+    from iap_rt.backends import ort as ort_backend
+
+    def refuse(*a, **k):
+        raise RuntimeError("no env allocators here")
+
+    monkeypatch.setattr(ort_backend, "_SHARED_ARENA", [])  # this process: not yet registered
+    monkeypatch.setattr(ort, "create_and_register_allocator", refuse)
+    pipe = Pipeline(model, OrtBackend("cpu", threads=1), progress=False)
+    images = pipe("左边有一个红色的圆", steps=2, seed=3, height=32, width=32).images
+    assert images.shape == (1, 32, 32, 3)
+    assert "cannot share one CPU arena" in caplog.text
+    with pytest.raises(RuntimeError):  # not asked for: the sessions' own arenas
+        pipe.runners["unet"].session.get_session_options().get_session_config_entry(
+            "session.use_env_allocators"
+        )
+
+
 class _FakeCudaSession:
     """A session that claims the CUDA provider (on a real CPU session underneath is not
     needed: IO binding is faked) and optionally refuses the graph capture at run time."""
