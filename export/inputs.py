@@ -12,9 +12,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from iap_rt.basemodel import PICKLES, check_base_dir
+from iap_rt.basemodel import PICKLES, check_base_dir, unet_architecture
 from iap_rt.errors import ArtifactError, ArtifactNotFoundError, ConfigError, OutputError
-from iap_rt.export.plugin import UNetSource, resolve_unet, unet_architecture
+from iap_rt.export.plugin import UNetSource, resolve_unet
 from iap_rt.memory import arch_from_configs
 from iap_rt.modeldir import MANIFEST, read_manifest
 from iap_rt.specs import ModelDims

@@ -8,7 +8,7 @@ without retraining (the toy v2 plug-in experiment measures how well). ``iap-rt e
   the pipeline directory itself) replaces ``BASE/unet``; its architecture must match, except
   an *inpainting* UNet of the base (``2C + 1`` input channels: latents, mask, masked-image
   latents; SD 1.5/2 inpainting), which makes the model directory's architecture
-  ``sd-inpaint`` (:func:`unet_architecture`);
+  ``sd-inpaint`` (``iap_rt.basemodel.unet_architecture``);
 - a LoRA ``.safetensors`` file (or a directory holding ``pytorch_lora_weights.safetensors``)
   in the diffusers / PEFT format is fused into ``BASE/unet`` at export: for every adapted
   layer ``W += scale * alpha / r * B @ A``. Keys ``<module>.lora_A.weight`` / ``lora_B``
@@ -29,6 +29,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from iap_rt.basemodel import unet_architecture
 from iap_rt.errors import ArtifactNotFoundError, ConfigError
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -63,11 +64,8 @@ def resolve_unet(base: Path, unet: str | Path | None, lora_scale: float = 1.0) -
     if path.is_dir() and (path / "unet" / "config.json").is_file():
         path = path / "unet"  # a whole fine-tuned pipeline directory
     if path.is_dir() and (path / "config.json").is_file():
-        _check_arch(base / "unet" / "config.json", path / "config.json")
-        kind = (
-            "inpainting" if unet_architecture(_read(path / "config.json")) != "sd" else "finetuned"
-        )
-        return UNetSource(path, kind)
+        arch = _check_arch(base / "unet" / "config.json", path / "config.json")
+        return UNetSource(path, "inpainting" if arch == "sd-inpaint" else "finetuned")
     if path.is_dir() and (path / LORA_FILE).is_file():
         path = path / LORA_FILE
     if path.is_file() and path.suffix == ".safetensors":
@@ -79,20 +77,11 @@ def resolve_unet(base: Path, unet: str | Path | None, lora_scale: float = 1.0) -
     )
 
 
-def _read(path: Path) -> dict:
-    return json.loads(path.read_text("utf-8"))
-
-
-def unet_architecture(cfg: dict) -> str:
-    """``sd-inpaint`` for an inpainting UNet config (``in_channels == 2 * out_channels + 1``),
-    else ``sd`` (the model directory's architecture, ``iap_rt.specs``)."""
-    cin, cout = int(cfg.get("in_channels", 4)), int(cfg.get("out_channels", 4))
-    return "sd-inpaint" if cin == 2 * cout + 1 else "sd"
-
-
-def _check_arch(base_cfg: Path, new_cfg: Path) -> None:
-    a, b = _read(base_cfg), _read(new_cfg)
-    skip = {"in_channels"} if unet_architecture(b) == "sd-inpaint" else set()
+def _check_arch(base_cfg: Path, new_cfg: Path) -> str:
+    """Refuse a UNet that is not a fine-tune of the base's; return its architecture."""
+    a, b = (json.loads(p.read_text("utf-8")) for p in (base_cfg, new_cfg))
+    arch = unet_architecture(b)
+    skip = {"in_channels"} if arch == "sd-inpaint" else set()
     diff = [k for k in ARCH_KEYS if k in a and k not in skip and a.get(k) != b.get(k)]
     if diff:
         raise ConfigError(
@@ -101,6 +90,7 @@ def _check_arch(base_cfg: Path, new_cfg: Path) -> None:
             fix="pass a UNet with the base's architecture (the Chinese encoder was trained "
             "against the base's cross-attention).",
         )
+    return arch
 
 
 def read_lora(path: Path) -> tuple[dict[str, tuple], list[str]]:

@@ -58,6 +58,14 @@ def _read_json(path: Path) -> dict:
     return data
 
 
+def unet_architecture(cfg: dict) -> str:
+    """``sd-inpaint`` for an inpainting UNet config (``in_channels == 2 * out_channels + 1``:
+    latents, mask, masked-image latents), else ``sd`` (a model directory's architecture,
+    ``iap_rt.specs``)."""
+    cin, cout = int(cfg.get("in_channels", 4)), int(cfg.get("out_channels", 4))
+    return "sd-inpaint" if cin == 2 * cout + 1 else "sd"
+
+
 def sdxl_family(base: Path, index: dict, unet: dict) -> str | None:
     """What an SDXL-class base is, named (None: not SDXL-class), from its configs: a base
     (two text encoders, the pooled vector and size/crop time ids through ``add_embedding``),
@@ -93,8 +101,8 @@ def unsupported_features(base: Path) -> list[str]:
     if (base / "transformer").is_dir() and not (base / "unet").is_dir():
         found.append(f"a transformer denoiser instead of a UNet ({pipeline or 'SD3/Flux-style'})")
     cfg_path = base / "unet" / "config.json"
-    if cfg_path.is_file():
-        cfg = _read_json(cfg_path)
+    cfg = _read_json(cfg_path) if cfg_path.is_file() else {}
+    if cfg:
         cls = cfg.get("_class_name", "UNet2DConditionModel")
         if cls != "UNet2DConditionModel":
             found.append(f"a {cls} (not a UNet2DConditionModel)")
@@ -115,13 +123,12 @@ def unsupported_features(base: Path) -> list[str]:
                 f"{cin} input but {cout} output channels (an inpainting UNet: train and export "
                 "with its plain base, then plug it in with `iap-rt export --unet "
                 f"{base / 'unet'}`)"
-                if cin == 2 * cout + 1
+                if unet_architecture(cfg) == "sd-inpaint"
                 else f"{cin} input but {cout} output channels"
             )
     if isinstance(pipeline, str) and pipeline.startswith(OTHER_PIPELINES) and not found:
         found.append(f"a {pipeline} (model_index.json)")
-    unet = _read_json(cfg_path) if cfg_path.is_file() else {}
-    family = sdxl_family(base, index_cfg, unet)
+    family = sdxl_family(base, index_cfg, cfg)
     return [family, *found] if family else found
 
 

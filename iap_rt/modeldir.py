@@ -167,8 +167,8 @@ class ModelDir:
         md = cls(path, manifest)
         if networks is None:
             networks = md.networks if isinstance(manifest.get("networks"), dict) else CORE_NETWORKS
-        arch = manifest.get("architecture", DEFAULT_ARCHITECTURE)
-        networks = (*networks, *(n for n in REQUIRED_NETWORKS.get(arch, ()) if n not in networks))
+        required = REQUIRED_NETWORKS.get(md.architecture, ())
+        networks = (*networks, *(n for n in required if n not in networks))
         md._check(networks)
         if verify:
             md.verify(networks)
@@ -182,7 +182,7 @@ class ModelDir:
                 f"this iap-rt reads {FORMAT_VERSION}",
                 fix=fix,
             )
-        arch = m.get("architecture", DEFAULT_ARCHITECTURE)
+        arch = self.architecture
         if arch not in ARCHITECTURES:
             raise ArtifactMismatchError(
                 f"{self.path / MANIFEST}: architecture {arch!r}, this iap-rt runs "

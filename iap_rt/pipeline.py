@@ -361,7 +361,7 @@ class Pipeline:
         encoder's distribution and scaled, and its mask in latent space; with an inpainting
         UNet, every request's extra UNet channels (mask + masked-image latents: a generation
         is an inpainting of everything), and no latent blending."""
-        out = {}
+        out, blank = {}, None  # blank: the all-repaint masked image's latent distribution
         inpainting_unet = self.model.inpainting_unet
         scaling, factor = self.model.vae_scaling_factor, self.dims.vae_scale_factor
         for k, r in enumerate(requests):
@@ -377,7 +377,12 @@ class Pipeline:
                     edit.mask = editing.latent_mask(r.mask, factor)
                 continue
             px = r.mask if r.mask is not None else np.ones((r.height, r.width), np.float32)
-            dist = self._vae_encode(editing.masked_vae_input(r.image, px, px.shape))
+            if r.image is not None:
+                dist = self._vae_encode(editing.masked_vae_input(r.image, px, px.shape))
+            else:  # a generation: the same zero image for every request of the call (one size)
+                if blank is None:
+                    blank = self._vae_encode(editing.masked_vae_input(None, px, px.shape))
+                dist = blank
             masked = editing.init_latents(*dist, seeds, scaling, editing.MASKED_STREAM)
             lmask = editing.latent_mask(px, factor)
             edit.cond = np.stack([editing.unet_condition(lmask, m) for m in masked])
